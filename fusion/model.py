@@ -1,0 +1,99 @@
+"""The multimodal transformer: [CLS] + text tokens + fused visual tokens -> pooled representation."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from fusion.attention import TransformerBlock
+from fusion.fusers import TokenConcatFuser
+
+# Group ids of non-visual positions in ``FusionOutput.key_groups``; encoders are 0..n-1.
+CLS_GROUP = -2
+TEXT_GROUP = -1
+
+
+@dataclass
+class FusionOutput:
+    """What one forward pass of :class:`FusionModel` gives.
+
+    ``pooled`` (B, D): the final [CLS] state; ``hidden`` (B, S, D); ``attentions``: one (B, H, S, S)
+    tensor per layer when requested, else None; ``key_groups`` (S,): -2 [CLS], -1 text, else the
+    encoder index; ``key_mask`` (B, S) bool visibility; ``text_query_mask`` (B, S) bool, True at real
+    text tokens.
+    """
+
+    pooled: torch.Tensor
+    hidden: torch.Tensor
+    attentions: list[torch.Tensor] | None
+    key_groups: torch.Tensor
+    key_mask: torch.Tensor
+    text_query_mask: torch.Tensor
+
+
+class FusionModel(nn.Module):
+    """Fuses text with the tokens of several vision encoders in one transformer.
+
+    Sequence layout: ``[CLS] + text (L) + visual (N)``. Dropped encoders are removed through the
+    key mask, so their tokens (and type embedding) are invisible to every query.
+    """
+
+    def __init__(
+        self,
+        encoder_dims: Mapping[str, int],
+        encoder_tokens: Mapping[str, int],
+        text_dim: int,
+        width: int = 256,
+        depth: int = 4,
+        num_heads: int = 4,
+        mlp_ratio: float = 4.0,
+        dropout: float = 0.1,
+        fuser: Callable[..., nn.Module] = TokenConcatFuser,
+    ) -> None:
+        super().__init__()
+        self.encoder_names = list(encoder_dims)
+        self.width, self.depth, self.num_heads = width, depth, num_heads
+        self.fuser = fuser(encoder_dims=encoder_dims, encoder_tokens=encoder_tokens, width=width)
+        self.text_proj = nn.Sequential(nn.LayerNorm(text_dim), nn.Linear(text_dim, width))
+        self.text_type = nn.Parameter(torch.zeros(1, 1, width))
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, width))
+        nn.init.trunc_normal_(self.text_type, std=0.02)
+        nn.init.trunc_normal_(self.cls_token, std=0.02)
+        self.blocks = nn.ModuleList([TransformerBlock(width, num_heads, mlp_ratio, dropout) for _ in range(depth)])
+        self.norm = nn.LayerNorm(width)
+
+    def forward(
+        self,
+        features: Mapping[str, torch.Tensor],
+        keep: torch.Tensor,
+        text_hidden: torch.Tensor,
+        text_mask: torch.Tensor,
+        output_attentions: bool = False,
+    ) -> FusionOutput:
+        """``features[name]`` (B, N_e, D_e); ``keep`` (B, n_enc) bool; ``text_hidden`` (B, L, D_t);
+        ``text_mask`` (B, L) bool, True at real tokens."""
+        B, L = text_mask.shape
+        visual = self.fuser(features, keep)
+        text = self.text_proj(text_hidden) + self.text_type
+        x = torch.cat([self.cls_token.expand(B, -1, -1), text, visual.tokens], dim=1)
+        text_mask = text_mask.bool()
+        ones = torch.ones(B, 1, dtype=torch.bool, device=x.device)
+        key_mask = torch.cat([ones, text_mask, visual.visible], dim=1)
+        key_groups = torch.cat(
+            [
+                torch.tensor([CLS_GROUP], device=x.device),
+                torch.full((L,), TEXT_GROUP, device=x.device),
+                visual.token_encoder.to(x.device),
+            ]
+        )
+        text_query_mask = torch.cat([~ones, text_mask, torch.zeros_like(visual.visible)], dim=1)
+        attentions = [] if output_attentions else None
+        for block in self.blocks:
+            x, probs = block(x, key_mask, need_weights=output_attentions)
+            if attentions is not None:
+                attentions.append(probs)
+        x = self.norm(x)
+        return FusionOutput(x[:, 0], x, attentions, key_groups, key_mask, text_query_mask)
