@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torchmetrics import MetricCollection
+from torchmetrics import Metric
 
 from fusion.metrics import AccuracyByType
 
@@ -65,9 +65,11 @@ class VLTask(ABC):
         """Cross-entropy over the answer vocabulary. ``logits`` (B, C), ``labels`` (B,)."""
         return F.cross_entropy(logits, labels)
 
-    def metrics(self) -> MetricCollection:
-        """Fresh metric objects: overall accuracy and accuracy per answer type."""
-        return MetricCollection({"acc": AccuracyByType(self.answer_types)})
+    metric_name: str = "acc"
+
+    def metric(self) -> Metric:
+        """A fresh metric; ``compute()`` gives ``{"": headline, "<answer type>": value, ...}``."""
+        return AccuracyByType(self.answer_types)
 
     def majority_accuracy(self, split: str, reference_split: str = "train") -> float:
         """Accuracy of always answering the most frequent ``reference_split`` answer on ``split``."""

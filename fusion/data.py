@@ -1,0 +1,129 @@
+"""From task examples to batches: decode each image once, one transform per encoder, tokenize text."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import DataLoader, Dataset
+
+from fusion.tasks.base import Example, VLTask
+
+Transform = Callable[[Image.Image], torch.Tensor]
+
+
+def load_image(path: Path) -> Image.Image:
+    """Decode an image file as RGB, or fail with an error that names the file."""
+    try:
+        with Image.open(path) as img:
+            return img.convert("RGB")
+    except FileNotFoundError as err:
+        raise FileNotFoundError(f"image file not found: {path}") from err
+    except (UnidentifiedImageError, OSError) as err:
+        raise ValueError(f"cannot read image {path}: {err}") from err
+
+
+class VLDataset(Dataset):
+    """Examples of one split; each item carries the image once per encoder, in that encoder's format."""
+
+    def __init__(self, examples: Sequence[Example], transforms: Mapping[str, Transform], answer_types: Sequence[str]):
+        self.examples = list(examples)
+        self.transforms = dict(transforms)
+        self.type_index = {t: i for i, t in enumerate(answer_types)}
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        ex = self.examples[index]
+        image = load_image(ex.image_path)
+        return {
+            "images": {name: tf(image) for name, tf in self.transforms.items()},
+            "question": ex.question,
+            "label": ex.label,
+            "answer_type": self.type_index[ex.answer_type],
+            "question_id": ex.question_id,
+            "image_key": ex.image_key,
+        }
+
+
+class VLCollator:
+    """Stacks images per encoder and tokenizes the questions of a batch in one call.
+
+    Batch: ``images[name]`` (B, 3, H_e, W_e); ``input_ids`` / ``attention_mask`` (B, L); ``labels`` (B,);
+    ``answer_types`` (B,); ``question_ids`` and ``image_keys`` lists of str.
+    """
+
+    def __init__(self, tokenizer: Any, max_length: int) -> None:
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+
+    def __call__(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
+        text = self.tokenizer(
+            [s["question"] for s in samples], padding=True, truncation=True,
+            max_length=self.max_length, return_tensors="pt",
+        )
+        names = samples[0]["images"].keys()
+        return {
+            "images": {n: torch.stack([s["images"][n] for s in samples]) for n in names},
+            "input_ids": text["input_ids"],
+            "attention_mask": text["attention_mask"],
+            "labels": torch.tensor([s["label"] for s in samples], dtype=torch.long),
+            "answer_types": torch.tensor([s["answer_type"] for s in samples], dtype=torch.long),
+            "question_ids": [s["question_id"] for s in samples],
+            "image_keys": [s["image_key"] for s in samples],
+        }
+
+
+class FusionDataModule(pl.LightningDataModule):
+    """Lightning data module over a :class:`VLTask`: loaders for train / val / test."""
+
+    def __init__(
+        self,
+        task: VLTask,
+        transforms: Mapping[str, Transform],
+        tokenizer: Any,
+        max_length: int = 32,
+        batch_size: int = 64,
+        eval_batch_size: int | None = None,
+        num_workers: int = 0,
+        pin_memory: bool = False,
+    ) -> None:
+        super().__init__()
+        self.task = task
+        self.transforms = dict(transforms)
+        self.collate = VLCollator(tokenizer, max_length)
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size or batch_size
+        self.num_workers = num_workers
+        self.pin_memory = pin_memory
+
+    def prepare_data(self) -> None:
+        self.task.prepare_data()
+
+    def dataset(self, split: str) -> VLDataset:
+        return VLDataset(self.task.examples(split), self.transforms, self.task.answer_types)
+
+    def _loader(self, split: str, shuffle: bool, batch_size: int) -> DataLoader:
+        return DataLoader(
+            self.dataset(split),
+            batch_size=batch_size,
+            shuffle=shuffle,
+            num_workers=self.num_workers,
+            collate_fn=self.collate,
+            pin_memory=self.pin_memory,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", True, self.batch_size)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", False, self.eval_batch_size)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", False, self.eval_batch_size)
