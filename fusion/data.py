@@ -101,6 +101,8 @@ class FusionDataModule(pl.LightningDataModule):
         self.eval_batch_size = eval_batch_size or batch_size
         self.num_workers = num_workers
         self.pin_memory = pin_memory
+        # The split Lightning's validation loop reads; eval.py points it at any split of the task.
+        self.val_split = "val"
 
     def prepare_data(self) -> None:
         self.task.prepare_data()
@@ -123,7 +125,7 @@ class FusionDataModule(pl.LightningDataModule):
         return self._loader("train", True, self.batch_size)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader("val", False, self.eval_batch_size)
+        return self._loader(self.val_split, False, self.eval_batch_size)
 
     def test_dataloader(self) -> DataLoader:
         return self._loader("test", False, self.eval_batch_size)

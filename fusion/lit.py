@@ -1,0 +1,191 @@
+"""The LightningModule: frozen encoders -> fusion -> head -> loss, metrics and attention statistics."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.loggers import WandbLogger
+from torch import nn
+from transformers import get_cosine_schedule_with_warmup
+
+from fusion.dropout import EncoderDropout
+from fusion.encoders import VisionEncoder
+from fusion.heads import ClassifierHead
+from fusion.model import FusionModel, FusionOutput
+from fusion.stats import AttentionOverEncoders, save_stats, scalar_metrics, stats_rows
+from fusion.tasks.base import VLTask
+from fusion.text import TextEncoder
+
+ENCODER_PREFIX = "encoders."
+
+
+class FusionLitModule(pl.LightningModule):
+    """Trains the fusion model and head on a task; the vision encoders stay frozen.
+
+    Frozen encoder weights are not stored in checkpoints (they come from the encoder configs); a
+    checkpoint carries each encoder's fingerprint instead, and loading it with different encoders
+    fails with a message naming the encoder and what differs.
+    """
+
+    def __init__(
+        self,
+        encoders: Mapping[str, VisionEncoder],
+        text: TextEncoder,
+        task: VLTask,
+        fusion: Callable[..., FusionModel] = FusionModel,
+        head: Callable[..., nn.Module] = ClassifierHead,
+        ve_dropout: float | Mapping[str, float] = 0.0,
+        drop_encoders: Sequence[str] = (),
+        lr: float = 3e-4,
+        weight_decay: float = 0.05,
+        warmup_ratio: float = 0.1,
+        attention_stats: bool = True,
+        output_dir: str | None = None,
+    ) -> None:
+        super().__init__()
+        if not encoders:
+            raise ValueError("the encoder list is empty: choose at least one, e.g. encoder=[clip_tiny]")
+        self.save_hyperparameters(ignore=["encoders", "text", "task", "fusion", "head"])
+        self.encoders = nn.ModuleDict(dict(encoders))
+        self.encoder_names = list(encoders)
+        self.text = text
+        self.task = task
+        self.fusion = fusion(
+            encoder_dims={n: e.embed_dim for n, e in encoders.items()},
+            encoder_tokens={n: e.num_tokens for n, e in encoders.items()},
+            text_dim=text.hidden_size,
+        )
+        self.head = head(width=self.fusion.width, num_classes=task.num_classes)
+        self.ve_dropout = EncoderDropout(self.encoder_names, p=ve_dropout, drop_encoders=list(drop_encoders))
+        self.metrics = nn.ModuleDict({stage: task.metric() for stage in ("val", "test")})
+        self.attention_stats = attention_stats
+        self.attn_stats = nn.ModuleDict(
+            {
+                stage: AttentionOverEncoders(self.encoder_names, self.fusion.depth, self.fusion.num_heads)
+                for stage in ("val", "test")
+            }
+        )
+        self.output_dir = Path(output_dir) if output_dir else None
+        self._fingerprints: dict[str, dict] | None = None
+
+    # ---- forward -------------------------------------------------------------------------------
+    def forward(self, batch: Mapping[str, Any], output_attentions: bool = False) -> tuple[torch.Tensor, FusionOutput]:
+        """Logits ``(B, num_classes)`` and the fusion output for one collated batch."""
+        features = {name: enc(batch["images"][name]) for name, enc in self.encoders.items()}
+        text_hidden = self.text(batch["input_ids"], batch["attention_mask"])
+        keep = self.ve_dropout(batch["input_ids"].shape[0])
+        out = self.fusion(features, keep, text_hidden, batch["attention_mask"].bool(), output_attentions)
+        return self.head(out.pooled), out
+
+    def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> torch.Tensor:
+        logits, _ = self(batch)
+        loss = self.task.loss(logits, batch["labels"])
+        acc = (logits.argmax(-1) == batch["labels"]).float().mean()
+        size = batch["labels"].shape[0]
+        self.log("train/loss", loss, prog_bar=True, batch_size=size)
+        self.log("train/acc", acc, prog_bar=True, on_step=False, on_epoch=True, batch_size=size)
+        return loss
+
+    # ---- evaluation ----------------------------------------------------------------------------
+    def _eval_step(self, batch: Mapping[str, Any], stage: str) -> None:
+        logits, out = self(batch, output_attentions=self.attention_stats)
+        size = batch["labels"].shape[0]
+        self.log(f"{stage}/loss", self.task.loss(logits, batch["labels"]), batch_size=size, sync_dist=True)
+        self.metrics[stage].update(logits.argmax(-1), batch["labels"], batch["answer_types"])
+        if self.attention_stats:
+            self.attn_stats[stage].update(out.attentions, out.key_groups, out.text_query_mask)
+
+    def validation_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
+        self._eval_step(batch, "val")
+
+    def test_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
+        self._eval_step(batch, "test")
+
+    def on_validation_epoch_end(self) -> None:
+        self._end_eval("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._end_eval("test")
+
+    def _end_eval(self, stage: str) -> None:
+        metric = self.metrics[stage]
+        name = self.task.metric_name
+        values = {f"{stage}/{name}" + (f"_{k}" if k else ""): v for k, v in metric.compute().items()}
+        metric.reset()
+        self.log_dict(values, prog_bar=stage == "val")
+        if not self.attention_stats:
+            return
+        stats = self.attn_stats[stage].compute()
+        self.attn_stats[stage].reset()
+        if self.trainer.sanity_checking:
+            return
+        groups = self.attn_stats[stage].group_names
+        prefix = "attn" if stage == "val" else f"{stage}/attn"
+        self.log_dict(scalar_metrics(stats, groups, prefix=prefix))
+        if self.trainer.is_global_zero:
+            self._publish_stats(stats, groups, stage, prefix)
+
+    def _publish_stats(self, stats: torch.Tensor, groups: list[str], stage: str, prefix: str) -> None:
+        """Statistics files into the run folder, and a table and heatmaps into wandb."""
+        if self.output_dir is None:
+            return
+        extra = {"split": stage, "epoch": self.current_epoch, "drop_encoders": list(self.hparams.drop_encoders)}
+        paths = save_stats(stats.cpu(), groups, self.output_dir / "attention" / stage, extra=extra)
+        rows = stats_rows(stats.cpu(), groups)
+        for logger in self.loggers:
+            if isinstance(logger, WandbLogger):
+                columns = list(rows[0])
+                logger.log_table(key=f"{prefix}/table", columns=columns, data=[[r[c] for c in columns] for r in rows])
+                pngs = sorted(str(p) for k, p in paths.items() if str(p).endswith(".png"))
+                logger.log_image(key=f"{prefix}/heatmaps", images=pngs, caption=[Path(p).stem for p in pngs])
+
+    # ---- optimisation --------------------------------------------------------------------------
+    def configure_optimizers(self) -> dict[str, Any]:
+        decay, no_decay = [], []
+        for name, p in self.named_parameters():
+            if not p.requires_grad:
+                continue
+            # Norms, biases and embeddings are not weight-decayed, as in BERT/ViT training recipes.
+            (no_decay if p.ndim < 2 or "embed" in name or "token" in name else decay).append(p)
+        optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": self.hparams.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=self.hparams.lr,
+        )
+        total = max(int(self.trainer.estimated_stepping_batches), 1)
+        scheduler = get_cosine_schedule_with_warmup(optimizer, int(self.hparams.warmup_ratio * total), total)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ---- checkpoints ---------------------------------------------------------------------------
+    def encoder_fingerprints(self) -> dict[str, dict]:
+        if self._fingerprints is None:  # hashing base-size weights takes a moment; they never change
+            self._fingerprints = {n: e.fingerprint() for n, e in self.encoders.items()}
+        return self._fingerprints
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        state = checkpoint["state_dict"]
+        for key in [k for k in state if k.startswith(ENCODER_PREFIX)]:
+            del state[key]
+        checkpoint["encoder_fingerprints"] = self.encoder_fingerprints()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        saved = checkpoint.get("encoder_fingerprints", {})
+        current = self.encoder_fingerprints()
+        if set(saved) != set(current):
+            raise ValueError(
+                f"checkpoint was trained with encoders {sorted(saved)}, but the config builds {sorted(current)}; "
+                "choose the same encoders (e.g. the same +experiment and encoder=[...])"
+            )
+        for name, fp in saved.items():
+            differing = sorted(k for k in set(fp) | set(current[name]) if fp.get(k) != current[name].get(k))
+            if differing:
+                raise ValueError(
+                    f"encoder {name!r} differs from the one the checkpoint was trained with in {differing}: "
+                    f"checkpoint {[fp.get(k) for k in differing]} vs config {[current[name].get(k) for k in differing]}"
+                )
+        state = checkpoint["state_dict"]
+        for key, value in self.encoders.state_dict(prefix=ENCODER_PREFIX).items():
+            state.setdefault(key, value)

@@ -1,0 +1,17 @@
+"""Train a fusion model: python train.py +experiment=shapes [overrides]."""
+
+import hydra
+from omegaconf import DictConfig
+
+from fusion.run import train
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    metrics = train(cfg)
+    # The value a hyperparameter sweeper optimises.
+    return metrics.get(cfg.monitor.metric)
+
+
+if __name__ == "__main__":
+    main()
