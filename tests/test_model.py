@@ -1,0 +1,69 @@
+import torch
+
+from fusion.model import CLS_GROUP, TEXT_GROUP, FusionModel
+
+DIMS = {"a": 8, "b": 12}
+TOKENS = {"a": 3, "b": 5}
+
+
+def _model():
+    torch.manual_seed(0)
+    return FusionModel(DIMS, TOKENS, text_dim=10, width=16, depth=2, num_heads=2, dropout=0.0).eval()
+
+
+def _inputs(B=3):
+    torch.manual_seed(1)
+    feats = {n: torch.randn(B, TOKENS[n], d) for n, d in DIMS.items()}
+    text = torch.randn(B, 4, 10)
+    text_mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0], [1, 1, 1, 0]], dtype=torch.bool)[:B]
+    return feats, text, text_mask
+
+
+def test_output_layout():
+    model = _model()
+    feats, text, text_mask = _inputs()
+    keep = torch.ones(3, 2, dtype=torch.bool)
+    out = model(feats, keep, text, text_mask, output_attentions=True)
+    assert out.pooled.shape == (3, 16)
+    assert out.hidden.shape == (3, 1 + 4 + 8, 16)
+    assert out.key_groups.tolist() == [CLS_GROUP] + [TEXT_GROUP] * 4 + [0] * 3 + [1] * 5
+    assert len(out.attentions) == 2 and out.attentions[0].shape == (3, 2, 13, 13)
+    assert out.text_query_mask[1].tolist() == [False, True, True, False, False] + [False] * 8
+    assert model(feats, keep, text, text_mask).attentions is None
+
+
+def test_dropped_encoder_tokens_receive_exactly_zero_attention():
+    model = _model()
+    feats, text, text_mask = _inputs()
+    keep = torch.tensor([[True, False], [True, True], [False, True]])
+    out = model(feats, keep, text, text_mask, output_attentions=True)
+    b_tokens = slice(1 + 4 + 3, None)
+    a_tokens = slice(1 + 4, 1 + 4 + 3)
+    for probs in out.attentions:
+        assert torch.all(probs[0, :, :, b_tokens] == 0)
+        assert torch.all(probs[2, :, :, a_tokens] == 0)
+        assert torch.all(probs[1, :, :, b_tokens].sum(-1) > 0)
+        assert torch.all(probs[1, :, :, 3:5] == 0)  # padded text of sample 1 (positions 3, 4)
+
+
+def test_dropped_encoder_changes_predictions_only_through_its_features():
+    model = _model()
+    feats, text, text_mask = _inputs()
+    drop_b = torch.tensor([[True, False]] * 3)
+    base = model(feats, drop_b, text, text_mask).pooled
+    changed = dict(feats, b=torch.randn_like(feats["b"]) * 10)
+    torch.testing.assert_close(model(changed, drop_b, text, text_mask).pooled, base, atol=1e-6, rtol=0)
+    # Not dropped, the same change does move the output; and dropping changes predictions.
+    keep_all = torch.ones(3, 2, dtype=torch.bool)
+    full = model(feats, keep_all, text, text_mask).pooled
+    assert not torch.allclose(model(changed, keep_all, text, text_mask).pooled, full, atol=1e-3)
+    assert not torch.allclose(full, base, atol=1e-3)
+
+
+def test_attention_readout_does_not_change_outputs():
+    model = _model()
+    feats, text, text_mask = _inputs()
+    keep = torch.tensor([[True, False], [True, True], [False, True]])
+    fast = model(feats, keep, text, text_mask).pooled
+    slow = model(feats, keep, text, text_mask, output_attentions=True).pooled
+    torch.testing.assert_close(fast, slow, atol=1e-5, rtol=1e-5)
