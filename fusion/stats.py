@@ -23,6 +23,10 @@ import torch
 from torch import Tensor
 from torchmetrics import Metric
 
+# The model fixes the values of ``key_groups`` for [CLS] and text; visual tokens carry their encoder index.
+from fusion.model import CLS_GROUP as CLS
+from fusion.model import TEXT_GROUP as TEXT
+
 __all__ = [
     "CLS",
     "TEXT",
@@ -35,9 +39,6 @@ __all__ = [
     "load_stats",
 ]
 
-# Values of ``key_groups`` for the non-visual positions; visual tokens carry their encoder index 0..n-1.
-CLS = -2
-TEXT = -1
 QUERY_KINDS = ("cls", "text")
 
 JSON_NAME = "attention.json"
