@@ -17,6 +17,7 @@ train: $(STAMP)
 	$(BIN)/python train.py +experiment=shapes
 
 test: $(STAMP)
+	$(BIN)/ruff check .
 	$(BIN)/pytest
 
 lint: $(STAMP)

@@ -1,0 +1,172 @@
+"""Config composition and the train.py / eval.py entry points, run as a user runs them."""
+
+import itertools
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import open_dict
+
+from fusion.run import build, build_encoders
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["clip_tiny", "dino_tiny", "vit_tiny"]
+SUBSETS = [list(c) for r in (1, 2, 3) for c in itertools.combinations(TINY, r)]
+
+
+def _compose(tmp_path, overrides):
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("train", overrides=overrides, return_hydra_config=True)
+    HydraConfig().set_config(cfg)
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(tmp_path / "run")
+        cfg.paths.data_dir = str(tmp_path / "data")
+        cfg.paths.cache_dir = str(tmp_path / "cache")
+    return cfg
+
+
+@pytest.mark.parametrize("subset", SUBSETS, ids=["+".join(s) for s in SUBSETS])
+def test_every_encoder_subset_composes_and_builds(tmp_path, subset):
+    cfg = _compose(tmp_path, ["+experiment=shapes", f"encoder=[{','.join(subset)}]"])
+    assert list(cfg.encoder) == subset
+    encoders = build_encoders(cfg)
+    assert list(encoders) == subset
+
+
+def test_subset_sweep_config_lists_all_seven(tmp_path):
+    cfg = _compose(tmp_path, ["+experiment=shapes_subsets"])
+    sweep = cfg.hydra.sweeper.params.encoder
+    choices = [c.strip("[]").split(",") for c in sweep.split("],[")]
+    assert sorted(map(sorted, choices)) == sorted(map(sorted, SUBSETS))
+    assert cfg.hydra.mode.name == "MULTIRUN"
+
+
+def test_model_builds_from_config(tmp_path):
+    cfg = _compose(tmp_path, ["+experiment=shapes", "task.num_train=4", "task.num_val=2", "task.num_test=2"])
+    dm, model = build(cfg)
+    assert list(model.encoders) == TINY
+    assert model.fusion.width == cfg.fusion.width
+
+
+def test_unknown_and_empty_encoder_choices_are_named(tmp_path):
+    with pytest.raises(Exception, match=r"(?s)encoder/nope.*clip_tiny"):
+        _compose(tmp_path, ["encoder=[nope]"])
+    cfg = _compose(tmp_path, ["encoder=[]"])
+    with pytest.raises(ValueError, match="no vision encoder chosen"):
+        build_encoders(cfg)
+    with pytest.raises(Exception, match=r"(?s)task/nope.*shapes"):
+        _compose(tmp_path, ["task=nope"])
+
+
+def test_unknown_drop_encoder_is_named(tmp_path):
+    cfg = _compose(tmp_path, ["+experiment=shapes", "model.drop_encoders=[dino]", "task.num_train=4"])
+    with pytest.raises(ValueError, match=r"\['dino'\].*allowed: \['clip_tiny', 'dino_tiny', 'vit_tiny'\]"):
+        build(cfg)
+
+
+# ---- entry points as subprocesses ---------------------------------------------------------------
+
+SMALL = ["task.num_train=24", "task.num_val=8", "task.num_test=8", "data.num_workers=0", "data.batch_size=16"]
+
+
+def _run(script, args, tmp_path):
+    env = dict(os.environ, FUSION_DATA_DIR=str(tmp_path / "data"), FUSION_CACHE_DIR=str(tmp_path / "cache"))
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / script), *args], cwd=tmp_path, env=env, capture_output=True, text=True,
+        timeout=600,
+    )
+    return proc
+
+
+def _wandb_summary(run_dir: Path) -> dict:
+    wandb_bin = Path(sys.executable).with_name("wandb")
+    out = subprocess.run(
+        [str(wandb_bin), "leet", "inspect", "--summary", "--json", str(run_dir)],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout)
+
+
+def test_train_then_eval_end_to_end(tmp_path):
+    run_dir = tmp_path / "train_run"
+    proc = _run(
+        "train.py",
+        ["+experiment=shapes", "logger=wandb", "trainer.max_epochs=2", f"hydra.run.dir={run_dir}", *SMALL],
+        tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    for key in ("val/acc", "test/acc", "val/loss", "val/majority_acc", "val/acc_color"):
+        assert key in metrics, key
+    assert 0.0 <= metrics["test/acc"] <= 1.0
+    assert (run_dir / "checkpoints" / "last.ckpt").is_file()
+    assert list((run_dir / "checkpoints").glob("epoch_*.ckpt"))
+    assert (run_dir / "config_resolved.yaml").is_file()
+
+    stats = json.loads((run_dir / "attention" / "val" / "attention.json").read_text())
+    assert stats["groups"] == [*TINY, "text", "cls"]
+    for layer in stats["cls"]:
+        for head in layer:
+            assert abs(sum(head) - 1) < 1e-4
+    for name in ("attention.csv", "attention_cls_layers.png", "attention_text_heads.png"):
+        assert (run_dir / "attention" / "val" / name).is_file()
+    assert (run_dir / "attention" / "test" / "attention.json").is_file()
+
+    offline = list((run_dir / "wandb").glob("offline-run-*"))
+    assert len(offline) == 1 and list(offline[0].glob("run-*.wandb"))
+    summary = _wandb_summary(offline[0])
+    assert "val/acc" in summary["summary"] and "attn/cls/layer0/dino_tiny" in summary["summary"]
+    assert summary["config"]["task"]["_target_"] == "fusion.tasks.shapes.ShapesTask" or "task" in str(
+        summary["config"]
+    )
+
+    # Evaluate the checkpoint on test with a dropped encoder, the way a user does.
+    eval_dir = tmp_path / "eval_run"
+    ckpt = run_dir / "checkpoints" / "last.ckpt"
+    proc = _run(
+        "eval.py",
+        ["+experiment=shapes", f"ckpt_path={ckpt}", "split=test", "model.drop_encoders=[dino_tiny]",
+         f"hydra.run.dir={eval_dir}", *SMALL],
+        tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    metrics = json.loads((eval_dir / "metrics.json").read_text())
+    assert "test/acc" in metrics and "test/majority_acc" in metrics
+    stats = json.loads((eval_dir / "attention" / "test" / "attention.json").read_text())
+    dino = stats["groups"].index("dino_tiny")
+    assert all(head[dino] == 0 for layer in stats["cls"] for head in layer)
+    assert stats["drop_encoders"] == ["dino_tiny"]
+
+    # The checkpoint refuses encoders it was not trained with, and says which.
+    proc = _run(
+        "eval.py",
+        ["+experiment=shapes", f"ckpt_path={ckpt}", "encoder.vit_tiny.init_seed=7",
+         f"hydra.run.dir={tmp_path / 'bad_eval'}", *SMALL],
+        tmp_path,
+    )
+    assert proc.returncode != 0
+    assert "vit_tiny" in proc.stderr and "differs" in proc.stderr
+    assert not (tmp_path / "bad_eval" / "metrics.json").exists()
+
+
+def test_eval_names_a_missing_checkpoint(tmp_path):
+    proc = _run("eval.py", ["+experiment=shapes", "ckpt_path=/no/such.ckpt", *SMALL], tmp_path)
+    assert proc.returncode != 0 and "/no/such.ckpt" in proc.stderr
+
+
+@pytest.mark.slow
+def test_shapes_trains_past_twice_the_majority_baseline(tmp_path):
+    run_dir = tmp_path / "shapes"
+    proc = _run("train.py", ["+experiment=shapes", "logger=csv", f"hydra.run.dir={run_dir}"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    print(metrics)
+    assert metrics["val/acc"] >= 2 * metrics["val/majority_acc"]
+    assert metrics["test/acc"] >= 2 * metrics["test/majority_acc"]
