@@ -47,6 +47,9 @@ class FusionLitModule(pl.LightningModule):
         output_dir: str | None = None,
     ) -> None:
         super().__init__()
+        # Plain containers, not OmegaConf ones: checkpoints must load with torch.load(weights_only=True).
+        ve_dropout = dict(ve_dropout) if isinstance(ve_dropout, Mapping) else float(ve_dropout)
+        drop_encoders = [str(n) for n in drop_encoders]
         if not encoders:
             raise ValueError("the encoder list is empty: choose at least one, e.g. encoder=[clip_tiny]")
         self.save_hyperparameters(ignore=["encoders", "text", "task", "fusion", "head"])
@@ -116,7 +119,9 @@ class FusionLitModule(pl.LightningModule):
         name = self.task.metric_name
         values = {f"{stage}/{name}" + (f"_{k}" if k else ""): v for k, v in metric.compute().items()}
         metric.reset()
-        self.log_dict(values, prog_bar=stage == "val")
+        headline = f"{stage}/{name}"
+        self.log(headline, values.pop(headline), prog_bar=stage == "val")
+        self.log_dict(values)
         if not self.attention_stats:
             return
         stats = self.attn_stats[stage].compute()
@@ -140,8 +145,9 @@ class FusionLitModule(pl.LightningModule):
             if isinstance(logger, WandbLogger):
                 columns = list(rows[0])
                 logger.log_table(key=f"{prefix}/table", columns=columns, data=[[r[c] for c in columns] for r in rows])
-                pngs = sorted(str(p) for k, p in paths.items() if str(p).endswith(".png"))
-                logger.log_image(key=f"{prefix}/heatmaps", images=pngs, caption=[Path(p).stem for p in pngs])
+                for file_name, path in paths.items():
+                    if file_name.endswith(".png"):  # one key per figure: their sizes differ
+                        logger.log_image(key=f"{prefix}/{Path(file_name).stem}", images=[str(path)])
 
     # ---- optimisation --------------------------------------------------------------------------
     def configure_optimizers(self) -> dict[str, Any]:
