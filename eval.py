@@ -1,8 +1,11 @@
 """Evaluate a checkpoint: python eval.py +experiment=shapes ckpt_path=.../last.ckpt split=val."""
 
+from pathlib import Path
+
 import hydra
 from omegaconf import DictConfig
 
+from fusion.cli import check_choices
 from fusion.run import evaluate
 
 
@@ -12,4 +15,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    check_choices(Path(__file__).parent / "conf")
     main()

@@ -1,8 +1,11 @@
 """Train a fusion model: python train.py +experiment=shapes [overrides]."""
 
+from pathlib import Path
+
 import hydra
 from omegaconf import DictConfig
 
+from fusion.cli import check_choices
 from fusion.run import train
 
 
@@ -14,4 +17,5 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
+    check_choices(Path(__file__).parent / "conf")
     main()
