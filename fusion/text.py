@@ -10,7 +10,9 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -28,7 +30,8 @@ class TextEncoder(nn.Module):
 
     ``freeze=True`` turns off gradients and keeps the model in eval mode even when a parent calls
     ``.train()``. ``build_tiny=True`` builds a tiny random BERT at ``name_or_path`` first if that folder
-    does not exist yet; it is then loaded like any other checkpoint.
+    does not exist yet; it is then loaded like any other checkpoint. ``model_kwargs`` override the
+    checkpoint's config (e.g. ``hidden_dropout_prob: 0.0``).
     """
 
     def __init__(
@@ -37,6 +40,7 @@ class TextEncoder(nn.Module):
         freeze: bool = False,
         max_length: int = 32,
         build_tiny: bool = False,
+        model_kwargs: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
         self.name_or_path = str(name_or_path)
@@ -45,7 +49,8 @@ class TextEncoder(nn.Module):
         what = f"text encoder {self.name_or_path!r}"
         hint = "pass text.name_or_path=<folder>"
         self.tokenizer = from_pretrained_or_explain(AutoTokenizer.from_pretrained, self.name_or_path, what, hint)
-        self.model = from_pretrained_or_explain(AutoModel.from_pretrained, self.name_or_path, what, hint)
+        overrides = dict(model_kwargs or {})
+        self.model = from_pretrained_or_explain(AutoModel.from_pretrained, self.name_or_path, what, hint, **overrides)
         self.hidden_size = int(self.model.config.hidden_size)
         limit = getattr(self.model.config, "max_position_embeddings", None)
         if limit is not None and max_length > limit:

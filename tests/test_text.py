@@ -52,6 +52,10 @@ def test_tiny_config_builds_then_loads_by_path(tmp_path):
     assert text.tokenizer.unk_token_id not in ids[mask.bool()].tolist()
     assert mask.sum(1).max() == ids.shape[1]  # padded to the longest, not to max_length
     assert text(**batch).shape == (len(QUESTIONS), ids.shape[1], 64)
+    # The config's model_kwargs reach the loaded model's config: dropout off for the smoke default.
+    assert text.model.config.hidden_dropout_prob == 0.0
+    text.train()
+    assert torch.equal(text(**batch), text(**batch))
 
 
 def test_truncates_at_max_length(tiny_folder):
