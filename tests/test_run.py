@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import open_dict
@@ -124,9 +125,22 @@ def test_train_then_eval_end_to_end(tmp_path):
     assert len(offline) == 1 and list(offline[0].glob("run-*.wandb"))
     summary = _wandb_summary(offline[0])
     assert "val/acc" in summary["summary"] and "attn/cls/layer0/dino_tiny" in summary["summary"]
-    assert summary["config"]["task"]["_target_"] == "fusion.tasks.shapes.ShapesTask" or "task" in str(
-        summary["config"]
+    assert "fusion.tasks.shapes.ShapesTask" in json.dumps(summary["config"])  # the resolved config
+
+    # Resume from last.ckpt: training continues at epoch 2 instead of starting over.
+    resumed = tmp_path / "resumed"
+    proc = _run(
+        "train.py",
+        ["+experiment=shapes", "logger=csv", "trainer.max_epochs=3",
+         f"ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}", f"hydra.run.dir={resumed}", *SMALL],
+        tmp_path,
     )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    last = torch.load(resumed / "checkpoints" / "last.ckpt", weights_only=True)
+    assert last["epoch"] == 2 and "encoder_fingerprints" in last
+    assert not any(k.startswith("encoders.") for k in last["state_dict"])
+    steps_per_epoch = 24 * 3 // 16 + (24 * 3 % 16 > 0)
+    assert last["global_step"] == 3 * steps_per_epoch
 
     # Evaluate the checkpoint on test with a dropped encoder, the way a user does.
     eval_dir = tmp_path / "eval_run"
