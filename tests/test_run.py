@@ -191,3 +191,18 @@ def test_shapes_trains_past_twice_the_majority_baseline(tmp_path):
     print(metrics)
     assert metrics["val/acc"] >= 2 * metrics["val/majority_acc"]
     assert metrics["test/acc"] >= 2 * metrics["test/majority_acc"]
+
+
+def test_all_seven_subsets_run_as_one_multirun(tmp_path):
+    env_logs = tmp_path / "logs"
+    proc = _run(
+        "train.py",
+        ["+experiment=shapes_subsets", "logger=csv", "trainer.max_epochs=1", "trainer.limit_train_batches=1",
+         "test=false", f"paths.log_dir={env_logs}", *SMALL],
+        tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    jobs = sorted(p.parent for p in env_logs.glob("train/multiruns/*/*/metrics.json"))
+    assert len(jobs) == 7
+    groups = {tuple(json.loads((j / "attention" / "val" / "attention.json").read_text())["groups"][:-2]) for j in jobs}
+    assert groups == {tuple(s) for s in SUBSETS}
