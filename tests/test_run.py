@@ -197,7 +197,7 @@ def test_all_seven_subsets_run_as_one_multirun(tmp_path):
     env_logs = tmp_path / "logs"
     proc = _run(
         "train.py",
-        ["+experiment=shapes_subsets", "logger=csv", "trainer.max_epochs=1", "trainer.limit_train_batches=1",
+        ["+experiment=shapes_subsets", "logger=csv", "trainer.max_epochs=1", "+trainer.limit_train_batches=1",
          "test=false", f"paths.log_dir={env_logs}", *SMALL],
         tmp_path,
     )
