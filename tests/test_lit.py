@@ -1,0 +1,109 @@
+"""The LightningModule's own logic: frozen encoders, VE-dropout at inference, checkpoint hygiene."""
+
+import pytest
+import torch
+
+from fusion.encoders import TimmEncoder
+from fusion.heads import ClassifierHead
+from fusion.lit import FusionLitModule
+from fusion.model import FusionModel
+from fusion.tasks.shapes import ShapesTask
+from fusion.text import TextEncoder, build_tiny_bert
+
+TINY = {"embed_dim": 32, "depth": 2, "num_heads": 2, "img_size": 32, "patch_size": 16}
+
+
+def _encoders(seed_b=1):
+    return {
+        "a": TimmEncoder("a", "vit_base_patch16_clip_224.openai", init_seed=0, model_kwargs=TINY),
+        "b": TimmEncoder("b", "vit_base_patch16_224.dino", init_seed=seed_b, model_kwargs=TINY),
+    }
+
+
+@pytest.fixture(scope="module")
+def parts(tmp_path_factory):
+    root = tmp_path_factory.mktemp("lit")
+    no_dropout = {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}
+    text = TextEncoder(build_tiny_bert(root / "bert"), model_kwargs=no_dropout)
+    task = ShapesTask(root / "data", num_train=4, num_val=2, num_test=2)
+    return text, task
+
+
+def _module(parts, **kwargs):
+    text, task = parts
+    torch.manual_seed(0)
+
+    def fusion(**dims):
+        return FusionModel(**dims, width=32, depth=2, num_heads=2, dropout=0.0)
+
+    def head(width, num_classes):
+        return ClassifierHead(width, num_classes, dropout=0.0)
+
+    return FusionLitModule(_encoders(kwargs.pop("seed_b", 1)), text, task, fusion=fusion, head=head, **kwargs)
+
+
+def _batch(parts):
+    text, _ = parts
+    torch.manual_seed(3)
+    tok = text.tokenize(["what color is the circle?", "how many shapes are there?"])
+    return {
+        "images": {"a": torch.randn(2, 3, 32, 32), "b": torch.randn(2, 3, 32, 32)},
+        **tok,
+        "labels": torch.tensor([0, 1]),
+        "answer_types": torch.tensor([0, 2]),
+    }
+
+
+def test_encoders_stay_frozen_and_in_eval_mode(parts):
+    module = _module(parts).train()
+    assert all(not enc.model.training for enc in module.encoders.values())
+    assert not any(p.requires_grad for p in module.encoders.parameters())
+    assert any(p.requires_grad for p in module.fusion.parameters())
+
+
+def test_drop_encoders_changes_predictions_only_through_the_dropped_encoder(parts):
+    batch = _batch(parts)
+    noisy = dict(batch, images=dict(batch["images"], b=torch.randn(2, 3, 32, 32) * 5))
+    dropped = _module(parts, drop_encoders=["b"]).eval()
+    torch.testing.assert_close(dropped(batch)[0], dropped(noisy)[0], atol=1e-6, rtol=0)
+    full = _module(parts).eval()
+    assert not torch.allclose(full(batch)[0], full(noisy)[0], atol=1e-4)
+    # The same weights, with and without the drop, predict differently.
+    dropped.load_state_dict(full.state_dict())
+    assert not torch.allclose(full(batch)[0], dropped(batch)[0], atol=1e-4)
+
+
+def test_ve_dropout_p_zero_is_a_no_op_in_training(parts):
+    batch = _batch(parts)
+    module = _module(parts, ve_dropout=0.0)
+    module.train()
+    train_logits = module(batch)[0]
+    module.eval()
+    torch.testing.assert_close(train_logits, module(batch)[0])
+    # With p > 0 the same training-mode forward does drop encoders (otherwise this test proves nothing).
+    module = _module(parts, ve_dropout=0.9).train()
+    torch.manual_seed(0)
+    assert not torch.allclose(module(batch)[0], module.eval()(batch)[0], atol=1e-4)
+
+
+def test_checkpoint_leaves_out_encoder_weights_and_checks_fingerprints(parts):
+    module = _module(parts)
+    ckpt = {"state_dict": module.state_dict()}
+    module.on_save_checkpoint(ckpt)
+    assert not any(k.startswith("encoders.") for k in ckpt["state_dict"])
+    assert set(ckpt["encoder_fingerprints"]) == {"a", "b"}
+
+    same = _module(parts)
+    restored = {"state_dict": dict(ckpt["state_dict"]), "encoder_fingerprints": ckpt["encoder_fingerprints"]}
+    same.on_load_checkpoint(restored)
+    same.load_state_dict(restored["state_dict"])  # strict: encoder weights were filled back in
+
+    other = _module(parts, seed_b=5)
+    with pytest.raises(ValueError, match=r"encoder 'b' differs .*sha256"):
+        other.on_load_checkpoint({**ckpt, "state_dict": dict(ckpt["state_dict"])})
+
+
+def test_empty_encoder_list_is_refused(parts):
+    text, task = parts
+    with pytest.raises(ValueError, match="encoder list is empty"):
+        FusionLitModule({}, text, task)
