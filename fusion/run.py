@@ -84,14 +84,19 @@ def _save_config(cfg: DictConfig, output_dir: Path) -> None:
     (output_dir / "config_resolved.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
 
 
-def train(cfg: DictConfig) -> dict[str, float]:
-    """Fit the model, then evaluate the best checkpoint on val and test; returns (and writes) metrics."""
+def _setup(cfg: DictConfig) -> tuple[Path, FusionDataModule, FusionLitModule, list[Logger], pl.Trainer]:
+    """Seed, save the resolved config into the run folder, and build data, model, loggers and trainer."""
     pl.seed_everything(cfg.seed, workers=True)
     output_dir = Path(cfg.paths.output_dir)
     _save_config(cfg, output_dir)
     datamodule, model = build(cfg)
     loggers = _loggers(cfg)
-    trainer = _trainer(cfg, loggers)
+    return output_dir, datamodule, model, loggers, _trainer(cfg, loggers)
+
+
+def train(cfg: DictConfig) -> dict[str, float]:
+    """Fit the model, then evaluate the best checkpoint on val and test; returns (and writes) metrics."""
+    output_dir, datamodule, model, loggers, trainer = _setup(cfg)
     metrics: dict[str, float] = {}
     try:
         if cfg.get("train", True):
@@ -115,15 +120,10 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     ckpt = Path(str(cfg.ckpt_path)).expanduser()
     if not ckpt.is_file():
         raise FileNotFoundError(f"ckpt_path={cfg.ckpt_path!r} is not a checkpoint file")
-    pl.seed_everything(cfg.seed, workers=True)
-    output_dir = Path(cfg.paths.output_dir)
-    _save_config(cfg, output_dir)
-    datamodule, model = build(cfg)
+    output_dir, datamodule, model, loggers, trainer = _setup(cfg)
     split = str(cfg.split)
-    model.task.check_split(split)
-    loggers = _loggers(cfg)
-    trainer = _trainer(cfg, loggers)
     try:
+        model.task.check_split(split)
         if split == "test":
             results = trainer.test(model, datamodule=datamodule, ckpt_path=str(ckpt))
         else:
