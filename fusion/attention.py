@@ -15,8 +15,12 @@ class MultiHeadSelfAttention(nn.Module):
     probabilities ``(B, H, S, S)``. Masked keys (``key_mask`` False) get probability exactly 0.
     """
 
-    def __init__(self, dim: int, num_heads: int, attn_drop: float = 0.0, proj_drop: float = 0.0) -> None:
+    def __init__(
+        self, dim: int, num_heads: int, attn_drop: float = 0.0, proj_drop: float = 0.0, score: str = "scaled_dot"
+    ) -> None:
         super().__init__()
+        if score != "scaled_dot":
+            raise ValueError(f"attention score {score!r} is not available; allowed: ['scaled_dot']")
         if dim % num_heads:
             raise ValueError(f"width {dim} is not divisible by num_heads {num_heads}")
         self.num_heads = num_heads
@@ -50,10 +54,12 @@ class MultiHeadSelfAttention(nn.Module):
 class TransformerBlock(nn.Module):
     """Pre-norm transformer block: ``x + attn(ln(x))`` then ``x + mlp(ln(x))``; ``(B, S, D)`` in and out."""
 
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, dropout: float = 0.0) -> None:
+    def __init__(
+        self, dim: int, num_heads: int, mlp_ratio: float = 4.0, dropout: float = 0.0, score: str = "scaled_dot"
+    ) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(dim)
-        self.attn = MultiHeadSelfAttention(dim, num_heads, attn_drop=dropout, proj_drop=dropout)
+        self.attn = MultiHeadSelfAttention(dim, num_heads, attn_drop=dropout, proj_drop=dropout, score=score)
         self.norm2 = nn.LayerNorm(dim)
         hidden = int(dim * mlp_ratio)
         self.mlp = nn.Sequential(

@@ -51,6 +51,7 @@ class FusionModel(nn.Module):
         num_heads: int = 4,
         mlp_ratio: float = 4.0,
         dropout: float = 0.1,
+        attention_score: str = "scaled_dot",
         fuser: Callable[..., nn.Module] = TokenConcatFuser,
     ) -> None:
         super().__init__()
@@ -62,7 +63,9 @@ class FusionModel(nn.Module):
         self.cls_token = nn.Parameter(torch.zeros(1, 1, width))
         nn.init.trunc_normal_(self.text_type, std=0.02)
         nn.init.trunc_normal_(self.cls_token, std=0.02)
-        self.blocks = nn.ModuleList([TransformerBlock(width, num_heads, mlp_ratio, dropout) for _ in range(depth)])
+        self.blocks = nn.ModuleList(
+            [TransformerBlock(width, num_heads, mlp_ratio, dropout, score=attention_score) for _ in range(depth)]
+        )
         self.norm = nn.LayerNorm(width)
 
     def forward(
