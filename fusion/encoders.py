@@ -48,6 +48,9 @@ class VisionEncoder(nn.Module, ABC):
     name: str
     embed_dim: int
     num_tokens: int
+    # [CLS]/register tokens in front of the patch grid; the remaining ``num_tokens - num_prefix_tokens``
+    # tokens are the patches, row-major. Fusers that pool or resample the grid need it.
+    num_prefix_tokens: int = 1
     preprocess: Preprocess
     layer: int
     model: nn.Module
@@ -95,7 +98,10 @@ class VisionEncoder(nn.Module, ABC):
         }
 
     def extra_repr(self) -> str:
-        return f"name={self.name!r}, layer={self.layer}, num_tokens={self.num_tokens}, embed_dim={self.embed_dim}"
+        return (
+            f"name={self.name!r}, layer={self.layer}, num_tokens={self.num_tokens}, "
+            f"num_prefix_tokens={self.num_prefix_tokens}, embed_dim={self.embed_dim}"
+        )
 
 
 class TimmEncoder(VisionEncoder):
@@ -153,6 +159,7 @@ class TimmEncoder(VisionEncoder):
         self.preprocess = Preprocess.from_data_config(data_cfg)
         self.embed_dim = int(model.num_features)
         self.num_tokens = _count_tokens(self)
+        self.num_prefix_tokens = int(getattr(model, "num_prefix_tokens", 1))
 
     def _features(self, pixel_values: Tensor) -> Tensor:
         if self._last:
@@ -194,6 +201,7 @@ class HFVisionEncoder(VisionEncoder):
         self.preprocess = Preprocess.from_image_processor(processor)
         self.embed_dim = int(model.config.hidden_size)
         self.num_tokens = _count_tokens(self)
+        self.num_prefix_tokens = _hf_prefix_tokens(model.config, self.num_tokens, self.preprocess.input_size)
 
     def _features(self, pixel_values: Tensor) -> Tensor:
         if self._last:
@@ -255,6 +263,16 @@ def _count_tokens(encoder: VisionEncoder) -> int:
     # One probe forward: exact for every backend (prefix/register tokens, interpolated positions).
     h, w = encoder.preprocess.input_size
     return int(encoder(torch.zeros(1, 3, h, w)).shape[1])
+
+
+def _hf_prefix_tokens(config: Any, num_tokens: int, input_size: tuple[int, int]) -> int:
+    """Tokens beyond the patch grid ([CLS], registers): the probe's count minus the config's patch count."""
+    patch = getattr(config, "patch_size", None)
+    if patch is None:  # no patch grid in the config to subtract: assume the usual single [CLS]
+        return 1
+    ph, pw = (patch, patch) if isinstance(patch, int) else tuple(patch)
+    # Hierarchical models (Swin...) downsample past the patch grid and output fewer tokens: no prefix.
+    return max(num_tokens - (input_size[0] // ph) * (input_size[1] // pw), 0)
 
 
 def _check_timm_name(model_name: str, name: str) -> None:

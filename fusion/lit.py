@@ -14,6 +14,7 @@ from transformers import get_cosine_schedule_with_warmup
 
 from fusion.dropout import EncoderDropout
 from fusion.encoders import VisionEncoder
+from fusion.fuser_weights import FuserWeights, fuser_scalars, save_fuser_weights
 from fusion.heads import ClassifierHead
 from fusion.model import FusionModel, FusionOutput
 from fusion.stats import AttentionOverEncoders, save_stats, scalar_metrics, stats_rows
@@ -60,6 +61,7 @@ class FusionLitModule(pl.LightningModule):
         self.fusion = fusion(
             encoder_dims={n: e.embed_dim for n, e in encoders.items()},
             encoder_tokens={n: e.num_tokens for n, e in encoders.items()},
+            encoder_prefix={n: e.num_prefix_tokens for n, e in encoders.items()},
             text_dim=text.hidden_size,
         )
         self.head = head(width=self.fusion.width, num_classes=task.num_classes)
@@ -68,9 +70,17 @@ class FusionLitModule(pl.LightningModule):
         self.attention_stats = attention_stats
         self.attn_stats = nn.ModuleDict(
             {
-                stage: AttentionOverEncoders(self.encoder_names, self.fusion.depth, self.fusion.num_heads)
+                stage: AttentionOverEncoders(
+                    self.encoder_names, self.fusion.depth, self.fusion.num_heads, mixed=self.fusion.mixes_encoders
+                )
                 for stage in ("val", "test")
             }
+        )
+        # The fuser's own share of each encoder (fusers that mix encoders); cheap, so always collected.
+        self.fuser_stats = (
+            nn.ModuleDict({stage: FuserWeights(self.encoder_names) for stage in ("val", "test")})
+            if self.fusion.reports_encoder_weights
+            else None
         )
         self.output_dir = Path(output_dir) if output_dir else None
         self._fingerprints: dict[str, dict] | None = None
@@ -101,6 +111,8 @@ class FusionLitModule(pl.LightningModule):
         self.metrics[stage].update(logits.argmax(-1), batch["labels"], batch["answer_types"])
         if self.attention_stats:
             self.attn_stats[stage].update(out.attentions, out.key_groups, out.text_query_mask)
+        if self.fuser_stats is not None:
+            self.fuser_stats[stage].update(out.encoder_weights)
 
     def validation_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
         self._eval_step(batch, "val")
@@ -122,8 +134,12 @@ class FusionLitModule(pl.LightningModule):
         headline = f"{stage}/{name}"
         self.log(headline, values.pop(headline), prog_bar=stage == "val")
         self.log_dict(values)
-        if not self.attention_stats:
-            return
+        if self.attention_stats:
+            self._end_attention_stats(stage)
+        if self.fuser_stats is not None:
+            self._end_fuser_stats(stage)
+
+    def _end_attention_stats(self, stage: str) -> None:
         stats = self.attn_stats[stage].compute()
         self.attn_stats[stage].reset()
         if self.trainer.sanity_checking:
@@ -133,6 +149,22 @@ class FusionLitModule(pl.LightningModule):
         self.log_dict(scalar_metrics(stats, groups, prefix=prefix))
         if self.trainer.is_global_zero:
             self._publish_stats(stats, groups, stage, prefix)
+
+    def _end_fuser_stats(self, stage: str) -> None:
+        weights = self.fuser_stats[stage].compute()
+        self.fuser_stats[stage].reset()
+        if self.trainer.sanity_checking:
+            return
+        prefix = "fuser" if stage == "val" else f"{stage}/fuser"
+        self.log_dict(fuser_scalars(weights, self.encoder_names, prefix=prefix))
+        if self.trainer.is_global_zero and self.output_dir is not None:
+            extra = {"split": stage, "epoch": self.current_epoch, "drop_encoders": list(self.hparams.drop_encoders)}
+            paths = save_fuser_weights(weights.cpu(), self.encoder_names, self.output_dir / "attention" / stage, extra)
+            for logger in self.loggers:
+                if isinstance(logger, WandbLogger):
+                    rows = [[n, float(w)] for n, w in zip(self.encoder_names, weights.tolist(), strict=True)]
+                    logger.log_table(key=f"{prefix}/table", columns=["encoder", "weight"], data=rows)
+                    logger.log_image(key=f"{prefix}/fuser_weights", images=[str(paths["fuser_weights.png"])])
 
     def _publish_stats(self, stats: torch.Tensor, groups: list[str], stage: str, prefix: str) -> None:
         """Statistics files into the run folder, and a table and heatmaps into wandb."""

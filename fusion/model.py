@@ -9,11 +9,14 @@ import torch
 from torch import nn
 
 from fusion.attention import TransformerBlock
-from fusion.fusers import TokenConcatFuser
+from fusion.fusers import MIXED_GROUP, Fuser, TokenConcatFuser
 
-# Group ids of non-visual positions in ``FusionOutput.key_groups``; encoders are 0..n-1.
+# Group ids of non-visual positions in ``FusionOutput.key_groups``; encoders are 0..n-1, and visual
+# tokens that mix encoders (channel_concat, resampler, gated) carry ``MIXED_GROUP`` (-3).
 CLS_GROUP = -2
 TEXT_GROUP = -1
+
+__all__ = ["CLS_GROUP", "MIXED_GROUP", "TEXT_GROUP", "FusionModel", "FusionOutput"]
 
 
 @dataclass
@@ -21,9 +24,10 @@ class FusionOutput:
     """What one forward pass of :class:`FusionModel` gives.
 
     ``pooled`` (B, D): the final [CLS] state; ``hidden`` (B, S, D); ``attentions``: one (B, H, S, S)
-    tensor per layer when requested, else None; ``key_groups`` (S,): -2 [CLS], -1 text, else the
-    encoder index; ``key_mask`` (B, S) bool visibility; ``text_query_mask`` (B, S) bool, True at real
-    text tokens.
+    tensor per layer when requested, else None; ``key_groups`` (S,): -2 [CLS], -1 text, -3 a token
+    mixing encoders, else the encoder index; ``key_mask`` (B, S) bool visibility; ``text_query_mask``
+    (B, S) bool, True at real text tokens; ``encoder_weights`` (B, n_enc) the fuser's own per-sample
+    share of each encoder, or None (token_concat: the attention statistics tell).
     """
 
     pooled: torch.Tensor
@@ -32,13 +36,17 @@ class FusionOutput:
     key_groups: torch.Tensor
     key_mask: torch.Tensor
     text_query_mask: torch.Tensor
+    encoder_weights: torch.Tensor | None = None
 
 
 class FusionModel(nn.Module):
     """Fuses text with the tokens of several vision encoders in one transformer.
 
-    Sequence layout: ``[CLS] + text (L) + visual (N)``. Dropped encoders are removed through the
-    key mask, so their tokens (and type embedding) are invisible to every query.
+    Sequence layout: ``[CLS] + text (L) + visual (N)``; the visual tokens come from ``fuser`` (see
+    :mod:`fusion.fusers`), which also gets the projected text. Dropped encoders are removed through the
+    key mask (token_concat: their tokens are invisible to every query) or inside the fuser (fusers
+    that mix encoders). ``encoder_prefix`` (default 1 per encoder) and ``tokens_per_encoder`` (token
+    reduction to a ``sqrt(K) x sqrt(K)`` grid per encoder) are passed on to the fuser.
     """
 
     def __init__(
@@ -52,12 +60,20 @@ class FusionModel(nn.Module):
         mlp_ratio: float = 4.0,
         dropout: float = 0.1,
         attention_score: str = "scaled_dot",
-        fuser: Callable[..., nn.Module] = TokenConcatFuser,
+        fuser: Callable[..., Fuser] = TokenConcatFuser,
+        encoder_prefix: Mapping[str, int] | None = None,
+        tokens_per_encoder: int | None = None,
     ) -> None:
         super().__init__()
         self.encoder_names = list(encoder_dims)
         self.width, self.depth, self.num_heads = width, depth, num_heads
-        self.fuser = fuser(encoder_dims=encoder_dims, encoder_tokens=encoder_tokens, width=width)
+        self.fuser = fuser(
+            encoder_dims=encoder_dims,
+            encoder_tokens=encoder_tokens,
+            width=width,
+            encoder_prefix=encoder_prefix,
+            tokens_per_encoder=tokens_per_encoder,
+        )
         self.text_proj = nn.Sequential(nn.LayerNorm(text_dim), nn.Linear(text_dim, width))
         self.text_type = nn.Parameter(torch.zeros(1, 1, width))
         self.cls_token = nn.Parameter(torch.zeros(1, 1, width))
@@ -67,6 +83,16 @@ class FusionModel(nn.Module):
             [TransformerBlock(width, num_heads, mlp_ratio, dropout, score=attention_score) for _ in range(depth)]
         )
         self.norm = nn.LayerNorm(width)
+
+    @property
+    def mixes_encoders(self) -> bool:
+        """True if the fuser outputs tokens that mix encoders (``MIXED_GROUP`` in ``key_groups``)."""
+        return self.fuser.mixes_encoders
+
+    @property
+    def reports_encoder_weights(self) -> bool:
+        """True if ``FusionOutput.encoder_weights`` is set (the fuser measures each encoder's share)."""
+        return bool(getattr(self.fuser, "reports_encoder_weights", False))
 
     def forward(
         self,
@@ -79,10 +105,10 @@ class FusionModel(nn.Module):
         """``features[name]`` (B, N_e, D_e); ``keep`` (B, n_enc) bool; ``text_hidden`` (B, L, D_t);
         ``text_mask`` (B, L) bool, True at real tokens."""
         B, L = text_mask.shape
-        visual = self.fuser(features, keep)
-        text = self.text_proj(text_hidden) + self.text_type
-        x = torch.cat([self.cls_token.expand(B, -1, -1), text, visual.tokens], dim=1)
         text_mask = text_mask.bool()
+        text = self.text_proj(text_hidden) + self.text_type
+        visual = self.fuser(features, keep, text, text_mask)
+        x = torch.cat([self.cls_token.expand(B, -1, -1), text, visual.tokens], dim=1)
         ones = torch.ones(B, 1, dtype=torch.bool, device=x.device)
         key_mask = torch.cat([ones, text_mask, visual.visible], dim=1)
         key_groups = torch.cat(
@@ -99,4 +125,4 @@ class FusionModel(nn.Module):
             if attentions is not None:
                 attentions.append(probs)
         x = self.norm(x)
-        return FusionOutput(x[:, 0], x, attentions, key_groups, key_mask, text_query_mask)
+        return FusionOutput(x[:, 0], x, attentions, key_groups, key_mask, text_query_mask, visual.encoder_weights)

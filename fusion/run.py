@@ -75,8 +75,8 @@ def write_json_atomic(path: Path, data: Any) -> None:
 
 
 def _flat_metrics(results: list[dict[str, Any]]) -> dict[str, float]:
-    # Attention statistics have their own files (attention/); metrics.json keeps the task's metrics.
-    return {k: float(v) for r in results for k, v in r.items() if "attn/" not in k}
+    # Attention and fuser statistics have their own files (attention/); metrics.json keeps the task metrics.
+    return {k: float(v) for r in results for k, v in r.items() if "attn/" not in k and "fuser/" not in k}
 
 
 def _save_config(cfg: DictConfig, output_dir: Path) -> None:

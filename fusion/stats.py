@@ -2,10 +2,12 @@
 
 For every layer and head of the multimodal transformer, :class:`AttentionOverEncoders` accumulates the
 mean attention mass that the [CLS] query and the (real) text queries give to the tokens of each vision
-encoder, to the text and to [CLS]. The helpers turn the computed ``(2, L, H, G)`` tensor into scalars for
-the logger, table rows, heatmaps and files on disk.
+encoder, to the tokens that mix encoders (fusers other than token_concat), to the text and to [CLS]. The
+helpers turn the computed ``(2, L, H, G)`` tensor into scalars for the logger, table rows, heatmaps and
+files on disk.
 
-Group order everywhere: ``encoder_names`` in order, then ``"text"``, then ``"cls"``.
+Group order everywhere: ``encoder_names`` in order, then ``"fused"`` (only with ``mixed=True``), then
+``"text"``, then ``"cls"``.
 """
 
 from __future__ import annotations
@@ -25,10 +27,12 @@ from torchmetrics import Metric
 
 # The model fixes the values of ``key_groups`` for [CLS] and text; visual tokens carry their encoder index.
 from fusion.model import CLS_GROUP as CLS
+from fusion.model import MIXED_GROUP as MIXED
 from fusion.model import TEXT_GROUP as TEXT
 
 __all__ = [
     "CLS",
+    "MIXED",
     "TEXT",
     "QUERY_KINDS",
     "AttentionOverEncoders",
@@ -37,6 +41,8 @@ __all__ = [
     "plot_heatmaps",
     "save_stats",
     "load_stats",
+    "atomic_write",
+    "save_figure",
 ]
 
 QUERY_KINDS = ("cls", "text")
@@ -44,16 +50,17 @@ QUERY_KINDS = ("cls", "text")
 JSON_NAME = "attention.json"
 CSV_NAME = "attention.csv"
 CSV_FIELDS = ("query", "layer", "head", "group", "mass")
+RESERVED_GROUPS = ("fused", "text", "cls")
 
 
-def _group_names(encoder_names: Sequence[str]) -> list[str]:
+def _group_names(encoder_names: Sequence[str], mixed: bool) -> list[str]:
     names = list(encoder_names)
     for name in names:
-        if name in ("text", "cls"):
+        if name in RESERVED_GROUPS:
             raise ValueError(f"encoder name {name!r} is reserved for a token group; rename the encoder")
     if len(set(names)) != len(names):
         raise ValueError(f"encoder names must be unique, got {names}")
-    return names + ["text", "cls"]
+    return names + (["fused"] if mixed else []) + ["text", "cls"]
 
 
 class AttentionOverEncoders(Metric):
@@ -63,7 +70,8 @@ class AttentionOverEncoders(Metric):
 
     - ``attentions``: ``L`` tensors ``(B, H, Q, K)`` of attention probabilities (Q == K, rows sum to 1,
       masked keys exactly 0); any float dtype.
-    - ``key_groups``: ``(K,)`` long, ``CLS`` / ``TEXT`` / encoder index per position; position 0 is [CLS].
+    - ``key_groups``: ``(K,)`` long, ``CLS`` / ``TEXT`` / encoder index per position (``MIXED`` too if
+      ``mixed``, counted as the group ``"fused"``); position 0 is [CLS].
     - ``text_query_mask``: ``(B, Q)`` bool, True at real text tokens.
 
     ``compute()`` returns ``(2, L, H, G)``: index 0 = [CLS] query, 1 = mean over each sample's text
@@ -79,12 +87,15 @@ class AttentionOverEncoders(Metric):
     cls_count: Tensor
     text_count: Tensor
 
-    def __init__(self, encoder_names: Sequence[str], num_layers: int, num_heads: int, **kwargs: Any) -> None:
+    def __init__(
+        self, encoder_names: Sequence[str], num_layers: int, num_heads: int, mixed: bool = False, **kwargs: Any
+    ) -> None:
         super().__init__(**kwargs)
         if num_layers < 1 or num_heads < 1:
             raise ValueError(f"num_layers and num_heads must be >= 1, got {num_layers} and {num_heads}")
-        self._group_names = _group_names(encoder_names)
-        self.num_encoders = len(self._group_names) - 2
+        self._group_names = _group_names(encoder_names, mixed)
+        self.mixed = mixed
+        self.num_encoders = len(encoder_names)
         self.num_layers = num_layers
         self.num_heads = num_heads
         shape = (num_layers, num_heads, len(self._group_names))
@@ -96,24 +107,24 @@ class AttentionOverEncoders(Metric):
 
     @property
     def group_names(self) -> list[str]:
-        """``encoder_names + ["text", "cls"]``, the order of the last output axis."""
+        """``encoder_names + ["fused"] (if mixed) + ["text", "cls"]``, the order of the last output axis."""
         return list(self._group_names)
 
     def _one_hot(self, key_groups: Tensor, device: torch.device) -> Tensor:
         """``(K,)`` group ids -> ``(K, G)`` float32 one-hot in output group order."""
-        n = self.num_encoders
+        n, m = self.num_encoders, int(self.mixed)
+        low = MIXED if self.mixed else CLS
         key_groups = key_groups.to(device=device, dtype=torch.long)
-        bad = (key_groups < CLS) | (key_groups >= n)
+        bad = (key_groups < low) | (key_groups >= n)
         if bool(bad.any()):
-            raise ValueError(
-                f"key_groups values must be in [{CLS}, {n - 1}] for {n} encoders, "
-                f"got {sorted(set(key_groups[bad].tolist()))}"
-            )
+            values = sorted(set(key_groups[bad].tolist()))
+            hint = f"; MIXED ({MIXED}) tokens need mixed=True" if MIXED in values else ""
+            raise ValueError(f"key_groups values must be in [{low}, {n - 1}] for {n} encoders, got {values}{hint}")
         if int(key_groups[0]) != CLS:
             raise ValueError(f"key_groups[0] must be CLS ({CLS}), got {int(key_groups[0])}")
-        # CLS (-2) -> n + 1 and TEXT (-1) -> n, so encoders keep their own index as column.
-        column = torch.where(key_groups < 0, n - 1 - key_groups, key_groups)
-        return torch.nn.functional.one_hot(column, n + 2).to(torch.float32)
+        # Encoders keep their own index as column; MIXED (-3) -> n, TEXT (-1) -> n + m, CLS (-2) -> n + m + 1.
+        column = torch.where(key_groups == MIXED, n, torch.where(key_groups < 0, n + m - 1 - key_groups, key_groups))
+        return torch.nn.functional.one_hot(column, n + m + 2).to(torch.float32)
 
     def _check(self, attentions: Sequence[Tensor], key_groups: Tensor, text_query_mask: Tensor) -> None:
         if len(attentions) != self.num_layers:
@@ -201,7 +212,7 @@ def stats_rows(stats: Tensor, group_names: Sequence[str]) -> list[dict[str, Any]
     ]
 
 
-def _atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> None:
+def atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> None:
     """Write ``path`` via a temp file in the same folder + ``os.replace`` so readers never see half a file."""
     # A unique name opened with "xb" (not mkstemp) so the file gets the usual umask permissions, not 0600.
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
@@ -228,8 +239,9 @@ def _heatmap(ax: Any, values: Tensor, vmax: float, annotate: bool) -> Any:
     return image
 
 
-def _save_figure(fig: Any, path: Path) -> None:
-    _atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100, bbox_inches="tight"))
+def save_figure(fig: Any, path: Path) -> None:
+    """Save a matplotlib ``Figure`` as PNG to ``path`` atomically."""
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100, bbox_inches="tight"))
 
 
 def plot_heatmaps(stats: Tensor, group_names: Sequence[str], out_dir: Path) -> list[Path]:
@@ -258,7 +270,7 @@ def plot_heatmaps(stats: Tensor, group_names: Sequence[str], out_dir: Path) -> l
         ax.set_title(f"Attention mass of the {query} query per layer (head mean)")
         fig.colorbar(image, ax=ax, label="attention mass")
         path = out_dir / f"attention_{query}_layers.png"
-        _save_figure(fig, path)
+        save_figure(fig, path)
         paths.append(path)
 
     ncols = min(num_layers, 4)
@@ -281,7 +293,7 @@ def plot_heatmaps(stats: Tensor, group_names: Sequence[str], out_dir: Path) -> l
         fig.suptitle(f"Attention mass of the {query} query per head")
         fig.colorbar(image, ax=axes, label="attention mass")
         path = out_dir / f"attention_{query}_heads.png"
-        _save_figure(fig, path)
+        save_figure(fig, path)
         paths.append(path)
     return paths
 
@@ -317,8 +329,8 @@ def save_stats(
     csv_bytes = buffer.getvalue().encode()
 
     paths = {JSON_NAME: out_dir / JSON_NAME, CSV_NAME: out_dir / CSV_NAME}
-    _atomic_write(paths[JSON_NAME], lambda f: f.write(json_bytes))
-    _atomic_write(paths[CSV_NAME], lambda f: f.write(csv_bytes))
+    atomic_write(paths[JSON_NAME], lambda f: f.write(json_bytes))
+    atomic_write(paths[CSV_NAME], lambda f: f.write(csv_bytes))
     for path in plot_heatmaps(values, group_names, out_dir):
         paths[path.name] = path
     return paths

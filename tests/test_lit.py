@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from fusion.encoders import TimmEncoder
+from fusion.encoders import HFVisionEncoder, TimmEncoder
+from fusion.fusers import ResamplerFuser
 from fusion.heads import ClassifierHead
 from fusion.lit import FusionLitModule
 from fusion.model import FusionModel
@@ -29,12 +30,13 @@ def parts(tmp_path_factory):
     return text, task
 
 
-def _module(parts, **kwargs):
+def _module(parts, fuser=None, **kwargs):
     text, task = parts
     torch.manual_seed(0)
 
     def fusion(**dims):
-        return FusionModel(**dims, width=32, depth=2, num_heads=2, dropout=0.0)
+        extra = {"fuser": fuser} if fuser is not None else {}
+        return FusionModel(**dims, width=32, depth=2, num_heads=2, dropout=0.0, **extra)
 
     def head(width, num_classes):
         return ClassifierHead(width, num_classes, dropout=0.0)
@@ -107,3 +109,45 @@ def test_empty_encoder_list_is_refused(parts):
     text, task = parts
     with pytest.raises(ValueError, match="encoder list is empty"):
         FusionLitModule({}, text, task)
+
+
+def test_encoder_prefix_tokens_reach_the_fuser(parts, tmp_path):
+    text, task = parts
+    encoders = _encoders()
+    encoders["b"] = TimmEncoder("b", "vit_base_patch16_224.dino", init_seed=1, model_kwargs={**TINY, "reg_tokens": 2})
+    assert encoders["a"].num_prefix_tokens == 1 and encoders["b"].num_prefix_tokens == 3
+    assert encoders["b"].num_tokens == 3 + 4
+
+    def fusion(**dims):
+        return FusionModel(**dims, width=32, depth=1, num_heads=2, tokens_per_encoder=1)
+
+    module = FusionLitModule(encoders, text, task, fusion=fusion)
+    assert module.fusion.fuser.encoder_prefix == {"a": 1, "b": 3}
+    assert module.fusion.fuser.num_tokens == (1 + 1) + (3 + 1)  # prefix tokens kept, 2x2 grids pooled to 1
+
+    # transformers: the probe's token count minus the config's patch grid (here [CLS] + 4 registers).
+    from transformers import BitImageProcessor, Dinov2WithRegistersConfig, Dinov2WithRegistersModel
+
+    cfg = Dinov2WithRegistersConfig(
+        hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, image_size=32,
+        patch_size=8, num_register_tokens=4,
+    )
+    Dinov2WithRegistersModel(cfg).save_pretrained(tmp_path)
+    BitImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(tmp_path)
+    hf = HFVisionEncoder("hf", tmp_path)
+    assert hf.num_tokens == 1 + 4 + 16 and hf.num_prefix_tokens == 5
+
+
+@pytest.mark.filterwarnings("ignore:You are trying to `self.log()`")
+def test_mixing_fuser_statistics_and_encoder_drop(parts):
+    batch = _batch(parts)
+    module = _module(parts, fuser=ResamplerFuser, drop_encoders=["b"]).eval()
+    assert module.attn_stats["val"].group_names == ["a", "b", "fused", "text", "cls"]
+    module._eval_step(batch, "val")
+    weights = module.fuser_stats["val"].compute()
+    torch.testing.assert_close(weights, torch.tensor([1.0, 0.0]))
+    stats = module.attn_stats["val"].compute()
+    assert torch.all(stats[..., :2] == 0) and torch.all(stats[..., 2] > 0)  # visual mass is all "fused"
+    noisy = dict(batch, images=dict(batch["images"], b=torch.randn(2, 3, 32, 32) * 5))
+    torch.testing.assert_close(module(batch)[0], module(noisy)[0], atol=1e-6, rtol=0)
+    assert _module(parts).fuser_stats is None  # token_concat: the attention statistics tell

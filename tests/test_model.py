@@ -1,6 +1,7 @@
 import torch
 
-from fusion.model import CLS_GROUP, TEXT_GROUP, FusionModel
+from fusion.fusers import ChannelConcatFuser, TokenConcatFuser
+from fusion.model import CLS_GROUP, MIXED_GROUP, TEXT_GROUP, FusionModel
 
 DIMS = {"a": 8, "b": 12}
 TOKENS = {"a": 3, "b": 5}
@@ -67,3 +68,39 @@ def test_attention_readout_does_not_change_outputs():
     fast = model(feats, keep, text, text_mask).pooled
     slow = model(feats, keep, text, text_mask, output_attentions=True).pooled
     torch.testing.assert_close(fast, slow, atol=1e-5, rtol=1e-5)
+
+
+def test_fuser_gets_the_projected_text_and_its_settings():
+    seen = {}
+
+    class Recorder(TokenConcatFuser):
+        def forward(self, features, keep, text=None, text_mask=None):
+            seen.update(text=text, text_mask=text_mask)
+            return super().forward(features, keep, text, text_mask)
+
+    torch.manual_seed(0)
+    model = FusionModel({"a": 8}, {"a": 1 + 9}, text_dim=10, width=16, depth=1, num_heads=2, fuser=Recorder,
+                        encoder_prefix={"a": 1}, tokens_per_encoder=4)
+    assert model.fuser.encoder_prefix == {"a": 1} and model.fuser.tokens_per_encoder == 4
+    feats, text, text_mask = _inputs()
+    out = model({"a": torch.randn(3, 10, 8)}, torch.ones(3, 1, dtype=torch.bool), text, text_mask)
+    torch.testing.assert_close(seen["text"], model.text_proj(text) + model.text_type)
+    assert torch.equal(seen["text_mask"], text_mask)
+    assert out.hidden.shape == (3, 1 + 4 + 1 + 4, 16) and out.encoder_weights is None
+    assert not model.mixes_encoders and not model.reports_encoder_weights
+
+
+def test_mixing_fuser_output_layout():
+    torch.manual_seed(0)
+    model = FusionModel(
+        {"a": 8, "b": 12}, {"a": 1 + 4, "b": 1 + 16}, text_dim=10, width=16, depth=2, num_heads=2,
+        fuser=ChannelConcatFuser,
+    )
+    feats = {"a": torch.randn(3, 5, 8), "b": torch.randn(3, 17, 12)}
+    _, text, text_mask = _inputs()
+    keep = torch.tensor([[True, True], [True, False], [False, True]])
+    out = model(feats, keep, text, text_mask, output_attentions=True)
+    assert out.key_groups.tolist() == [CLS_GROUP] + [TEXT_GROUP] * 4 + [MIXED_GROUP] * (1 + 16)
+    assert out.key_mask[:, 5:].all()  # dropping happens inside the fuser
+    assert out.encoder_weights.shape == (3, 2) and out.encoder_weights[1, 1] == 0
+    assert model.mixes_encoders and model.reports_encoder_weights

@@ -54,6 +54,32 @@ def test_model_builds_from_config(tmp_path):
     assert model.fusion.width == cfg.fusion.width
 
 
+FUSIONS = {
+    "token_concat": "TokenConcatFuser",
+    "channel_concat": "ChannelConcatFuser",
+    "resampler": "ResamplerFuser",
+    "gated": "GatedFuser",
+}
+
+
+@pytest.mark.parametrize("fusion", FUSIONS)
+def test_every_fusion_composes_with_the_experiment_and_builds(tmp_path, fusion):
+    cfg = _compose(
+        tmp_path,
+        ["+experiment=shapes", f"fusion={fusion}", "fusion.tokens_per_encoder=4", "task.num_train=4",
+         "task.num_val=2", "task.num_test=2"],
+    )
+    # The experiment's fusion overrides apply on top of whichever fusion is chosen.
+    assert (cfg.fusion.width, cfg.fusion.depth, cfg.fusion.dropout) == (128, 2, 0.0)
+    assert cfg.fusion.fuser._target_ == f"fusion.fusers.{FUSIONS[fusion]}"
+    _, model = build(cfg)
+    fuser = model.fusion.fuser
+    assert type(fuser).__name__ == FUSIONS[fusion] and fuser.tokens_per_encoder == 4
+    assert fuser.encoder_prefix == dict.fromkeys(TINY, 1)
+    expected = {"token_concat": 3 * (1 + 4), "channel_concat": 1 + 4, "gated": 1 + 4, "resampler": 32}
+    assert fuser.num_tokens == expected[fusion]
+
+
 def test_unknown_and_empty_encoder_choices_are_named(tmp_path):
     with pytest.raises(Exception, match=r"encoder/nope"):
         _compose(tmp_path, ["encoder=[nope]"])
@@ -76,11 +102,11 @@ def test_unknown_drop_encoder_is_named(tmp_path):
 SMALL = ["task.num_train=24", "task.num_val=8", "task.num_test=8", "data.num_workers=0", "data.batch_size=16"]
 
 
-def _run(script, args, tmp_path):
+def _run(script, args, tmp_path, timeout=600):
     env = dict(os.environ, FUSION_DATA_DIR=str(tmp_path / "data"), FUSION_CACHE_DIR=str(tmp_path / "cache"))
     proc = subprocess.run(
         [sys.executable, str(ROOT / script), *args], cwd=tmp_path, env=env, capture_output=True, text=True,
-        timeout=600,
+        timeout=timeout,
     )
     return proc
 
@@ -185,7 +211,8 @@ def test_eval_names_a_missing_checkpoint(tmp_path):
 @pytest.mark.slow
 def test_shapes_trains_past_twice_the_majority_baseline(tmp_path):
     run_dir = tmp_path / "shapes"
-    proc = _run("train.py", ["+experiment=shapes", "logger=csv", f"hydra.run.dir={run_dir}"], tmp_path)
+    # Under 5 minutes on an idle 2-core machine; the timeout leaves room for a busy one.
+    proc = _run("train.py", ["+experiment=shapes", "logger=csv", f"hydra.run.dir={run_dir}"], tmp_path, timeout=1800)
     assert proc.returncode == 0, proc.stderr[-4000:]
     metrics = json.loads((run_dir / "metrics.json").read_text())
     print(metrics)
@@ -206,3 +233,36 @@ def test_all_seven_subsets_run_as_one_multirun(tmp_path):
     assert len(jobs) == 7
     groups = {tuple(json.loads((j / "attention" / "val" / "attention.json").read_text())["groups"][:-2]) for j in jobs}
     assert groups == {tuple(s) for s in SUBSETS}
+
+
+def test_every_fusion_trains_in_one_multirun_and_writes_its_statistics(tmp_path):
+    # One sweep over the four strategies: each job trains two steps, validates and tests.
+    logs = tmp_path / "logs"
+    proc = _run(
+        "train.py",
+        ["-m", "+experiment=shapes", f"fusion={','.join(FUSIONS)}", "logger=csv", "trainer.max_epochs=1",
+         "+trainer.limit_train_batches=2", "fusion.width=32", "fusion.depth=1", "fusion.num_heads=2",
+         f"paths.log_dir={logs}", *SMALL],
+        tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    jobs = sorted(p.parent for p in logs.glob("train/multiruns/*/*/metrics.json"))
+    assert len(jobs) == 4
+    for job in jobs:
+        fusion = (job / ".hydra" / "overrides.yaml").read_text().split("fusion=")[1].split()[0]
+        metrics = json.loads((job / "metrics.json").read_text())
+        assert "val/acc" in metrics and "test/acc" in metrics, fusion
+        for split in ("val", "test"):
+            folder = job / "attention" / split
+            groups = json.loads((folder / "attention.json").read_text())["groups"]
+            mixed = fusion != "token_concat"
+            assert groups == [*TINY, *(["fused"] if mixed else []), "text", "cls"], fusion
+            assert (folder / "fuser_weights.png").is_file() == mixed, fusion
+            if mixed:
+                weights = json.loads((folder / "fuser_weights.json").read_text())
+                assert weights["encoders"] == TINY and abs(sum(weights["weights"]) - 1) < 1e-4
+        # The logger got the fuser weights as scalars (the CSV logger's columns).
+        (logged,) = job.glob("csv/version_*/metrics.csv")
+        columns = logged.read_text().splitlines()[0].split(",")
+        for name in ("fuser/dino_tiny", "test/fuser/dino_tiny"):
+            assert (name in columns) == (fusion != "token_concat"), (fusion, name)

@@ -15,6 +15,7 @@ from PIL import Image
 
 from fusion.stats import (
     CLS,
+    MIXED,
     QUERY_KINDS,
     TEXT,
     AttentionOverEncoders,
@@ -101,6 +102,34 @@ def test_hand_computed_masses() -> None:
     expected_text = torch.tensor([[0.4, 0.2, 0.25, 0.15], [0.25, 0.65, 0.05, 0.05]])
     torch.testing.assert_close(stats[0, 0], expected_cls)
     torch.testing.assert_close(stats[1, 0], expected_text)
+
+
+def test_mixed_tokens_count_as_the_fused_group() -> None:
+    # The hand batch with e1's token (key 6) turned into a token that mixes encoders.
+    attentions, key_groups, text_mask = hand_batch()
+    key_groups = torch.where(key_groups == 1, MIXED, key_groups)
+    metric = AttentionOverEncoders(["e0", "e1"], num_layers=1, num_heads=2, mixed=True)
+    assert metric.group_names == ["e0", "e1", "fused", "text", "cls"]
+    metric.update(attentions, key_groups, text_mask)
+    stats = metric.compute()
+    assert stats.shape == (2, 1, 2, 5)
+    # The masses of test_hand_computed_masses, e1's moved to "fused" and e1 left at 0.
+    expected_cls = torch.tensor([[0.2, 0.0, 0.1, 0.4, 0.3], [0.625, 0.0, 0.125, 0.125, 0.125]])
+    expected_text = torch.tensor([[0.4, 0.0, 0.2, 0.25, 0.15], [0.25, 0.0, 0.65, 0.05, 0.05]])
+    torch.testing.assert_close(stats[0, 0], expected_cls)
+    torch.testing.assert_close(stats[1, 0], expected_text)
+    scalars = scalar_metrics(stats, metric.group_names)
+    assert scalars["attn/cls/layer0/fused"] == pytest.approx(0.1125)
+
+
+def test_mixed_tokens_need_the_mixed_flag_and_fused_is_reserved() -> None:
+    attentions, key_groups, text_mask = hand_batch()
+    key_groups = torch.where(key_groups == 1, MIXED, key_groups)
+    metric = AttentionOverEncoders(["e0", "e1"], num_layers=1, num_heads=2)
+    with pytest.raises(ValueError, match=r"in \[-2, 1\].*got \[-3\]; MIXED \(-3\) tokens need mixed=True"):
+        metric.update(attentions, key_groups, text_mask)
+    with pytest.raises(ValueError, match="'fused'"):
+        AttentionOverEncoders(["a", "fused"], num_layers=1, num_heads=1, mixed=True)
 
 
 def test_bf16_input_matches_float32() -> None:
