@@ -13,6 +13,7 @@ from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import open_dict
 
+from fusion.attention import ATTENTION_SCORES
 from fusion.run import build, build_encoders
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -266,3 +267,37 @@ def test_every_fusion_trains_in_one_multirun_and_writes_its_statistics(tmp_path)
         columns = logged.read_text().splitlines()[0].split(",")
         for name in ("fuser/dino_tiny", "test/fuser/dino_tiny"):
             assert (name in columns) == (fusion != "token_concat"), (fusion, name)
+
+
+FUSIONS = sorted(p.stem for p in (ROOT / "conf" / "fusion").glob("*.yaml"))
+
+
+@pytest.fixture(scope="module")
+def shared_dirs(tmp_path_factory):
+    return tmp_path_factory.mktemp("shared")
+
+
+@pytest.mark.parametrize("score", ATTENTION_SCORES)
+@pytest.mark.parametrize("fusion", FUSIONS)
+def test_every_strategy_trains_with_every_score_function(shared_dirs, fusion, score):
+    """A few optimisation steps on one shapes batch lower the loss, for each fusion x score combination."""
+    cfg = _compose(
+        shared_dirs,
+        ["+experiment=shapes", f"fusion={fusion}", f"fusion.attention_score={score}", "task.num_train=6",
+         "task.num_val=2", "task.num_test=2", "data.batch_size=12", "data.num_workers=0", "model.ve_dropout=0.3"],
+    )
+    torch.manual_seed(0)
+    dm, model = build(cfg)
+    dm.prepare_data()
+    batch = next(iter(dm.train_dataloader()))
+    model.train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    losses = []
+    for _ in range(5):
+        loss = model.task.loss(model(batch)[0], batch["labels"])
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert all(map(lambda x: x == x, losses))  # no NaN
+    assert losses[-1] < losses[0]
