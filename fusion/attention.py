@@ -29,7 +29,7 @@ class AttentionScore(nn.Module):
     fused: bool = False
 
     def prepare(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
-        raise NotImplementedError(f"{type(self).__name__} has no fused form")
+        raise TypeError(f"{type(self).__name__} is not a dot-product score: it has no fused form")
 
     def forward(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
         q, k, scale = self.prepare(q, k)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import ClassVar
@@ -33,7 +34,7 @@ class FusedTokens:
     encoder_weights: torch.Tensor | None = None
 
 
-class Fuser(nn.Module):
+class Fuser(nn.Module, ABC):
     """Base class: bookkeeping of the encoders' sizes, input checks and token reduction.
 
     ``encoder_dims`` / ``encoder_tokens`` / ``encoder_prefix``: per encoder (in fusion order) its width
@@ -135,6 +136,7 @@ class Fuser(nn.Module):
         if bool(empty.any()):
             raise ValueError(f"samples {empty.nonzero().flatten().tolist()} keep no encoder; keep at least one")
 
+    @abstractmethod
     def forward(
         self,
         features: Mapping[str, torch.Tensor],
@@ -144,4 +146,3 @@ class Fuser(nn.Module):
     ) -> FusedTokens:
         """``features[name]`` (B, N_e, D_e); ``keep`` (B, n_enc) bool; ``text`` (B, L, D) projected text
         tokens and ``text_mask`` (B, L) bool (used by text-conditioned fusers)."""
-        raise NotImplementedError
