@@ -30,10 +30,11 @@ def load_image(path: Path) -> Image.Image:
 class VLDataset(Dataset):
     """Examples of one split; each item carries the image once per encoder, in that encoder's format."""
 
-    def __init__(self, examples: Sequence[Example], transforms: Mapping[str, Transform], answer_types: Sequence[str]):
+    def __init__(self, examples: Sequence[Example], transforms: Mapping[str, Transform], task: VLTask):
         self.examples = list(examples)
         self.transforms = dict(transforms)
-        self.type_index = {t: i for i, t in enumerate(answer_types)}
+        self.task = task
+        self.type_index = {t: i for i, t in enumerate(task.answer_types)}
 
     def __len__(self) -> int:
         return len(self.examples)
@@ -45,7 +46,9 @@ class VLDataset(Dataset):
             "images": {name: tf(image) for name, tf in self.transforms.items()},
             "question": ex.question,
             "label": ex.label,
-            "answer_type": self.type_index[ex.answer_type],
+            "target": self.task.target(ex),
+            # Types outside the task's list (or none) count under the first type.
+            "answer_type": self.type_index.get(ex.answer_type, 0),
             "question_id": ex.question_id,
             "image_key": ex.image_key,
         }
@@ -55,7 +58,8 @@ class VLCollator:
     """Stacks images per encoder and tokenizes the questions of a batch in one call.
 
     Batch: ``images[name]`` (B, 3, H_e, W_e); ``input_ids`` / ``attention_mask`` (B, L); ``labels`` (B,);
-    ``answer_types`` (B,); ``question_ids`` and ``image_keys`` lists of str.
+    ``targets`` (B,) or (B, C) (what the task's loss trains towards); ``answer_types`` (B,);
+    ``question_ids`` and ``image_keys`` lists of str.
     """
 
     def __init__(self, tokenizer: Any, max_length: int) -> None:
@@ -73,10 +77,17 @@ class VLCollator:
             "input_ids": text["input_ids"],
             "attention_mask": text["attention_mask"],
             "labels": torch.tensor([s["label"] for s in samples], dtype=torch.long),
+            "targets": _stack_targets([s["target"] for s in samples]),
             "answer_types": torch.tensor([s["answer_type"] for s in samples], dtype=torch.long),
             "question_ids": [s["question_id"] for s in samples],
             "image_keys": [s["image_key"] for s in samples],
         }
+
+
+def _stack_targets(targets: list[int | torch.Tensor]) -> torch.Tensor:
+    if isinstance(targets[0], torch.Tensor):
+        return torch.stack(targets)
+    return torch.tensor(targets, dtype=torch.long)
 
 
 class FusionDataModule(pl.LightningDataModule):
@@ -102,13 +113,13 @@ class FusionDataModule(pl.LightningDataModule):
         self.num_workers = num_workers
         self.pin_memory = pin_memory
         # The split Lightning's validation loop reads; eval.py points it at any split of the task.
-        self.val_split = "val"
+        self.val_split = task.val_split
 
     def prepare_data(self) -> None:
         self.task.prepare_data()
 
     def dataset(self, split: str) -> VLDataset:
-        return VLDataset(self.task.examples(split), self.transforms, self.task.answer_types)
+        return VLDataset(self.task.examples(split), self.transforms, self.task)
 
     def _loader(self, split: str, shuffle: bool, batch_size: int) -> DataLoader:
         return DataLoader(
@@ -122,10 +133,10 @@ class FusionDataModule(pl.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader("train", True, self.batch_size)
+        return self._loader(self.task.train_split, True, self.batch_size)
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.val_split, False, self.eval_batch_size)
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader("test", False, self.eval_batch_size)
+        return self._loader(self.task.test_split, False, self.eval_batch_size)

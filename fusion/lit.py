@@ -84,6 +84,9 @@ class FusionLitModule(pl.LightningModule):
         )
         self.output_dir = Path(output_dir) if output_dir else None
         self._fingerprints: dict[str, dict] | None = None
+        # Set by eval.py: where the task's official prediction file goes.
+        self.predictions_path: Path | None = None
+        self._prediction_rows: list[dict[str, Any]] = []
 
     # ---- forward -------------------------------------------------------------------------------
     def forward(self, batch: Mapping[str, Any], output_attentions: bool = False) -> tuple[torch.Tensor, FusionOutput]:
@@ -96,19 +99,23 @@ class FusionLitModule(pl.LightningModule):
 
     def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> torch.Tensor:
         logits, _ = self(batch)
-        loss = self.task.loss(logits, batch["labels"])
-        acc = (logits.argmax(-1) == batch["labels"]).float().mean()
+        loss = self.task.loss(logits, batch)
         size = batch["labels"].shape[0]
         self.log("train/loss", loss, prog_bar=True, batch_size=size)
-        self.log("train/acc", acc, prog_bar=True, on_step=False, on_epoch=True, batch_size=size)
+        labelled = batch["labels"] >= 0
+        if bool(labelled.any()):
+            acc = (logits.argmax(-1) == batch["labels"])[labelled].float().mean()
+            self.log("train/acc", acc, prog_bar=True, on_step=False, on_epoch=True, batch_size=size)
         return loss
 
     # ---- evaluation ----------------------------------------------------------------------------
     def _eval_step(self, batch: Mapping[str, Any], stage: str) -> None:
         logits, out = self(batch, output_attentions=self.attention_stats)
         size = batch["labels"].shape[0]
-        self.log(f"{stage}/loss", self.task.loss(logits, batch["labels"]), batch_size=size, sync_dist=True)
-        self.metrics[stage].update(logits.argmax(-1), batch["labels"], batch["answer_types"])
+        self.log(f"{stage}/loss", self.task.loss(logits, batch), batch_size=size, sync_dist=True)
+        self.task.update_metric(self.metrics[stage], logits, batch)
+        if self.predictions_path is not None:
+            self._prediction_rows.extend(self.task.prediction_rows(logits, batch))
         if self.attention_stats:
             self.attn_stats[stage].update(out.attentions, out.key_groups, out.text_query_mask)
         if self.fuser_stats is not None:
@@ -127,6 +134,9 @@ class FusionLitModule(pl.LightningModule):
         self._end_eval("test")
 
     def _end_eval(self, stage: str) -> None:
+        if self.predictions_path is not None and not self.trainer.sanity_checking and self.trainer.is_global_zero:
+            self.task.write_predictions(self._prediction_rows, self.predictions_path)
+        self._prediction_rows = []
         metric = self.metrics[stage]
         name = self.task.metric_name
         values = {f"{stage}/{name}" + (f"_{k}" if k else ""): v for k, v in metric.compute().items()}

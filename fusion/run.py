@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +14,7 @@ from pytorch_lightning.loggers import Logger, WandbLogger
 from fusion.data import FusionDataModule
 from fusion.encoders import VisionEncoder
 from fusion.lit import FusionLitModule
-from fusion.tasks.base import VLTask
+from fusion.tasks.base import VLTask, write_atomic
 
 
 def build_encoders(cfg: DictConfig) -> dict[str, VisionEncoder]:
@@ -66,12 +64,8 @@ def _finish(loggers: list[Logger]) -> None:
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
-    """Write JSON to a temp file beside ``path`` and rename it, so readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=2, sort_keys=True)
-    os.replace(tmp, path)
+    """Write JSON so that readers never see half a file."""
+    write_atomic(path, json.dumps(data, indent=2, sort_keys=True))
 
 
 def _flat_metrics(results: list[dict[str, Any]]) -> dict[str, float]:
@@ -106,8 +100,11 @@ def train(cfg: DictConfig) -> dict[str, float]:
         if cfg.get("test", True):
             metrics.update(_flat_metrics(trainer.validate(model, datamodule=datamodule, ckpt_path=ckpt)))
             metrics.update(_flat_metrics(trainer.test(model, datamodule=datamodule, ckpt_path=ckpt)))
-            for split in ("val", "test"):
-                metrics[f"{split}/majority_{model.task.metric_name}"] = model.task.majority_accuracy(split)
+            task = model.task
+            for stage, split in (("val", task.val_split), ("test", task.test_split)):
+                majority = task.majority_accuracy(split)
+                if majority is not None:
+                    metrics[f"{stage}/majority_{task.metric_name}"] = majority
         if trainer.is_global_zero:
             write_json_atomic(output_dir / "metrics.json", metrics)
     finally:
@@ -124,13 +121,16 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     split = str(cfg.split)
     try:
         model.task.check_split(split)
-        if split == "test":
+        model.predictions_path = output_dir / model.task.prediction_file
+        if split == model.task.test_split:
             results = trainer.test(model, datamodule=datamodule, ckpt_path=str(ckpt))
         else:
             datamodule.val_split = split
             results = trainer.validate(model, datamodule=datamodule, ckpt_path=str(ckpt))
         metrics = {f"{split}/{k.split('/', 1)[1]}": v for k, v in _flat_metrics(results).items()}
-        metrics[f"{split}/majority_{model.task.metric_name}"] = model.task.majority_accuracy(split)
+        majority = model.task.majority_accuracy(split)
+        if majority is not None:
+            metrics[f"{split}/majority_{model.task.metric_name}"] = majority
         if trainer.is_global_zero:
             write_json_atomic(output_dir / "metrics.json", metrics)
     finally:

@@ -30,7 +30,7 @@ def _example(path, label=0):
 def test_dataset_gives_each_encoder_its_own_format(tmp_path):
     path = tmp_path / "img.png"
     Image.new("RGB", (64, 40), (255, 0, 0)).save(path)
-    item = VLDataset([_example(path)], _transforms(), ["color"])[0]
+    item = VLDataset([_example(path)], _transforms(), ShapesTask(tmp_path))[0]
     assert item["images"]["a"].shape == (3, 32, 32)
     assert item["images"]["b"].shape == (3, 48, 48)
     # Red normalised by each encoder's own mean/std.
@@ -50,12 +50,13 @@ def test_unreadable_and_missing_images_are_named(tmp_path):
 def test_collator_stacks_and_tokenizes(tmp_path, tokenizer):
     path = tmp_path / "img.png"
     Image.new("RGB", (64, 64)).save(path)
-    ds = VLDataset([_example(path, 0), _example(path, 3)], _transforms(), ["color"])
+    ds = VLDataset([_example(path, 0), _example(path, 3)], _transforms(), ShapesTask(tmp_path))
     batch = VLCollator(tokenizer, max_length=16)([ds[0], ds[1]])
     assert batch["images"]["b"].shape == (2, 3, 48, 48)
     assert batch["input_ids"].shape == batch["attention_mask"].shape
     assert batch["input_ids"][0, 0].item() == tokenizer.cls_token_id
     assert batch["labels"].tolist() == [0, 3]
+    assert batch["targets"].tolist() == [0, 3]  # the shapes task trains towards the label index
     assert batch["question_ids"] == ["q1", "q1"]
 
 

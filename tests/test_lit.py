@@ -52,6 +52,7 @@ def _batch(parts):
         "images": {"a": torch.randn(2, 3, 32, 32), "b": torch.randn(2, 3, 32, 32)},
         **tok,
         "labels": torch.tensor([0, 1]),
+        "targets": torch.tensor([0, 1]),
         "answer_types": torch.tensor([0, 2]),
     }
 

@@ -181,6 +181,8 @@ def test_train_then_eval_end_to_end(tmp_path):
     assert proc.returncode == 0, proc.stderr[-4000:]
     metrics = json.loads((eval_dir / "metrics.json").read_text())
     assert "test/acc" in metrics and "test/majority_acc" in metrics
+    predictions = json.loads((eval_dir / "predictions.json").read_text())
+    assert len(predictions) == 8 * 3 and set(predictions[0]) == {"question_id", "answer"}
     stats = json.loads((eval_dir / "attention" / "test" / "attention.json").read_text())
     dino = stats["groups"].index("dino_tiny")
     assert all(head[dino] == 0 for layer in stats["cls"] for head in layer)
@@ -269,7 +271,7 @@ def test_every_fusion_trains_in_one_multirun_and_writes_its_statistics(tmp_path)
             assert (name in columns) == (fusion != "token_concat"), (fusion, name)
 
 
-FUSIONS = sorted(p.stem for p in (ROOT / "conf" / "fusion").glob("*.yaml"))
+FUSION_CONFIGS = sorted(p.stem for p in (ROOT / "conf" / "fusion").glob("*.yaml"))
 
 
 @pytest.fixture(scope="module")
@@ -278,7 +280,7 @@ def shared_dirs(tmp_path_factory):
 
 
 @pytest.mark.parametrize("score", ATTENTION_SCORES)
-@pytest.mark.parametrize("fusion", FUSIONS)
+@pytest.mark.parametrize("fusion", FUSION_CONFIGS)
 def test_every_strategy_trains_with_every_score_function(shared_dirs, fusion, score):
     """A few optimisation steps on one shapes batch lower the loss, for each fusion x score combination."""
     cfg = _compose(
@@ -294,7 +296,7 @@ def test_every_strategy_trains_with_every_score_function(shared_dirs, fusion, sc
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     losses = []
     for _ in range(5):
-        loss = model.task.loss(model(batch)[0], batch["labels"])
+        loss = model.task.loss(model(batch)[0], batch)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import json
+import os
+import tempfile
 from abc import ABC, abstractmethod
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -15,25 +20,39 @@ from fusion.metrics import AccuracyByType
 
 @dataclass(frozen=True)
 class Example:
-    """One question about one image.
+    """One question (statement, caption...) about one image.
 
     ``image_key`` is stable across runs and machines (it names the image, not the row), so the
-    feature cache and prediction files can refer to it.
+    feature cache and prediction files can refer to it. ``label`` is the index of the answer in the
+    task's vocabulary, -1 when there is none (an unlabelled test split, or an answer outside the
+    vocabulary). ``answers`` are the reference answers a metric scores against when one label is not
+    enough (VQA: the ten human answers).
     """
 
     question_id: str
     image_key: str
     image_path: Path
     question: str
-    label: int
-    answer_type: str
+    label: int = -1
+    answer_type: str = ""
+    answers: tuple[str, ...] = ()
 
 
 class VLTask(ABC):
-    """A vision-and-language task with a fixed answer vocabulary (classification over answers)."""
+    """A vision-and-language task answered by classification over a fixed answer vocabulary.
+
+    Subclasses say where their examples are (``examples(split)`` for any split name the data has; the
+    splits used for training, validation and testing are attributes set from config) and may override
+    the training target, the loss, the metric and the prediction file.
+    """
 
     name: str = "task"
-    splits: tuple[str, ...] = ("train", "val", "test")
+    metric_name: str = "acc"
+    train_split: str = "train"
+    val_split: str = "val"
+    test_split: str = "test"
+    # The official prediction file eval.py writes next to metrics.json.
+    prediction_file: str = "predictions.json"
 
     @property
     @abstractmethod
@@ -43,7 +62,7 @@ class VLTask(ABC):
     @property
     @abstractmethod
     def answer_types(self) -> list[str]:
-        """Question/answer types the metrics are split by (e.g. ``color``, ``count``)."""
+        """Question/answer types the metrics are split by (e.g. ``color``, ``count``); may be empty."""
 
     @abstractmethod
     def prepare_data(self) -> None:
@@ -57,28 +76,67 @@ class VLTask(ABC):
     def num_classes(self) -> int:
         return len(self.answers)
 
+    @property
+    def splits(self) -> tuple[str, ...]:
+        """The splits training uses: train, validation, test."""
+        return (self.train_split, self.val_split, self.test_split)
+
     def check_split(self, split: str) -> None:
-        if split not in self.splits:
-            raise ValueError(f"task {self.name!r} has no split {split!r}; allowed: {list(self.splits)}")
+        """Fail early, naming the split, if its data cannot be read (``examples`` raises)."""
+        self.examples(split)
 
-    def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Cross-entropy over the answer vocabulary. ``logits`` (B, C), ``labels`` (B,)."""
-        return F.cross_entropy(logits, labels)
+    def target(self, example: Example) -> int | torch.Tensor:
+        """What the loss trains towards for ``example``: the label index (soft scores in VQA)."""
+        return example.label
 
-    metric_name: str = "acc"
+    def loss(self, logits: torch.Tensor, batch: Mapping[str, Any]) -> torch.Tensor:
+        """Cross-entropy over the answer vocabulary; examples without a label (-1) are ignored.
+
+        ``logits`` (B, C); ``batch["targets"]`` (B,) long.
+        """
+        return F.cross_entropy(logits, batch["targets"], ignore_index=-1)
 
     def metric(self) -> Metric:
-        """A fresh metric; ``compute()`` gives ``{"": headline, "<answer type>": value, ...}``."""
+        """A fresh metric; ``compute()`` gives ``{"": headline, "<sub-metric>": value, ...}``."""
         return AccuracyByType(self.answer_types)
 
-    def majority_accuracy(self, split: str, reference_split: str = "train") -> float:
-        """Accuracy of always answering the most frequent ``reference_split`` answer on ``split``."""
-        counts = torch.bincount(
-            torch.tensor([e.label for e in self.examples(reference_split)]), minlength=self.num_classes
-        )
-        majority = int(counts.argmax())
-        target = [e.label for e in self.examples(split)]
-        return sum(t == majority for t in target) / max(len(target), 1)
+    def update_metric(self, metric: Metric, logits: torch.Tensor, batch: Mapping[str, Any]) -> None:
+        """Feed one batch's predictions to ``metric`` (made by :meth:`metric`)."""
+        metric.update(logits.argmax(-1), batch["labels"], batch["answer_types"])
+
+    def prediction_rows(self, logits: torch.Tensor, batch: Mapping[str, Any]) -> list[dict[str, Any]]:
+        """One row per example of the official prediction file."""
+        return [
+            {"question_id": qid, "answer": self.answers[i]}
+            for qid, i in zip(batch["question_ids"], logits.argmax(-1).tolist(), strict=True)
+        ]
+
+    def write_predictions(self, rows: list[dict[str, Any]], path: Path) -> None:
+        """Write the rows in the task's official format (a JSON list by default), atomically."""
+        write_atomic(path, json.dumps(rows, indent=1))
+
+    def majority_accuracy(self, split: str) -> float | None:
+        """Accuracy on ``split`` of always answering the most frequent training answer (None if unlabelled)."""
+        train = [e.label for e in self.examples(self.train_split) if e.label >= 0]
+        target = [e.label for e in self.examples(split) if e.label >= 0]
+        if not train or not target:
+            return None
+        majority = int(torch.bincount(torch.tensor(train), minlength=self.num_classes).argmax())
+        return sum(t == majority for t in target) / len(target)
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to a temp file beside ``path`` and rename it: readers never see half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def resolve_root(root: str | Path) -> Path:

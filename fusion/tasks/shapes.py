@@ -323,7 +323,8 @@ class ShapesTask(VLTask):
 
     def examples(self, split: str) -> list[Example]:
         """All examples of ``split`` in file order; parsed once and cached on the instance."""
-        self.check_split(split)
+        if split not in self.splits:
+            raise ValueError(f"task {self.name!r} has no split {split!r}; allowed: {list(self.splits)}")
         if split not in self._examples:
             path = self.data_dir / f"{split}_questions.json"
             if not path.is_file():
