@@ -1,0 +1,120 @@
+"""Hateful Memes (Kiela et al., 2020): is a meme (image + overlaid text) hateful?
+
+Files under ``root``: ``<split>.jsonl`` (one JSON object a line with ``id``, ``img`` such as
+``img/42953.png`` relative to ``root``, ``text`` and ``label`` 0/1; unlabelled test splits have no
+``label``) and the images. Metrics: AUROC of P(hateful), the challenge's metric (headline ``auroc``), and
+accuracy (``auroc_acc``); both NaN on a split without labels, AUROC NaN when one class is absent. Prediction
+file: the challenge's submission CSV ``predictions.csv`` with the header ``id,proba,label``.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torchmetrics import Metric
+
+from fusion.tasks.base import Example, VLTask, resolve_root, write_atomic
+from fusion.tasks.binary_metrics import auroc_with_accuracy
+from fusion.tasks.jsonl import read_json_lines
+
+ANSWERS: tuple[str, ...] = ("not_hateful", "hateful")
+
+
+class HatefulMemesTask(VLTask):
+    """Binary classification of memes; the meme's text is the question."""
+
+    name = "hateful_memes"
+    metric_name = "auroc"
+    prediction_file = "predictions.csv"
+
+    def __init__(
+        self,
+        root: str | Path,
+        train_split: str = "train",
+        val_split: str = "dev_seen",
+        test_split: str = "test_seen",
+    ) -> None:
+        self.root = resolve_root(root)
+        self.train_split, self.val_split, self.test_split = train_split, val_split, test_split
+        self._examples: dict[str, list[Example]] = {}
+
+    @property
+    def answers(self) -> list[str]:
+        return list(ANSWERS)
+
+    @property
+    def answer_types(self) -> list[str]:
+        return []
+
+    def split_file(self, split: str) -> Path:
+        return self.root / f"{split}.jsonl"
+
+    def prepare_data(self) -> None:
+        """Nothing to download or generate: check that the data folder is there."""
+        if not self.root.is_dir():
+            raise FileNotFoundError(f"Hateful Memes folder {self.root} not found; set task.root=<folder>")
+
+    def examples(self, split: str) -> list[Example]:
+        """The examples of ``<split>.jsonl`` in file order (label -1 where there is none); parsed once."""
+        if split not in self._examples:
+            self._examples[split] = self._read(split)
+        return list(self._examples[split])
+
+    def _read(self, split: str) -> list[Example]:
+        path = self.split_file(split)
+        examples = []
+        for rec in read_json_lines(path, f"Hateful Memes' JSON lines for split {split!r} (<split>.jsonl)"):
+            image = rec.field("img")
+            if Path(image).is_absolute():
+                raise rec.error(f"img {image!r} is absolute; expected a path relative to the data folder")
+            examples.append(
+                Example(
+                    question_id=str(rec.field("id", (int, str))),
+                    image_key=f"hateful_memes/{image}",
+                    image_path=self.root / image,
+                    question=rec.field("text"),
+                    label=rec.choice("label", (0, 1)) if rec.has("label") else -1,
+                )
+            )
+        return examples
+
+    def metric(self) -> Metric:
+        return auroc_with_accuracy()
+
+    @staticmethod
+    def probabilities(logits: torch.Tensor) -> torch.Tensor:
+        """P(hateful) per example, (B,), from the two-way logits (B, 2)."""
+        return logits.float().softmax(-1)[:, 1]
+
+    def update_metric(self, metric: Metric, logits: torch.Tensor, batch: Mapping[str, Any]) -> None:
+        metric.update(self.probabilities(logits), batch["labels"])
+
+    def prediction_rows(self, logits: torch.Tensor, batch: Mapping[str, Any]) -> list[dict[str, Any]]:
+        probs = self.probabilities(logits).tolist()
+        return [
+            # proba > 0.5 (argmax up to rounding): exactly the decision the accuracy scores.
+            {"id": qid, "proba": p, "label": int(p > 0.5)}
+            for qid, p in zip(batch["question_ids"], probs, strict=True)
+        ]
+
+    def write_predictions(self, rows: list[dict[str, Any]], path: Path) -> None:
+        """The challenge's submission CSV: header ``id,proba,label``, one row per meme."""
+        out = io.StringIO()
+        writer = csv.DictWriter(out, fieldnames=["id", "proba", "label"], lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+        write_atomic(path, out.getvalue())
+
+    def majority_accuracy(self, split: str) -> float | None:
+        """The headline metric of a constant answer, which run.py records as ``<split>/majority_auroc``.
+
+        A constant score ranks nothing, so its AUROC is 0.5 (None where AUROC is undefined); the majority
+        class's accuracy would be the wrong number under that name.
+        """
+        labels = {e.label for e in self.examples(split) if e.label >= 0}
+        return 0.5 if labels == {0, 1} else None

@@ -1,0 +1,45 @@
+"""Reading JSON-lines annotation files: records, and errors that name the file, the line and what was expected."""
+
+import pytest
+
+from fusion.tasks.jsonl import read_json_lines
+
+
+def test_blank_lines_are_skipped_but_counted(tmp_path):
+    path = tmp_path / "x.jsonl"
+    path.write_text('{"a": 1}\n\n  \n{"a": 2}\n')
+    records = read_json_lines(path, "something")
+    assert [(r.line, r.field("a", int)) for r in records] == [(1, 1), (4, 2)]
+    assert records[1].where == f"{path} line 4"
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("", r"x\.jsonl holds no examples; expected the test file"),
+        ('{"a": 1}\n[1, 2]\n', r"x\.jsonl line 2: expected a JSON object, got list"),
+        ('{"a": 1}\n{"a": \n', r"x\.jsonl line 2: not valid JSON \(Expecting value, column 7\)"),
+    ],
+)
+def test_file_level_errors(tmp_path, text, message):
+    path = tmp_path / "x.jsonl"
+    path.write_text(text)
+    with pytest.raises(ValueError, match=message):
+        read_json_lines(path, "the test file")
+    with pytest.raises(FileNotFoundError, match=r"y\.jsonl not found; expected the test file"):
+        read_json_lines(tmp_path / "y.jsonl", "the test file")
+
+
+def test_field_and_choice_check_type_and_value(tmp_path):
+    path = tmp_path / "x.jsonl"
+    path.write_text('{"n": true, "s": "", "label": 1, "flag": true}\n')
+    (rec,) = read_json_lines(path, "the test file")
+    with pytest.raises(ValueError, match=r"line 1: n True is not an integer"):
+        rec.field("n", int)  # a JSON true is not the number 1
+    with pytest.raises(ValueError, match=r"line 1: s is empty"):
+        rec.field("s")
+    with pytest.raises(ValueError, match=r"line 1: missing field 'x' \(fields present: flag, label, n, s\)"):
+        rec.field("x")
+    assert rec.choice("label", (0, 1)) == 1 and rec.has("label") and not rec.has("x")
+    with pytest.raises(ValueError, match=r"line 1: flag True is not one of 0, 1"):
+        rec.choice("flag", (0, 1))

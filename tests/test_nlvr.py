@@ -1,0 +1,213 @@
+"""NLVR v1: six examples per line, validation carved by directory, accuracy/consistency, train.py / eval.py."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from fusion.tasks.nlvr import NLVRTask
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# (identifier, directory, label): presentations of one sentence share a directory, as in the release.
+TRAIN = [("10-0", "0", "true"), ("10-1", "0", "false"), ("11-0", "1", "true"), ("11-2", "1", "true"),
+         ("12-0", "2", "false"), ("12-3", "2", "false")]
+DEV = [("20-0", "0", "true"), ("20-1", "0", "false")]
+TEST = [("30-0", "0", "false"), ("31-0", "0", "true")]
+
+
+def write_nlvr(root: Path, splits: dict[str, list[tuple[str, str, str]]] | None = None, flat: bool = False) -> Path:
+    """A small NLVR in the official layout: <split>/<split>.json and <split>/images/<dir>/<split>-<id>-<n>.png."""
+    for split, statements in (splits or {"train": TRAIN, "dev": DEV, "test": TEST}).items():
+        lines = []
+        for identifier, directory, label in statements:
+            lines.append(
+                json.dumps(
+                    {"sentence": f"there is a box with {identifier} black items", "label": label,
+                     "identifier": identifier, "directory": directory, "evals": {"r0": label},
+                     "structured_rep": [[{"x_loc": 1, "y_loc": 2, "type": "circle", "color": "Black", "size": 10}]]}
+                )
+            )
+            folder = root / split / "images" / directory
+            folder.mkdir(parents=True, exist_ok=True)
+            for n in range(6):
+                shade = 40 * n if label == "true" else 255 - 40 * n
+                Image.new("RGB", (60, 12), (shade, shade, 255)).save(folder / f"{split}-{identifier}-{n}.png")
+        json_path = root / f"{split}.json" if flat else root / split / f"{split}.json"
+        json_path.write_text("\n".join(lines) + "\n")
+    return root
+
+
+def test_each_line_gives_six_examples_named_as_the_official_images(tmp_path):
+    root = write_nlvr(tmp_path / "nlvr")
+    task = NLVRTask(root, val_split="dev", val_from_train=0)
+    task.prepare_data()
+    dev = task.examples("dev")
+    assert len(dev) == 6 * len(DEV)
+    assert [e.question_id for e in dev[:6]] == [f"dev-20-0-{n}" for n in range(6)]
+    ex = dev[7]
+    assert ex.image_path == root / "dev" / "images" / "0" / "dev-20-1-1.png" and ex.image_path.is_file()
+    assert ex.image_key == "nlvr/dev/0/dev-20-1-1"
+    assert task.answers[ex.label] == "false" and {e.label for e in dev[:6]} == {task.answers.index("true")}
+    assert ex.question == "there is a box with 20-1 black items"
+
+
+def test_json_directly_under_root_also_works(tmp_path):
+    root = write_nlvr(tmp_path / "nlvr", {"dev": DEV}, flat=True)
+    assert len(NLVRTask(root, val_from_train=0).examples("dev")) == 12
+
+
+def test_val_from_train_holds_out_whole_directories_deterministically(tmp_path):
+    root = write_nlvr(tmp_path / "nlvr")
+    task = NLVRTask(root, val_from_train=0.3)
+    train, val = task.examples("train"), task.examples("val")
+    heldout = task.heldout_directories()
+    assert len(heldout) == 1  # round(0.3 * 3 directories)
+    assert {e.image_path.parent.name for e in val} == heldout
+    assert not heldout & {e.image_path.parent.name for e in train}
+    assert sorted(e.question_id for e in train + val) == sorted(e.question_id for e in NLVRTask(
+        root, val_split="dev", val_from_train=0).examples("train"))
+    # Every presentation of a sentence lands on one side.
+    sentences = lambda examples: {e.question_id.split("-")[1] for e in examples}  # noqa: E731
+    assert not sentences(train) & sentences(val)
+    again = NLVRTask(root, val_from_train=0.3)
+    assert [e.question_id for e in again.examples("val")] == [e.question_id for e in val]
+    assert len(NLVRTask(root, val_from_train=0.9).heldout_directories()) == 2  # never all of train
+    assert len(NLVRTask(root, val_from_train=0.01).heldout_directories()) == 1  # never none
+
+
+def test_val_from_train_errors(tmp_path):
+    root = write_nlvr(tmp_path / "nlvr", {"train": [("10-0", "0", "true"), ("10-1", "0", "false")]})
+    with pytest.raises(ValueError, match=r"train\.json has images in only 1 directory; set task.val_from_train=0"):
+        NLVRTask(root, val_from_train=0.5).examples("val")
+    with pytest.raises(FileNotFoundError, match=r"val\.json not found.*set task.val_from_train > 0"):
+        NLVRTask(root, val_from_train=0).check_split("val")
+    for bad in (1.0, -0.1, True, "0.1"):
+        with pytest.raises(ValueError, match="val_from_train must be a number in"):
+            NLVRTask(root, val_from_train=bad)
+    with pytest.raises(ValueError, match="needs val_split to differ from train_split"):
+        NLVRTask(root, val_split="train", val_from_train=0.1)
+
+
+@pytest.mark.parametrize(
+    ("line", "replacement", "message"),
+    [
+        (2, {"label": "maybe"}, r"line 2: label 'maybe' is not one of false, true"),
+        (1, {"identifier": "1572"}, r"line 1: identifier '1572' is not of the form <sentence>-<position>"),
+        (2, {"directory": None}, r"line 2: missing field 'directory'"),
+        (1, {"sentence": 7}, r"line 1: sentence 7 is not a string"),
+    ],
+)
+def test_malformed_lines_name_file_line_and_expectation(tmp_path, line, replacement, message):
+    root = write_nlvr(tmp_path / "nlvr", {"dev": DEV})
+    path = root / "dev" / "dev.json"
+    lines = path.read_text().splitlines()
+    row = json.loads(lines[line - 1])
+    for key, value in replacement.items():
+        if value is None:
+            del row[key]
+        else:
+            row[key] = value
+    lines[line - 1] = json.dumps(row)
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(ValueError, match=r"dev\.json " + message):
+        NLVRTask(root, val_from_train=0).examples("dev")
+
+
+def _update(task: NLVRTask, metric, stems: list[str], wrong: set[str]) -> None:
+    """Feed examples named by their image stems, all labelled true, predicted wrong for ``wrong``."""
+    labels = torch.ones(len(stems), dtype=torch.long)
+    preds = torch.tensor([0 if s in wrong else 1 for s in stems])
+    task.update_metric(metric, torch.nn.functional.one_hot(preds, 2).float(), {"labels": labels, "question_ids": stems})
+
+
+def test_consistency_needs_every_image_of_every_presentation_right():
+    task = NLVRTask("/nonexistent")
+    metric = task.metric()
+    a = [f"dev-5-0-{n}" for n in range(6)]  # one image wrong -> inconsistent
+    b = [f"dev-7-{m}-{n}" for m in range(2) for n in range(6)]  # two presentations, all right -> consistent
+    c = [f"dev-8-0-{n}" for n in range(6)]  # all wrong
+    # Sentences are split across batches, as a loader does.
+    _update(task, metric, a[:4] + b[:3], wrong={"dev-5-0-2"})
+    _update(task, metric, a[4:] + b[3:] + c, wrong=set(c))
+    out = {k: v.item() for k, v in metric.compute().items()}
+    assert out[""] == pytest.approx((5 + 12) / 24)
+    assert out["consistency"] == pytest.approx(1 / 3)
+    metric.reset()
+    _update(task, metric, b, wrong={"dev-7-1-5"})  # a wrong image in another presentation of the sentence
+    assert metric.compute()["consistency"].item() == 0.0
+
+
+# ---- train.py / eval.py as a user runs them -----------------------------------------------------
+
+FAST = [
+    "encoder=[clip_tiny,dino_tiny]", "text=tiny", "logger=csv", "data.num_workers=0", "data.batch_size=4",
+    "model.attention_stats=false", "fusion.width=32", "fusion.depth=1", "fusion.num_heads=2",
+    "+trainer.num_sanity_val_steps=0", "+trainer.limit_train_batches=2",
+]
+
+
+def _run(script: str, args: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
+    env = dict(os.environ, FUSION_CACHE_DIR=str(tmp_path / "cache"), FUSION_DATA_DIR=str(tmp_path / "data"))
+    return subprocess.run(
+        [sys.executable, str(ROOT / script), *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600
+    )
+
+
+def official_image_metrics(predictions_csv: Path, gold_json: Path) -> tuple[float, float]:
+    """Precision (accuracy) and consistency as the official metrics_images.py computes them."""
+    predictions = {}
+    for line in predictions_csv.read_text().splitlines():
+        name, value = line.strip().split(",")
+        predictions["-".join(name.split(".")[0].split("-")[1:])] = value
+    examples = [json.loads(line) for line in gold_json.read_text().splitlines() if line]
+    assert len(predictions) == 6 * len(examples)
+    correct, consistent = 0, {}
+    for ex in examples:
+        sentence = ex["identifier"].split("-")[0]
+        consistent.setdefault(sentence, True)
+        for n in range(6):
+            if predictions[f"{ex['identifier']}-{n}"].lower() == ex["label"].lower():
+                correct += 1
+            else:
+                consistent[sentence] = False
+    return correct / (6 * len(examples)), sum(consistent.values()) / len(consistent)
+
+
+def test_train_then_eval_writes_metrics_and_the_official_csv(tmp_path):
+    root = write_nlvr(tmp_path / "nlvr")
+    run = tmp_path / "train_run"
+    proc = _run(
+        "train.py",
+        ["+experiment=nlvr", f"task.root={root}", "task.val_from_train=0.3", "trainer.max_epochs=1",
+         f"hydra.run.dir={run}", *FAST],
+        tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert {"val/acc", "val/acc_consistency", "test/acc", "test/acc_consistency", "val/majority_acc"} <= set(metrics)
+    assert list((run / "checkpoints").glob("epoch_*.ckpt")), "the checkpoint callback monitors val/acc"
+
+    out = tmp_path / "eval_run"
+    proc = _run(
+        "eval.py",
+        ["+experiment=nlvr", f"task.root={root}", "task.val_from_train=0.3",
+         f"ckpt_path={run / 'checkpoints' / 'last.ckpt'}", "split=dev", f"hydra.run.dir={out}", *FAST],
+        tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    lines = (out / "predictions.csv").read_text().splitlines()
+    assert [line.split(",")[0] for line in lines] == [f"dev-{i}-{n}.png" for i, _, _ in DEV for n in range(6)]
+    assert {line.split(",")[1] for line in lines} <= {"true", "false"}
+    # The official script's numbers from the written file match the logged metrics.
+    accuracy, consistency = official_image_metrics(out / "predictions.csv", root / "dev" / "dev.json")
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["dev/acc"] == pytest.approx(accuracy)
+    assert metrics["dev/acc_consistency"] == pytest.approx(consistency)

@@ -1,0 +1,166 @@
+"""SNLI-VE: the loader on official-format files, its errors, the metric, and train.py / eval.py end to end."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from fusion.tasks.snli_ve import LABELS, SNLIVETask
+
+ROOT = Path(__file__).resolve().parents[1]
+IMAGE_IDS = ("1000092795", "10002456", "1000268201")
+
+
+def write_snli_ve(root: Path, sizes: dict[str, int] | None = None) -> Path:
+    """A small SNLI-VE in the official layout: snli_ve_<split>.jsonl and flickr30k_images/<id>.jpg."""
+    images = root / "flickr30k_images"
+    images.mkdir(parents=True)
+    for i, image_id in enumerate(IMAGE_IDS):
+        Image.new("RGB", (48, 36), (100 * i, 50, 200 - 90 * i)).save(images / f"{image_id}.jpg")
+    for split, n in (sizes or {"train": 12, "dev": 6, "test": 6}).items():
+        lines = []
+        for j in range(n):
+            image_id, label = IMAGE_IDS[j % 3], LABELS[(j // 3 + j) % 3]
+            lines.append(
+                json.dumps(
+                    {
+                        "Flickr30K_ID": image_id,
+                        "pairID": f"{image_id}.jpg#{j}r1{label[0]}",
+                        "captionID": f"{image_id}.jpg#{j}",
+                        "sentence1": "Two dogs run on the grass.",
+                        "sentence2": f"some animals are outside {j}",
+                        "gold_label": label,
+                    }
+                )
+            )
+        (root / f"snli_ve_{split}.jsonl").write_text("\n".join(lines) + "\n")
+    return root
+
+
+def test_examples_follow_the_files(tmp_path):
+    root = write_snli_ve(tmp_path / "snli")
+    task = SNLIVETask(root, val_split="dev")
+    task.prepare_data()
+    dev = task.examples("dev")
+    assert len(dev) == 6 and task.splits == ("train", "dev", "test")
+    first = json.loads((root / "snli_ve_dev.jsonl").read_text().splitlines()[0])
+    ex = dev[0]
+    assert ex.question_id == first["pairID"] and ex.question == first["sentence2"]
+    assert ex.image_key == f"flickr30k/{first['Flickr30K_ID']}"
+    assert ex.image_path == root / "flickr30k_images" / f"{first['Flickr30K_ID']}.jpg"
+    assert task.answers[ex.label] == first["gold_label"] == ex.answer_type
+    assert task.answers == task.answer_types == ["entailment", "neutral", "contradiction"]
+
+
+def test_images_dir_may_be_absolute_and_is_checked(tmp_path):
+    root = write_snli_ve(tmp_path / "snli")
+    elsewhere = tmp_path / "flickr"
+    (root / "flickr30k_images").rename(elsewhere)
+    task = SNLIVETask(root, images_dir=str(elsewhere))
+    task.prepare_data()
+    assert task.examples("train")[0].image_path.parent == elsewhere
+    with pytest.raises(FileNotFoundError, match=r"flickr30k_images not found.*task.images_dir"):
+        SNLIVETask(root).prepare_data()
+
+
+@pytest.mark.parametrize(
+    ("line", "replacement", "message"),
+    [
+        (7, {"gold_label": "maybe"}, r"line 7: gold_label 'maybe' is not one of entailment, neutral, contradiction"),
+        (2, {"sentence2": None}, r"line 2: missing field 'sentence2'"),
+        (3, {"Flickr30K_ID": [1]}, r"line 3: Flickr30K_ID \[1\] is not a string or an integer"),
+        (4, {"sentence2": "  "}, r"line 4: sentence2 is empty"),
+        (5, "{not json", r"line 5: not valid JSON"),
+    ],
+)
+def test_malformed_lines_name_file_line_and_expectation(tmp_path, line, replacement, message):
+    root = write_snli_ve(tmp_path / "snli")
+    path = root / "snli_ve_train.jsonl"
+    lines = path.read_text().splitlines()
+    if isinstance(replacement, dict):
+        row = json.loads(lines[line - 1])
+        for key, value in replacement.items():
+            if value is None:
+                del row[key]
+            else:
+                row[key] = value
+        lines[line - 1] = json.dumps(row)
+    else:
+        lines[line - 1] = replacement
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(ValueError, match=r"snli_ve_train\.jsonl " + message):
+        SNLIVETask(root).examples("train")
+
+
+def test_missing_split_file_is_named(tmp_path):
+    root = write_snli_ve(tmp_path / "snli")
+    with pytest.raises(FileNotFoundError, match=r"snli_ve_val\.jsonl not found; expected SNLI-VE's JSON lines"):
+        SNLIVETask(root).check_split("val")
+
+
+def test_metric_reports_accuracy_overall_and_per_label():
+    task = SNLIVETask("/nonexistent")
+    metric = task.metric()
+    labels = torch.tensor([0, 0, 1, 2, 2])
+    preds = torch.tensor([0, 1, 1, 2, 0])
+    batch = {"labels": labels, "answer_types": labels, "question_ids": list("abcde")}
+    task.update_metric(metric, torch.nn.functional.one_hot(preds, 3).float(), batch)
+    out = {k: round(v.item(), 6) for k, v in metric.compute().items()}
+    assert out == {"": 0.6, "entailment": 0.5, "neutral": 1.0, "contradiction": 0.5}
+    rows = task.prediction_rows(torch.nn.functional.one_hot(preds, 3).float(), batch)
+    assert rows[1] == {"pairID": "b", "prediction": "neutral"}
+
+
+# ---- train.py / eval.py as a user runs them -----------------------------------------------------
+
+FAST = [
+    "encoder=[clip_tiny,dino_tiny]", "text=tiny", "logger=csv", "data.num_workers=0", "data.batch_size=4",
+    "model.attention_stats=false", "fusion.width=32", "fusion.depth=1", "fusion.num_heads=2",
+    "+trainer.num_sanity_val_steps=0", "+trainer.limit_train_batches=2",
+]
+
+
+def _run(script: str, args: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
+    env = dict(os.environ, FUSION_CACHE_DIR=str(tmp_path / "cache"), FUSION_DATA_DIR=str(tmp_path / "data"))
+    return subprocess.run(
+        [sys.executable, str(ROOT / script), *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600
+    )
+
+
+def test_train_then_eval_writes_metrics_and_the_prediction_file(tmp_path):
+    root = write_snli_ve(tmp_path / "snli")
+    run = tmp_path / "train_run"
+    proc = _run(
+        "train.py",
+        ["+experiment=snli_ve", f"task.root={root}", "trainer.max_epochs=1", f"hydra.run.dir={run}", *FAST],
+        tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    metrics = json.loads((run / "metrics.json").read_text())
+    for key in ("val/acc", "val/acc_entailment", "val/acc_contradiction", "test/acc", "val/majority_acc"):
+        assert key in metrics, key
+    assert list((run / "checkpoints").glob("epoch_*.ckpt")), "the checkpoint callback monitors val/acc"
+
+    out = tmp_path / "eval_run"
+    ckpt = run / "checkpoints" / "last.ckpt"
+    proc = _run(
+        "eval.py", ["+experiment=snli_ve", f"task.root={root}", f"ckpt_path={ckpt}", "split=dev",
+                    f"hydra.run.dir={out}", *FAST],
+        tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    predictions = json.loads((out / "predictions.json").read_text())
+    gold = [json.loads(line) for line in (root / "snli_ve_dev.jsonl").read_text().splitlines()]
+    assert [p["pairID"] for p in predictions] == [g["pairID"] for g in gold]
+    assert all(set(p) == {"pairID", "prediction"} and p["prediction"] in LABELS for p in predictions)
+    # The prediction file scores exactly as the logged metric.
+    accuracy = sum(p["prediction"] == g["gold_label"] for p, g in zip(predictions, gold, strict=True)) / len(gold)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["dev/acc"] == pytest.approx(accuracy)

@@ -1,0 +1,302 @@
+"""VQAv2 / OK-VQA: the loader on small data in the official format, targets, metric, errors, train + eval."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
+from PIL import Image
+
+from fusion.tasks.vqa import DataFormatError, VQATask
+
+ROOT = Path(__file__).resolve().parents[1]
+VQAV2 = {
+    "questions_file": "v2_OpenEnded_mscoco_{split}_questions.json",
+    "annotations_file": "v2_mscoco_{split}_annotations.json",
+}
+OKVQA = {
+    "questions_file": "OpenEnded_mscoco_{split}_questions.json",
+    "annotations_file": "mscoco_{split}_annotations.json",
+}
+COLORS = {1: "red", 2: "blue", 3: "green", 11: "red", 12: "blue", 21: "green"}
+
+
+def _annotation(qid: int, image_id: int, answers: list[str], answer_type: str) -> dict:
+    return {
+        "question_id": qid, "image_id": image_id, "question_type": "what", "answer_type": answer_type,
+        "multiple_choice_answer": max(set(answers), key=answers.count),
+        "answers": [{"answer": a, "answer_confidence": "yes", "answer_id": i + 1} for i, a in enumerate(answers)],
+    }
+
+
+def _questions(image_id: int, count: int) -> list[tuple[str, list[str], str]]:
+    """Up to 4 (question, ten answers, answer type) about a flat-coloured image."""
+    color = COLORS[image_id]
+    return [
+        ("what color is the image?", [color] * 7 + [f"dark {color}"] * 2 + ["a " + color], "other"),
+        ("is the image red?", ["yes" if color == "red" else "no"] * 9 + ["maybe"], "yes/no"),
+        ("how many colors are there?", ["1"] * 6 + ["one"] * 2 + ["2"] * 2, "number"),
+        ("is it dark?", ["no"] * 8 + ["yes"] * 2, "yes/no"),
+    ][:count]
+
+
+def write_vqa(root: Path, files: dict = VQAV2, unlabelled: str | None = "test-dev2015", okvqa: bool = False) -> Path:
+    """12 train questions on 3 images, 6 val questions on 2, and an unannotated split on a third folder.
+
+    ``okvqa``: every answer type is "other", as in OK-VQA.
+    """
+    layout = {"train2014": ([1, 2, 3], 4), "val2014": ([11, 12], 3)}
+    for split, (image_ids, per_image) in layout.items():
+        questions, annotations = [], []
+        (root / split).mkdir(parents=True, exist_ok=True)
+        for image_id in image_ids:
+            rgb = {"red": (220, 0, 0), "blue": (0, 0, 220), "green": (0, 200, 0)}[COLORS[image_id]]
+            Image.new("RGB", (40, 40), rgb).save(root / split / f"COCO_{split}_{image_id:012d}.jpg")
+            for k, (text, answers, answer_type) in enumerate(_questions(image_id, per_image)):
+                qid = image_id * 1000 + k
+                questions.append({"image_id": image_id, "question": text, "question_id": qid})
+                annotations.append(_annotation(qid, image_id, answers, "other" if okvqa else answer_type))
+        (root / files["questions_file"].format(split=split)).write_text(json.dumps({"questions": questions}))
+        (root / files["annotations_file"].format(split=split)).write_text(json.dumps({"annotations": annotations}))
+    if unlabelled:
+        (root / "test2015").mkdir(exist_ok=True)
+        Image.new("RGB", (40, 40)).save(root / "test2015" / f"COCO_test2015_{21:012d}.jpg")
+        questions = [{"image_id": 21, "question": "what color is the image?", "question_id": 21000}]
+        (root / files["questions_file"].format(split=unlabelled)).write_text(json.dumps({"questions": questions}))
+    return root
+
+
+@pytest.fixture
+def data(tmp_path: Path) -> Path:
+    return write_vqa(tmp_path / "vqa")
+
+
+def _task(data: Path, tmp_path: Path, **kwargs) -> VQATask:
+    return VQATask(data, cache_dir=tmp_path / "cache", image_splits={"test-dev2015": "test2015"}, **kwargs)
+
+
+def _batch(task: VQATask, examples, answers: list[str]) -> tuple[torch.Tensor, dict]:
+    """Logits that pick ``answers`` and the batch keys the task reads."""
+    logits = torch.full((len(examples), task.num_classes), -5.0)
+    for row, answer in enumerate(answers):
+        logits[row, task.answers.index(answer)] = 5.0
+    batch = {
+        "question_ids": [e.question_id for e in examples],
+        "answer_types": torch.tensor([task.answer_types.index(e.answer_type or "yes/no") for e in examples]),
+        "labels": torch.tensor([e.label for e in examples]),
+        "targets": torch.stack([task.target(e) for e in examples]),
+    }
+    return logits, batch
+
+
+def test_examples_vocabulary_and_soft_targets(data, tmp_path):
+    task = _task(data, tmp_path)
+    train = task.examples("train2014")
+    assert len(train) == 12 and len(task.examples("val2014")) == 6
+    # Every annotator's normalised answer counts: "one" joins "1", "a red" joins "red".
+    assert task.answers[:2] == ["no", "1"]
+    assert "one" not in task.answers and "a red" not in task.answers and "dark red" in task.answers
+    first = train[0]
+    assert first.question_id == "1000" and first.image_key == "coco/train2014/1"
+    assert first.image_path == data / "train2014" / "COCO_train2014_000000000001.jpg" and first.image_path.is_file()
+    assert first.answer_type == "other" and task.answers[first.label] == "red" and len(first.answers) == 10
+    target = task.target(first)
+    assert target.shape == (task.num_classes,)
+    # 8 of 10 say "red" after normalisation, 2 "dark red": leave-one-out accuracies 1.0 and 0.6.
+    assert target[task.answers.index("red")] == pytest.approx(1.0)
+    assert target[task.answers.index("dark red")] == pytest.approx(0.6)
+    assert target.sum() == pytest.approx(1.6)
+    counts = train[2]  # "how many colors": 8x "1" (6 + two "one"), 2x "2"
+    assert task.answers[counts.label] == "1" and counts.answer_type == "number"
+
+
+def test_top_k_and_the_cached_vocabulary(data, tmp_path, monkeypatch):
+    task = _task(data, tmp_path, top_k=3)
+    assert task.answers == ["no", "1", "yes"]
+    cached = list((tmp_path / "cache" / "vqav2").glob("answer_vocab_3_*.json"))
+    assert len(cached) == 1 and json.loads(cached[0].read_text())["answers"] == ["no", "1", "yes"]
+    # An answer outside the vocabulary: label -1, and the target has no entry for it.
+    color = task.examples("train2014")[0]
+    assert color.label == -1 and task.target(color).sum() == 0
+    # A second task reads the cache instead of counting the training answers again.
+    monkeypatch.setattr(VQATask, "_count_training_answers", lambda self: pytest.fail("vocabulary rebuilt"))
+    assert _task(data, tmp_path, top_k=3).answers == ["no", "1", "yes"]
+    monkeypatch.undo()
+    # A pinned vocabulary file is used as it is.
+    pinned = tmp_path / "vocab.json"
+    pinned.write_text(json.dumps({"answers": ["red", "no"], "counts": [1, 1]}))
+    assert _task(data, tmp_path, vocab_file=pinned).answers == ["red", "no"]
+
+
+def test_an_unwritable_cache_only_costs_a_rebuild(data, tmp_path, caplog):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    task = VQATask(data, cache_dir=blocker, top_k=3)  # cannot make folders below a file
+    assert task.answers == ["no", "1", "yes"]
+    assert "could not cache the answer vocabulary" in caplog.text
+
+
+def test_metric_predictions_and_majority(data, tmp_path):
+    task = _task(data, tmp_path)
+    examples = task.examples("val2014")[:3]  # image 11 (red): color, "is it red?", "how many colors?"
+    logits, batch = _batch(task, examples, ["red", "no", "2"])
+    metric = task.metric()
+    task.update_metric(metric, logits, batch)
+    out = metric.compute()
+    # red: 7 + "a red" = 8 of 10 -> 1.0; "no" for "is it red?" (9 yes, 1 maybe) -> 0; "2": 2 of 10 -> 0.6.
+    assert out[""].item() == pytest.approx(1.6 / 3)
+    assert out["other"].item() == pytest.approx(1.0)
+    assert out["yes_no"].item() == 0.0 and out["number"].item() == pytest.approx(0.6)
+    rows = task.prediction_rows(logits, batch)
+    assert rows == [{"question_id": 11000, "answer": "red"}, {"question_id": 11001, "answer": "no"},
+                    {"question_id": 11002, "answer": "2"}]
+    # Always "no" (the most frequent training answer): only "is the image red?" about the blue image (9 "no")
+    # scores, 1.0; the other five validation questions score 0.
+    assert task.majority_accuracy("val2014") == pytest.approx(1 / 6)
+
+
+def test_loss_is_bce_summed_over_answers(data, tmp_path):
+    task = _task(data, tmp_path)
+    examples = task.examples("train2014")[:4]
+    logits, batch = _batch(task, examples, ["red", "yes", "1", "no"])
+    expected = torch.nn.functional.binary_cross_entropy_with_logits(logits, batch["targets"]) * task.num_classes
+    assert task.loss(logits, batch).item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_a_split_without_annotations_is_unlabelled(data, tmp_path, caplog):
+    task = _task(data, tmp_path)
+    (example,) = task.examples("test-dev2015")
+    assert "not found" in caplog.text and "unlabelled" in caplog.text
+    assert example.label == -1 and example.answers == () and example.image_key == "coco/test2015/21"
+    assert example.image_path.is_file()
+    logits, batch = _batch(task, [example], ["red"])
+    assert (batch["targets"] == -1).all()
+    assert task.loss(logits, batch).item() == 0.0
+    metric = task.metric()
+    task.update_metric(metric, logits, batch)
+    assert metric.count.sum() == 0
+    assert task.prediction_rows(logits, batch) == [{"question_id": 21000, "answer": "red"}]
+    assert task.majority_accuracy("test-dev2015") is None
+
+
+def _edit(path: Path, edit) -> None:
+    data = json.loads(path.read_text())
+    edit(data)
+    path.write_text(json.dumps(data))
+
+
+@pytest.mark.parametrize(
+    ("file", "edit", "message"),
+    [
+        ("v2_OpenEnded_mscoco_train2014_questions.json", lambda d: d["questions"][1].pop("question"),
+         r"train2014_questions\.json: question_id 1001: missing key 'question'"),
+        ("v2_OpenEnded_mscoco_train2014_questions.json", lambda d: d["questions"][0].update(image_id="1"),
+         r"question_id 1000: key 'image_id' is '1', expected an integer"),
+        ("v2_OpenEnded_mscoco_train2014_questions.json", lambda d: d.pop("questions"),
+         r"train2014_questions\.json: missing key 'questions'"),
+        ("v2_mscoco_train2014_annotations.json", lambda d: d["annotations"].pop(2),
+         r"train2014_annotations\.json: no annotation for question_id 1002"),
+        ("v2_mscoco_train2014_annotations.json", lambda d: d["annotations"][3]["answers"][4].pop("answer"),
+         r"annotation of question_id 1003, answers\[4\]: missing key 'answer'"),
+        ("v2_mscoco_train2014_annotations.json", lambda d: d["annotations"][0].pop("multiple_choice_answer"),
+         r"annotation of question_id 1000: missing key 'multiple_choice_answer'"),
+        ("v2_mscoco_train2014_annotations.json", lambda d: d["annotations"][0].update(answer_type="colour"),
+         r"question_id 1000: answer_type 'colour' is not one of \['yes/no', 'number', 'other'\]"),
+        ("v2_mscoco_train2014_annotations.json", lambda d: d["annotations"][0].update(image_id=7),
+         r"annotation of question_id 1000 has image_id 7, the question in .* has 1"),
+    ],
+)
+def test_malformed_files_name_the_file_entry_and_key(data, tmp_path, file, edit, message):
+    _edit(data / file, edit)
+    with pytest.raises(DataFormatError, match=message):
+        _task(data, tmp_path).examples("train2014")
+
+
+def test_missing_and_broken_files_are_named(data, tmp_path):
+    (data / "v2_mscoco_val2014_annotations.json").unlink()
+    with pytest.raises(FileNotFoundError, match=r"annotations file not found: .*v2_mscoco_val2014_annotations\.json"):
+        _task(data, tmp_path).examples("val2014")  # the validation split needs its answers
+    with pytest.raises(FileNotFoundError, match=r"questions file for split 'nope' not found: .*_nope_questions\.json"):
+        _task(data, tmp_path).examples("nope")
+    path = data / "v2_mscoco_train2014_annotations.json"
+    path.write_text('{"annotations": [\n{"question_id": 1,}\n]}')
+    with pytest.raises(DataFormatError, match=r"train2014_annotations\.json .* not valid JSON: .* at line 2 column"):
+        _task(data, tmp_path).examples("train2014")
+    with pytest.raises(ValueError, match=r"image_file='\{image\}\.jpg' is not a valid pattern"):
+        VQATask(data, image_file="{image}.jpg")
+    with pytest.raises(FileNotFoundError, match=r"task.root=.*nothere is not a directory"):
+        VQATask(tmp_path / "nothere").prepare_data()
+
+
+def _compose(overrides: list[str]):
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        return compose("train", overrides=overrides)
+
+
+def test_okvqa_is_the_vqa_loader_with_its_file_names(tmp_path):
+    data = write_vqa(tmp_path / "okvqa", OKVQA, unlabelled=None, okvqa=True)
+    cfg = _compose(["+experiment=okvqa", f"task.root={data}", f"paths.cache_dir={tmp_path / 'cache'}"])
+    assert list(cfg.encoder) == ["clip", "dino", "vit"] and cfg.monitor.metric == "val/acc"
+    task = instantiate(cfg.task)
+    assert (task.name, task.train_split, task.val_split) == ("okvqa", "train2014", "val2014")
+    assert task.test_split == "val2014"
+    assert task.answer_types == ["other"] and task.top_k == 2000
+    val = task.examples("val2014")
+    assert len(val) == 6 and val[0].image_key == "coco/val2014/11" and val[0].image_path.is_file()
+    assert {e.answer_type for e in val} == {"other"}
+    assert len(list((tmp_path / "cache").glob("okvqa/answer_vocab_2000_*.json"))) == 1
+
+
+def test_vqav2_root_is_mandatory():
+    cfg = _compose(["+experiment=vqav2"])
+    assert cfg.task.top_k == 3129 and cfg.text.name_or_path == "bert-base-uncased"
+    with pytest.raises(Exception, match="root"):
+        instantiate(cfg.task)
+
+
+# ---- train.py and eval.py as a user runs them ------------------------------------------------------
+
+TINY = ["encoder=[clip_tiny,dino_tiny]", "text=tiny", "fusion.width=32", "fusion.depth=1", "fusion.num_heads=2",
+        "data.num_workers=0", "data.batch_size=4", "logger=csv"]
+
+
+def _run(script: str, args: list[str], cwd: Path, cache: Path) -> subprocess.CompletedProcess:
+    env = dict(os.environ, FUSION_CACHE_DIR=str(cache), FUSION_DATA_DIR=str(cwd / "data"))
+    return subprocess.run(
+        [sys.executable, str(ROOT / script), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600
+    )
+
+
+def test_train_then_eval_writes_the_official_results_file(data, tmp_path):
+    run = tmp_path / "train"
+    common = ["+experiment=vqav2", f"task.root={data}", *TINY]
+    proc = _run("train.py", [*common, "trainer.max_epochs=1", f"hydra.run.dir={run}"], tmp_path, tmp_path / "cache")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    metrics = json.loads((run / "metrics.json").read_text())
+    for key in ("val/acc", "val/acc_yes_no", "val/acc_number", "val/acc_other", "test/acc", "val/majority_acc"):
+        assert key in metrics and 0.0 <= metrics[key] <= 1.0, key
+    assert list((tmp_path / "cache" / "vqav2").glob("answer_vocab_3129_*.json"))
+
+    evaluated = tmp_path / "eval"
+    ckpt = run / "checkpoints" / "last.ckpt"
+    proc = _run(
+        "eval.py", [*common, f"ckpt_path={ckpt}", "split=val2014", f"hydra.run.dir={evaluated}"], tmp_path,
+        tmp_path / "cache",
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "val2014/acc" in json.loads((evaluated / "metrics.json").read_text())
+    rows = json.loads((evaluated / "predictions.json").read_text())
+    questions = json.loads((data / "v2_OpenEnded_mscoco_val2014_questions.json").read_text())["questions"]
+    question_ids = [q["question_id"] for q in questions]
+    assert sorted(r["question_id"] for r in rows) == sorted(question_ids)
+    vocab = VQATask(data, cache_dir=tmp_path / "cache").answers
+    for row in rows:
+        assert set(row) == {"question_id", "answer"} and isinstance(row["question_id"], int)
+        assert isinstance(row["answer"], str) and row["answer"] in vocab
