@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from entrypoints import FAST
+from entrypoints import run as _run
 from PIL import Image
 
 from fusion.tasks.snli_ve import LABELS, SNLIVETask
@@ -120,18 +119,6 @@ def test_metric_reports_accuracy_overall_and_per_label():
 
 # ---- train.py / eval.py as a user runs them -----------------------------------------------------
 
-FAST = [
-    "encoder=[clip_tiny,dino_tiny]", "text=tiny", "logger=csv", "data.num_workers=0", "data.batch_size=4",
-    "model.attention_stats=false", "fusion.width=32", "fusion.depth=1", "fusion.num_heads=2",
-    "+trainer.num_sanity_val_steps=0", "+trainer.limit_train_batches=2",
-]
-
-
-def _run(script: str, args: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
-    env = dict(os.environ, FUSION_CACHE_DIR=str(tmp_path / "cache"), FUSION_DATA_DIR=str(tmp_path / "data"))
-    return subprocess.run(
-        [sys.executable, str(ROOT / script), *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600
-    )
 
 
 def test_train_then_eval_writes_metrics_and_the_prediction_file(tmp_path):
