@@ -28,7 +28,10 @@ def load_image(path: Path) -> Image.Image:
 
 
 class VLDataset(Dataset):
-    """Examples of one split; each item carries the image once per encoder, in that encoder's format."""
+    """Examples of one split; each item carries its image(s) once per encoder, in that encoder's format.
+
+    ``images[name]``: (3, H_e, W_e), or (I, 3, H_e, W_e) when the task shows ``I > 1`` images per example.
+    """
 
     def __init__(self, examples: Sequence[Example], transforms: Mapping[str, Transform], task: VLTask):
         self.examples = list(examples)
@@ -41,25 +44,37 @@ class VLDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         ex = self.examples[index]
-        image = load_image(ex.image_path)
+        count = self.task.images_per_example
+        if len(ex.images) != count:
+            raise ValueError(
+                f"example {ex.question_id!r} of task {self.task.name!r} has {len(ex.images)} images; "
+                f"the task expects {count} per example"
+            )
+        # Each image is decoded once and transformed once per encoder (own size and normalisation).
+        decoded = [load_image(path) for _, path in ex.images]
+        if count == 1:
+            images = {name: tf(decoded[0]) for name, tf in self.transforms.items()}
+        else:
+            images = {name: torch.stack([tf(img) for img in decoded]) for name, tf in self.transforms.items()}
         return {
-            "images": {name: tf(image) for name, tf in self.transforms.items()},
+            "images": images,
             "question": ex.question,
             "label": ex.label,
             "target": self.task.target(ex),
             # Types outside the task's list (or none) count under the first type.
             "answer_type": self.type_index.get(ex.answer_type, 0),
             "question_id": ex.question_id,
-            "image_key": ex.image_key,
+            "image_key": ex.image_key if count == 1 else tuple(key for key, _ in ex.images),
         }
 
 
 class VLCollator:
     """Stacks images per encoder and tokenizes the questions of a batch in one call.
 
-    Batch: ``images[name]`` (B, 3, H_e, W_e); ``input_ids`` / ``attention_mask`` (B, L); ``labels`` (B,);
+    Batch: ``images[name]`` (B, 3, H_e, W_e), or (B, I, 3, H_e, W_e) with I images per example;
+    ``input_ids`` / ``attention_mask`` (B, L); ``labels`` (B,);
     ``targets`` (B,) or (B, C) (what the task's loss trains towards); ``answer_types`` (B,);
-    ``question_ids`` and ``image_keys`` lists of str.
+    ``question_ids`` and ``image_keys`` lists of str (of I-tuples of str with I images per example).
     """
 
     def __init__(self, tokenizer: Any, max_length: int) -> None:

@@ -63,6 +63,7 @@ class FusionLitModule(pl.LightningModule):
             encoder_tokens={n: e.num_tokens for n, e in encoders.items()},
             encoder_prefix={n: e.num_prefix_tokens for n, e in encoders.items()},
             text_dim=text.hidden_size,
+            num_images=task.images_per_example,
         )
         self.head = head(width=self.fusion.width, num_classes=task.num_classes)
         self.ve_dropout = EncoderDropout(self.encoder_names, p=ve_dropout, drop_encoders=list(drop_encoders))
@@ -91,11 +92,18 @@ class FusionLitModule(pl.LightningModule):
     # ---- forward -------------------------------------------------------------------------------
     def forward(self, batch: Mapping[str, Any], output_attentions: bool = False) -> tuple[torch.Tensor, FusionOutput]:
         """Logits ``(B, num_classes)`` and the fusion output for one collated batch."""
-        features = {name: enc(batch["images"][name]) for name, enc in self.encoders.items()}
+        features = {name: self._encode(enc, batch["images"][name]) for name, enc in self.encoders.items()}
         text_hidden = self.text(batch["input_ids"], batch["attention_mask"])
         keep = self.ve_dropout(batch["input_ids"].shape[0])
         out = self.fusion(features, keep, text_hidden, batch["attention_mask"].bool(), output_attentions)
         return self.head(out.pooled), out
+
+    @staticmethod
+    def _encode(encoder: VisionEncoder, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) -> (B, N, D); several images per example, (B, I, 3, H, W) -> (B, I, N, D)."""
+        if images.dim() == 5:
+            return encoder(images.flatten(0, 1)).unflatten(0, images.shape[:2])
+        return encoder(images)
 
     def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> torch.Tensor:
         logits, _ = self(batch)

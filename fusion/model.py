@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from fusion.attention import TransformerBlock
-from fusion.fusers import MIXED_GROUP, Fuser, TokenConcatFuser
+from fusion.fusers import MIXED_GROUP, FusedTokens, Fuser, TokenConcatFuser
 
 # Group ids of non-visual positions in ``FusionOutput.key_groups``; encoders are 0..n-1, and visual
 # tokens that mix encoders (channel_concat, resampler, gated) carry ``MIXED_GROUP`` (-3).
@@ -47,6 +47,10 @@ class FusionModel(nn.Module):
     key mask (token_concat: their tokens are invisible to every query) or inside the fuser (fusers
     that mix encoders). ``encoder_prefix`` (default 1 per encoder) and ``tokens_per_encoder`` (token
     reduction to a ``sqrt(K) x sqrt(K)`` grid per encoder) are passed on to the fuser.
+
+    With ``num_images`` I > 1 (NLVR2 shows two), every image goes through the fuser on its own, each
+    image's tokens get a learned image-index embedding, and the visual part is the images' tokens side by
+    side; a dropped encoder is dropped from every image of the sample.
     """
 
     def __init__(
@@ -63,9 +67,13 @@ class FusionModel(nn.Module):
         fuser: Callable[..., Fuser] = TokenConcatFuser,
         encoder_prefix: Mapping[str, int] | None = None,
         tokens_per_encoder: int | None = None,
+        num_images: int = 1,
     ) -> None:
         super().__init__()
+        if not isinstance(num_images, int) or num_images < 1:
+            raise ValueError(f"num_images must be a positive integer, got {num_images!r}")
         self.encoder_names = list(encoder_dims)
+        self.num_images = num_images
         self.width, self.depth, self.num_heads = width, depth, num_heads
         self.fuser = fuser(
             encoder_dims=encoder_dims,
@@ -79,6 +87,9 @@ class FusionModel(nn.Module):
         self.cls_token = nn.Parameter(torch.zeros(1, 1, width))
         nn.init.trunc_normal_(self.text_type, std=0.02)
         nn.init.trunc_normal_(self.cls_token, std=0.02)
+        if num_images > 1:
+            self.image_embed = nn.Parameter(torch.zeros(num_images, width))
+            nn.init.trunc_normal_(self.image_embed, std=0.02)
         self.blocks = nn.ModuleList(
             [TransformerBlock(width, num_heads, mlp_ratio, dropout, score=attention_score) for _ in range(depth)]
         )
@@ -102,12 +113,15 @@ class FusionModel(nn.Module):
         text_mask: torch.Tensor,
         output_attentions: bool = False,
     ) -> FusionOutput:
-        """``features[name]`` (B, N_e, D_e); ``keep`` (B, n_enc) bool; ``text_hidden`` (B, L, D_t);
-        ``text_mask`` (B, L) bool, True at real tokens."""
+        """``features[name]`` (B, N_e, D_e), or (B, I, N_e, D_e) with ``num_images`` I > 1; ``keep`` (B, n_enc)
+        bool; ``text_hidden`` (B, L, D_t); ``text_mask`` (B, L) bool, True at real tokens."""
         B, L = text_mask.shape
         text_mask = text_mask.bool()
         text = self.text_proj(text_hidden) + self.text_type
-        visual = self.fuser(features, keep, text, text_mask)
+        if self.num_images == 1:
+            visual = self.fuser(features, keep, text, text_mask)
+        else:
+            visual = self._fuse_images(features, keep, text, text_mask)
         x = torch.cat([self.cls_token.expand(B, -1, -1), text, visual.tokens], dim=1)
         ones = torch.ones(B, 1, dtype=torch.bool, device=x.device)
         key_mask = torch.cat([ones, text_mask, visual.visible], dim=1)
@@ -126,3 +140,35 @@ class FusionModel(nn.Module):
                 attentions.append(probs)
         x = self.norm(x)
         return FusionOutput(x[:, 0], x, attentions, key_groups, key_mask, text_query_mask, visual.encoder_weights)
+
+    def _fuse_images(
+        self, features: Mapping[str, torch.Tensor], keep: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor
+    ) -> FusedTokens:
+        """Fuse each of the I images on its own (one fuser call over B*I rows) and lay them side by side.
+
+        ``features[name]`` (B, I, N_e, D_e) -> tokens (B, I*N, D), image i's tokens plus ``image_embed[i]``.
+        """
+        n_img = self.num_images
+        for name, f in features.items():
+            if f.dim() != 4 or f.shape[1] != n_img:
+                raise ValueError(
+                    f"features of encoder {name!r} should be (B, {n_img}, N, D) for {n_img} images per example, "
+                    f"got {tuple(f.shape)}"
+                )
+        flat = {name: f.flatten(0, 1) for name, f in features.items()}
+        B = keep.shape[0]
+        fused = self.fuser(
+            flat,
+            keep.repeat_interleave(n_img, 0),
+            text.repeat_interleave(n_img, 0),
+            text_mask.repeat_interleave(n_img, 0),
+        )
+        tokens = fused.tokens.unflatten(0, (B, n_img)) + self.image_embed[None, :, None, :]
+        weights = fused.encoder_weights
+        return FusedTokens(
+            tokens=tokens.flatten(1, 2),
+            token_encoder=fused.token_encoder.repeat(n_img),
+            visible=fused.visible.unflatten(0, (B, n_img)).flatten(1, 2),
+            # The sample's share of each encoder: the mean over its images.
+            encoder_weights=None if weights is None else weights.unflatten(0, (B, n_img)).mean(1),
+        )

@@ -68,3 +68,26 @@ def test_datamodule_over_the_shapes_task(tmp_path, tokenizer):
     assert batch["images"]["a"].shape == (5, 3, 32, 32)
     assert len(dm.val_dataloader().dataset) == len(task.examples("val"))
     assert batch["answer_types"].dtype == torch.long
+
+
+class _TwoImageTask(ShapesTask):
+    images_per_example = 2
+
+
+def test_two_images_per_example_each_decoded_once_and_transformed_per_encoder(tmp_path, tokenizer):
+    left, right = tmp_path / "left.png", tmp_path / "right.png"
+    Image.new("RGB", (64, 40), (255, 0, 0)).save(left)
+    Image.new("RGB", (30, 50), (0, 0, 255)).save(right)
+    ex = Example("q1", "k-left", left, "what color is the circle?", 1, more_images=(("k-right", right),))
+    ds = VLDataset([ex, ex], _transforms(), _TwoImageTask(tmp_path))
+    item = ds[0]
+    assert item["images"]["a"].shape == (2, 3, 32, 32) and item["images"]["b"].shape == (2, 3, 48, 48)
+    assert item["images"]["a"][0, 0, 0, 0].item() == pytest.approx(1.0, abs=1e-3)  # left is red
+    assert item["images"]["a"][1, 2, 0, 0].item() == pytest.approx(1.0, abs=1e-3)  # right is blue
+    assert item["image_key"] == ("k-left", "k-right")
+    batch = VLCollator(tokenizer, max_length=16)([ds[0], ds[1]])
+    assert batch["images"]["b"].shape == (2, 2, 3, 48, 48)
+    assert batch["image_keys"] == [("k-left", "k-right")] * 2
+    # An example with the wrong number of images is named.
+    with pytest.raises(ValueError, match="example 'q1' of task 'shapes' has 1 images; the task expects 2"):
+        VLDataset([_example(left)], _transforms(), _TwoImageTask(tmp_path))[0]

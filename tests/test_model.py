@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from fusion.fusers import ChannelConcatFuser, TokenConcatFuser
@@ -104,3 +105,67 @@ def test_mixing_fuser_output_layout():
     assert out.key_mask[:, 5:].all()  # dropping happens inside the fuser
     assert out.encoder_weights.shape == (3, 2) and out.encoder_weights[1, 1] == 0
     assert model.mixes_encoders and model.reports_encoder_weights
+
+
+def _two_image_model(fuser=TokenConcatFuser):
+    torch.manual_seed(0)
+    return FusionModel(
+        DIMS, TOKENS, text_dim=10, width=16, depth=2, num_heads=2, dropout=0.0, fuser=fuser, num_images=2
+    ).eval()
+
+
+def test_two_images_side_by_side_each_fused_on_its_own():
+    model = _two_image_model()
+    feats, text, text_mask = _inputs()
+    pair = {n: torch.stack([f, torch.randn_like(f)], dim=1) for n, f in feats.items()}  # (B, 2, N, D)
+    keep = torch.tensor([[True, False], [True, True], [False, True]])
+    out = model(pair, keep, text, text_mask, output_attentions=True)
+    assert out.hidden.shape == (3, 1 + 4 + 2 * 8, 16)
+    assert out.key_groups.tolist() == [CLS_GROUP] + [TEXT_GROUP] * 4 + ([0] * 3 + [1] * 5) * 2
+    # A dropped encoder is hidden in both images.
+    for image in range(2):
+        b_tokens = slice(1 + 4 + 8 * image + 3, 1 + 4 + 8 * (image + 1))
+        for probs in out.attentions:
+            assert torch.all(probs[0, :, :, b_tokens] == 0)
+    # The image tokens are the fuser's tokens of that image plus its image-index embedding.
+    visual = model.fuser({n: f[:, 1] for n, f in pair.items()}, keep, None, None).tokens
+    assert torch.allclose(model._fuse_images(pair, keep, text, text_mask).tokens[:, 8:], visual + model.image_embed[1])
+
+
+def test_the_model_tells_left_from_right():
+    model = _two_image_model()
+    feats, text, text_mask = _inputs()
+    pair = {n: torch.stack([f, torch.randn_like(f)], dim=1) for n, f in feats.items()}
+    swapped = {n: f.flip(1) for n, f in pair.items()}
+    keep = torch.ones(3, 2, dtype=torch.bool)
+    assert not torch.allclose(model(pair, keep, text, text_mask).pooled, model(swapped, keep, text, text_mask).pooled)
+    # Without the image-index embedding the two orders are indistinguishable (attention is permutation-blind
+    # apart from position embeddings, which both images share).
+    with torch.no_grad():
+        model.image_embed.zero_()
+    torch.testing.assert_close(
+        model(pair, keep, text, text_mask).pooled, model(swapped, keep, text, text_mask).pooled, atol=1e-5, rtol=0
+    )
+
+
+def test_two_images_with_a_fuser_that_mixes_encoders():
+    torch.manual_seed(0)
+    model = FusionModel(
+        {"a": 8, "b": 12}, {"a": 1 + 4, "b": 1 + 16}, text_dim=10, width=16, depth=1, num_heads=2,
+        fuser=ChannelConcatFuser, num_images=2,
+    )
+    pair = {"a": torch.randn(3, 2, 5, 8), "b": torch.randn(3, 2, 17, 12)}
+    _, text, text_mask = _inputs()
+    keep = torch.tensor([[True, True], [True, False], [False, True]])
+    out = model(pair, keep, text, text_mask)
+    assert out.key_groups.tolist() == [CLS_GROUP] + [TEXT_GROUP] * 4 + [MIXED_GROUP] * 2 * (1 + 16)
+    # The sample's share of each encoder is the mean over its two images; dropped encoders get none.
+    assert out.encoder_weights.shape == (3, 2) and out.encoder_weights[1, 1] == 0 and out.encoder_weights[2, 0] == 0
+    torch.testing.assert_close(out.encoder_weights.sum(-1), torch.ones(3))
+
+
+def test_two_image_model_rejects_one_image_features():
+    model = _two_image_model()
+    feats, text, text_mask = _inputs()
+    with pytest.raises(ValueError, match=r"encoder 'a' should be \(B, 2, N, D\) for 2 images per example"):
+        model(feats, torch.ones(3, 2, dtype=torch.bool), text, text_mask)

@@ -26,7 +26,8 @@ class Example:
     feature cache and prediction files can refer to it. ``label`` is the index of the answer in the
     task's vocabulary, -1 when there is none (an unlabelled test split, or an answer outside the
     vocabulary). ``answers`` are the reference answers a metric scores against when one label is not
-    enough (VQA: the ten human answers).
+    enough (VQA: the ten human answers). ``more_images`` are ``(image_key, image_path)`` pairs of further
+    images after the first, for tasks that show the model several (NLVR2: the right image).
     """
 
     question_id: str
@@ -36,6 +37,12 @@ class Example:
     label: int = -1
     answer_type: str = ""
     answers: tuple[str, ...] = ()
+    more_images: tuple[tuple[str, Path], ...] = ()
+
+    @property
+    def images(self) -> tuple[tuple[str, Path], ...]:
+        """Every ``(image_key, image_path)`` of the example, the first one first."""
+        return ((self.image_key, self.image_path), *self.more_images)
 
 
 class VLTask(ABC):
@@ -53,6 +60,8 @@ class VLTask(ABC):
     test_split: str = "test"
     # The official prediction file eval.py writes next to metrics.json.
     prediction_file: str = "predictions.json"
+    # Images per example; every encoder sees each of them and the model tells them apart (image index).
+    images_per_example: int = 1
 
     @property
     @abstractmethod
@@ -117,9 +126,11 @@ class VLTask(ABC):
 
     def majority_accuracy(self, split: str) -> float | None:
         """Accuracy on ``split`` of always answering the most frequent training answer (None if unlabelled)."""
-        train = [e.label for e in self.examples(self.train_split) if e.label >= 0]
         target = [e.label for e in self.examples(split) if e.label >= 0]
-        if not train or not target:
+        if not target:
+            return None
+        train = [e.label for e in self.examples(self.train_split) if e.label >= 0]
+        if not train:
             return None
         majority = int(torch.bincount(torch.tensor(train), minlength=self.num_classes).argmax())
         return sum(t == majority for t in target) / len(target)

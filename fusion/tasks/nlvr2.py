@@ -1,0 +1,181 @@
+"""NLVR2 (Suhr et al., 2019): is a sentence true of a pair of photographs?
+
+Files under ``root`` as the official release lays them out: ``<split>.json`` (or ``data/<split>.json``,
+the repository's layout), JSON lines with ``identifier`` ``<split>-<set>-<pair>-<sentence>`` (e.g.
+``dev-850-0-0``), ``sentence`` and ``label`` ``True``/``False``. The two images of a line are
+``<identifier without its last field>-img0.png`` (left) and ``-img1.png`` (right), found by file name
+anywhere below ``images_dir`` (the copies differ: train images sit in numbered subfolders, dev and test
+ones do not). Both images go through every encoder; the model tells them apart by an image-index
+embedding (``FusionModel(num_images=2)``).
+
+Metrics as the official ``nlvr2/eval/metrics.py`` defines them: accuracy (headline ``acc``) and
+consistency (``acc_consistency``): the share of unique sentences (the identifier with its third field,
+the image pair, blanked) all of whose examples are predicted correctly. Prediction file: the official
+``predictions.csv``, no header, one ``<identifier>,True|False`` line per example.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torchmetrics import Metric
+
+from fusion.tasks.base import Example, VLTask, resolve_root, write_atomic
+from fusion.tasks.binary_metrics import AccuracyConsistency
+from fusion.tasks.jsonl import read_json_lines
+
+ANSWERS: tuple[str, ...] = ("False", "True")
+IDENTIFIER = re.compile(r"([\w]+)-(\d+)-(\d+)-(\d+)")
+# Sentence numbers within a set are small; packing (set, sentence) into one integer keeps the metric state
+# a plain tensor that DDP can gather.
+_SENTENCE_BITS = 20
+
+
+def sentence_group(identifier: str) -> int:
+    """The official consistency group of an identifier (its pair field blanked) as an integer id."""
+    match = IDENTIFIER.fullmatch(identifier)
+    if match is None:
+        raise ValueError(f"identifier {identifier!r} is not of the form <split>-<set>-<pair>-<sentence>")
+    set_id, sentence = int(match.group(2)), int(match.group(4))
+    if sentence >= 1 << _SENTENCE_BITS:
+        raise ValueError(f"identifier {identifier!r}: sentence number {sentence} is out of range")
+    return (set_id << _SENTENCE_BITS) | sentence
+
+
+def image_names(identifier: str) -> tuple[str, str]:
+    """The official file names of the left and right image of an identifier."""
+    stem = identifier.rsplit("-", 1)[0]
+    return f"{stem}-img0.png", f"{stem}-img1.png"
+
+
+class NLVR2Task(VLTask):
+    """Binary classification of (sentence, left image, right image) triples."""
+
+    name = "nlvr2"
+    metric_name = "acc"
+    prediction_file = "predictions.csv"
+    images_per_example = 2
+
+    def __init__(
+        self,
+        root: str | Path,
+        images_dir: str | Path = "images",
+        train_split: str = "train",
+        val_split: str = "dev",
+        test_split: str = "test1",
+    ) -> None:
+        self.root = resolve_root(root)
+        # Relative to root unless absolute (the images are often unpacked elsewhere).
+        self.images_dir = self.root / Path(images_dir).expanduser()
+        self.train_split, self.val_split, self.test_split = train_split, val_split, test_split
+        self._image_paths: dict[str, Path] | None = None
+        self._examples: dict[str, list[Example]] = {}
+
+    @property
+    def answers(self) -> list[str]:
+        return list(ANSWERS)
+
+    @property
+    def answer_types(self) -> list[str]:
+        return []
+
+    def split_file(self, split: str) -> Path:
+        """``root/<split>.json``, else ``root/data/<split>.json`` (the official repository's layout)."""
+        flat, repo = self.root / f"{split}.json", self.root / "data" / f"{split}.json"
+        return repo if repo.is_file() and not flat.is_file() else flat
+
+    def prepare_data(self) -> None:
+        """Nothing to download or generate: check that the data and image folders are there."""
+        if not self.root.is_dir():
+            raise FileNotFoundError(f"NLVR2 folder {self.root} not found; set task.root=<folder>")
+        if not self.images_dir.is_dir():
+            raise FileNotFoundError(
+                f"NLVR2 images folder {self.images_dir} not found; set task.images_dir=<folder> (relative to "
+                "task.root or absolute) to where the train/dev/test1 image folders are"
+            )
+
+    def image_paths(self) -> dict[str, Path]:
+        """Every image file name below ``images_dir`` -> its path (walked once; the first in sorted order
+        wins if a name occurs twice)."""
+        if self._image_paths is None:
+            if not self.images_dir.is_dir():
+                raise FileNotFoundError(f"NLVR2 images folder {self.images_dir} not found; set task.images_dir")
+            found: dict[str, Path] = {}
+            for folder, subfolders, files in os.walk(self.images_dir):
+                subfolders.sort()
+                for name in sorted(files):
+                    found.setdefault(name, Path(folder) / name)
+            self._image_paths = found
+        return self._image_paths
+
+    def examples(self, split: str) -> list[Example]:
+        """One example per JSON line, in file order, each with its left and right image."""
+        if split not in self._examples:
+            self._examples[split] = self._read(split)
+        return list(self._examples[split])
+
+    def _read(self, split: str) -> list[Example]:
+        records = read_json_lines(self.split_file(split), f"NLVR2's JSON lines for split {split!r}")
+        paths = self.image_paths()
+        examples, missing = [], []
+        for rec in records:
+            identifier = rec.field("identifier")
+            if not IDENTIFIER.fullmatch(identifier):
+                raise rec.error(
+                    f"identifier {identifier!r} is not of the form <split>-<set>-<pair>-<sentence>, e.g. dev-850-0-0"
+                )
+            label = rec.data.get("label")
+            # Unlabelled copies of the hidden test split have no label.
+            if label is None:
+                index = -1
+            elif isinstance(label, bool) or (isinstance(label, str) and label.lower() in ("true", "false")):
+                index = int(label if isinstance(label, bool) else label.lower() == "true")
+            else:
+                raise rec.error(f"label {label!r} is not one of True, False")
+            refs = []
+            for name in image_names(identifier):
+                if name not in paths:
+                    missing.append(f"{name} ({rec.where})")
+                    continue
+                refs.append((f"nlvr2/{Path(name).stem}", paths[name]))
+            if len(refs) == 2:
+                (key0, path0), more = refs[0], tuple(refs[1:])
+                examples.append(
+                    Example(
+                        question_id=identifier,
+                        image_key=key0,
+                        image_path=path0,
+                        question=rec.field("sentence"),
+                        label=index,
+                        more_images=more,
+                    )
+                )
+        if missing:
+            shown = "; ".join(missing[:5]) + (f"; and {len(missing) - 5} more" if len(missing) > 5 else "")
+            raise FileNotFoundError(
+                f"{len(missing)} NLVR2 image(s) of split {split!r} not found anywhere below {self.images_dir}: {shown}"
+            )
+        return examples
+
+    def metric(self) -> Metric:
+        return AccuracyConsistency()
+
+    def update_metric(self, metric: Metric, logits: torch.Tensor, batch: Mapping[str, Any]) -> None:
+        groups = torch.tensor([sentence_group(q) for q in batch["question_ids"]], device=logits.device)
+        labelled = batch["labels"] >= 0
+        metric.update(logits.argmax(-1)[labelled], batch["labels"][labelled], groups[labelled])
+
+    def prediction_rows(self, logits: torch.Tensor, batch: Mapping[str, Any]) -> list[dict[str, Any]]:
+        return [
+            {"identifier": qid, "prediction": ANSWERS[i]}
+            for qid, i in zip(batch["question_ids"], logits.argmax(-1).tolist(), strict=True)
+        ]
+
+    def write_predictions(self, rows: list[dict[str, Any]], path: Path) -> None:
+        """The official CSV: no header, ``<identifier>,True|False`` per line."""
+        write_atomic(path, "".join(f"{r['identifier']},{r['prediction']}\n" for r in rows))
