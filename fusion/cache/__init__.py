@@ -1,0 +1,39 @@
+"""Frozen-feature cache: each (encoder, image) feature computed once, memory-mapped everywhere after.
+
+- :func:`ensure_cache` (build on first use) / :func:`build_cache` (one cache or one shard of it) /
+  :func:`merge_shards` write caches; :class:`FeatureCache` reads one: ``cache.get(image_keys)`` ->
+  ``(B, T, D)`` tensor.
+- On-disk layout: :mod:`fusion.cache.store`; naming: :mod:`fusion.cache.layout`; what identifies a
+  cache: :mod:`fusion.cache.fingerprint`; command line: ``python -m fusion.cache --help``.
+"""
+
+from fusion.cache.build import build_cache, ensure_cache, images_of, shard_keys
+from fusion.cache.errors import (
+    CacheCorruptError,
+    CacheError,
+    CacheKeyError,
+    CacheNotFoundError,
+    CacheWriteError,
+    FingerprintMismatchError,
+)
+from fusion.cache.fingerprint import cache_fingerprint
+from fusion.cache.layout import cache_path
+from fusion.cache.merge import merge_shards
+from fusion.cache.store import FeatureCache
+
+__all__ = [
+    "CacheCorruptError",
+    "CacheError",
+    "CacheKeyError",
+    "CacheNotFoundError",
+    "CacheWriteError",
+    "FeatureCache",
+    "FingerprintMismatchError",
+    "build_cache",
+    "cache_fingerprint",
+    "cache_path",
+    "ensure_cache",
+    "images_of",
+    "merge_shards",
+    "shard_keys",
+]

@@ -1,0 +1,108 @@
+"""Command line for the feature cache: build (a shard of) a cache, merge shards, describe a cache.
+
+    python -m fusion.cache build --encoder clip_tiny --image-dir data/imgs --key-prefix coco/ --root cache
+    python -m fusion.cache build --encoder clip --set weights=/models/clip.safetensors \\
+        --images images.json --root cache --shard $SLURM_ARRAY_TASK_ID --num-shards 8
+    python -m fusion.cache merge --encoder clip --set weights=/models/clip.safetensors --root cache --num-shards 8
+    python -m fusion.cache info cache/clip-0123456789ab
+
+``--encoder`` is a name under ``conf/encoder/`` or a YAML file in that format; ``--set key=value``
+overrides its fields. ``--images`` is a JSON object ``{image_key: path}`` or lines ``key<TAB>path``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from fusion.cache.build import build_cache
+from fusion.cache.errors import CacheError
+from fusion.cache.fingerprint import cache_fingerprint
+from fusion.cache.merge import merge_shards
+from fusion.cache.store import FeatureCache
+
+CONF_ENCODER = Path(__file__).resolve().parents[2] / "conf" / "encoder"
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp"}
+
+
+def load_encoder(spec: str, overrides: list[str]) -> Any:
+    """An encoder from ``conf/encoder/<spec>.yaml`` (or the YAML file ``spec``) with dotlist overrides."""
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    path = Path(spec) if spec.endswith((".yaml", ".yml")) else CONF_ENCODER / f"{spec}.yaml"
+    if not path.is_file():
+        known = sorted(p.stem for p in CONF_ENCODER.glob("*.yaml"))
+        raise SystemExit(f"error: no encoder config {path}; known encoders: {', '.join(known)}")
+    cfg = OmegaConf.load(path)
+    if "_target_" not in cfg and len(cfg) == 1:  # conf/encoder files nest the config under its name
+        cfg = next(iter(cfg.values()))
+    return instantiate(OmegaConf.merge(cfg, OmegaConf.from_dotlist(overrides)))
+
+
+def load_images(images: str | None, image_dir: str | None, key_prefix: str) -> dict[str, str]:
+    """``{image_key: path}`` from ``--images`` or ``--image-dir`` (key = prefix + relative path sans suffix)."""
+    if images:
+        text = Path(images).read_text()
+        if text.lstrip().startswith("{"):
+            return {str(k): str(v) for k, v in json.loads(text).items()}
+        return dict(line.split("\t", 1) for line in text.splitlines() if line.strip())
+    folder = Path(image_dir)
+    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    return {key_prefix + p.relative_to(folder).with_suffix("").as_posix(): str(p) for p in files}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m fusion.cache", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name in ("build", "merge"):
+        p = sub.add_parser(name)
+        p.add_argument("--encoder", required=True, help="conf/encoder name or YAML file")
+        p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="encoder config override")
+        p.add_argument("--root", required=True, help="cache root folder (paths.cache_dir)")
+        p.add_argument("--dtype", default="float16", choices=["float16", "float32"])
+    build, merge = sub.choices["build"], sub.choices["merge"]
+    source = build.add_mutually_exclusive_group(required=True)
+    source.add_argument("--images", help="JSON {key: path} or key<TAB>path lines")
+    source.add_argument("--image-dir", help="every image below this folder")
+    build.add_argument("--key-prefix", default="", help="prepended to keys from --image-dir")
+    build.add_argument("--shard", type=int, default=None)
+    build.add_argument("--num-shards", type=int, default=None)
+    build.add_argument("--batch-size", type=int, default=64)
+    build.add_argument("--workers", type=int, default=2)
+    build.add_argument("--force", action="store_true", help="rebuild even if a complete cache exists")
+    merge.add_argument("--num-shards", type=int, required=True)
+    merge.add_argument("--keep-shards", action="store_true")
+    info = sub.add_parser("info")
+    info.add_argument("path")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+
+    try:
+        if args.command == "info":
+            cache = FeatureCache(args.path)
+            print(json.dumps({"path": str(cache.path), **cache.meta}, indent=1))
+            return
+        encoder = load_encoder(args.encoder, args.set)
+        if args.command == "build":
+            if (args.shard is None) != (args.num_shards is None):
+                parser.error("--shard and --num-shards go together")
+            cache = build_cache(
+                encoder, load_images(args.images, args.image_dir, args.key_prefix), args.root,
+                dtype=args.dtype, shard=args.shard, num_shards=args.num_shards,
+                batch_size=args.batch_size, num_workers=args.workers, force=args.force,
+            )
+        else:
+            fp = cache_fingerprint(encoder, args.dtype)
+            cache = merge_shards(args.root, fp, args.num_shards, keep_shards=args.keep_shards)
+    except CacheError as e:
+        sys.exit(f"error: {e}")
+    print(f"{cache.path} {tuple(cache.shape)} {cache.dtype.name}")
+
+
+if __name__ == "__main__":
+    main()

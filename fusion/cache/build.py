@@ -1,0 +1,253 @@
+"""Building caches: encode every unique image once, in batches, optionally one shard of the key set.
+
+:func:`build_cache` writes one cache (or one shard of it) under a file lock, so concurrent builders of
+the same cache end with one valid copy: the first builds, the others wait and open its result.
+:func:`ensure_cache` is the "build on first use" entry training calls: it opens a matching cache, merges
+finished shards, or builds, and refuses (or rebuilds) caches made for another encoder configuration.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from filelock import FileLock
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from fusion.cache.errors import (
+    CacheCorruptError,
+    CacheError,
+    CacheKeyError,
+    CacheNotFoundError,
+    FingerprintMismatchError,
+)
+from fusion.cache.fingerprint import cache_fingerprint, normalize_dtype
+from fusion.cache.layout import cache_path, find_shards, lock_path, nearest_mismatch
+from fusion.cache.merge import merge_shards
+from fusion.cache.store import FeatureCache, keys_digest
+from fusion.cache.writer import PartialCache, check_writable, disk_errors
+
+log = logging.getLogger(__name__)
+
+ImagePaths = Mapping[str, "str | os.PathLike"]
+
+
+def images_of(examples: Iterable[Any]) -> dict[str, Path]:
+    """Unique ``{image_key: image_path}`` of task examples (all their images); one key, one path."""
+    out: dict[str, Path] = {}
+    for ex in examples:
+        pairs = getattr(ex, "images", None) or ((ex.image_key, ex.image_path),)
+        for key, path in pairs:
+            if out.setdefault(key, Path(path)) != Path(path):
+                raise ValueError(f"image key {key!r} names two files: {out[key]} and {path}")
+    return out
+
+
+def shard_keys(keys: Iterable[str], shard: int, num_shards: int) -> list[str]:
+    """Shard ``shard`` of ``num_shards``: a contiguous block of the sorted keys (sizes differ by <= 1).
+
+    Contiguous, so the shards concatenated in order are the unsharded cache, row for row.
+    """
+    if not 0 <= shard < num_shards:
+        raise ValueError(f"shard={shard} is out of range for num_shards={num_shards} (0..{num_shards - 1})")
+    ordered = sorted(keys)
+    bounds = np.linspace(0, len(ordered), num_shards + 1).round().astype(int)
+    return ordered[bounds[shard] : bounds[shard + 1]]
+
+
+class ImageFiles(Dataset):
+    """``(key, path)`` pairs -> ``(3, H, W)`` pixels through the encoder's own eval transform."""
+
+    def __init__(self, items: Sequence[tuple[str, os.PathLike | str]], transform: Callable[[Any], torch.Tensor]):
+        self.items = list(items)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        from fusion.data import load_image  # the training path's decoder: cached and online pixels match
+
+        return self.transform(load_image(Path(self.items[i][1])))
+
+
+def build_cache(
+    encoder: Any,
+    images: ImagePaths,
+    root: str | os.PathLike,
+    *,
+    dtype: str = "float16",
+    shard: int | None = None,
+    num_shards: int | None = None,
+    batch_size: int = 64,
+    num_workers: int = 2,
+    force: bool = False,
+    progress: bool = True,
+    sync_every: float = 30.0,
+    on_batch: Callable[[int], None] | None = None,
+) -> FeatureCache:
+    """Encode ``images`` (``{image_key: path}``) with ``encoder`` into the cache under ``root``; open it.
+
+    With ``shard``/``num_shards`` only that shard of the sorted keys is built, into its own folder
+    (merge with :func:`~fusion.cache.merge.merge_shards`). A matching complete cache holding every key
+    is reused unless ``force``; an interrupted build of the same cache resumes. ``sync_every`` seconds
+    between progress records; ``on_batch(rows_done)`` is called after each batch (progress hooks, tests).
+    """
+    fp = cache_fingerprint(encoder, dtype)
+    root = Path(root)
+    all_keys = sorted(images)
+    keys = all_keys if num_shards is None else shard_keys(all_keys, shard or 0, num_shards)
+    path = cache_path(root, fp, shard, num_shards)
+    check_writable(root)
+    with FileLock(lock_path(path)):
+        if not force:
+            cache = _open_covering(path, fp, keys)
+            if cache is not None:  # built by another process while we waited for the lock
+                return cache
+        meta: dict[str, Any] = {
+            "fingerprint": fp,
+            "shape": [len(keys), int(encoder.num_tokens), int(encoder.embed_dim)],
+            "dtype": fp["dtype"],
+            "keys_digest": keys_digest(keys),
+            "shard": None,
+        }
+        if num_shards is not None:  # what merging checks: which shard, and of which whole key set
+            meta["shard"] = {"index": shard or 0, "count": num_shards}
+            meta["shard"].update(num_keys=len(all_keys), keys_digest=keys_digest(all_keys))
+        partial = PartialCache(path, meta, keys)
+        with disk_errors(path, partial.nbytes):
+            try:
+                done = partial.open(resume=not force)
+                if done:
+                    log.info("feature cache %s: resuming after %d of %d images", path, done, len(keys))
+                _encode_into(partial, encoder, [(k, images[k]) for k in keys[done:]], done, batch_size,
+                             num_workers, progress, sync_every, on_batch)
+                partial.finish()
+            except OSError:
+                # A full disk or lost permission: a resume would hit it again, so free the space now.
+                partial.discard()
+                raise
+            finally:
+                partial.close()
+            if not partial.publish():
+                log.info("feature cache %s: another process published it first; using theirs", path)
+    return FeatureCache(path, fp)
+
+
+def ensure_cache(
+    encoder: Any,
+    images: ImagePaths,
+    root: str | os.PathLike,
+    *,
+    dtype: str = "float16",
+    rebuild: bool = True,
+    **build_kwargs: Any,
+) -> FeatureCache:
+    """The cache of ``encoder`` under ``root`` holding every key of ``images``, built on first use.
+
+    A complete matching cache is opened as is (no lock, no encoder run). Finished shards of it are
+    merged. A damaged cache, one lacking some keys, or (in its place) caches only of other
+    configurations of this encoder are rebuilt with ``rebuild=True``; with ``rebuild=False`` they raise
+    :class:`~fusion.cache.errors.CacheError` naming what differs. No cache at all is always built.
+    """
+    fp = cache_fingerprint(encoder, normalize_dtype(dtype))
+    root, keys = Path(root), sorted(images)
+    path = cache_path(root, fp)
+    try:
+        cache = FeatureCache(path, fp)
+        problem: CacheError | None = _missing_keys_error(cache, keys)
+        if problem is None:
+            return cache
+    except CacheNotFoundError:
+        problem = None
+    except (CacheCorruptError, FingerprintMismatchError) as e:
+        problem = e
+    if problem is None:
+        shards = find_shards(path)
+        if shards:
+            try:
+                return merge_shards(root, fp, max(shards), keys=keys)
+            except CacheError as e:  # e.g. a shard still building: build the whole cache instead
+                log.warning("feature cache %s: cannot merge its shards (%s); building it whole", path, e)
+        elif not rebuild:
+            problem = nearest_mismatch(root, fp)
+    if problem is not None and not rebuild:
+        raise type(problem)(f"{problem}; pass rebuild=True (cache.rebuild=true) to build a new cache") from problem
+    if problem is not None:
+        log.warning("feature cache %s: %s; rebuilding", path, problem)
+    return build_cache(encoder, images, root, dtype=dtype, force=isinstance(problem, CacheKeyError), **build_kwargs)
+
+
+def _open_covering(path: Path, fp: dict[str, Any], keys: Sequence[str]) -> FeatureCache | None:
+    """The cache at ``path`` if it is complete, matches ``fp`` and holds all ``keys``; else None."""
+    try:
+        cache = FeatureCache(path, fp)
+    except CacheError:
+        return None
+    return cache if _missing_keys_error(cache, keys) is None else None
+
+
+def _missing_keys_error(cache: FeatureCache, keys: Sequence[str]) -> CacheKeyError | None:
+    missing = [k for k in keys if k not in cache.index]
+    if not missing:
+        return None
+    return CacheKeyError(
+        f"feature cache {cache.path} lacks {len(missing)} of the {len(keys)} requested images "
+        f"(first: {missing[0]!r}); it was built for another image set"
+    )
+
+
+def _encode_into(
+    partial: PartialCache,
+    encoder: Any,
+    items: list[tuple[str, Any]],
+    start: int,
+    batch_size: int,
+    num_workers: int,
+    progress: bool,
+    sync_every: float,
+    on_batch: Callable[[int], None] | None,
+) -> None:
+    """Run ``encoder`` over ``items`` in order and write rows ``start..`` of ``partial``."""
+    n_total, _, _ = partial.shape
+    torch_dtype = torch.float16 if partial.dtype == np.float16 else torch.float32
+    loader = DataLoader(
+        ImageFiles(items, encoder.preprocess.transform()),
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=num_workers if items else 0,
+    )
+    device = next(encoder.parameters(), torch.empty(0)).device
+    row, last_sync = start, time.monotonic()
+    bar = tqdm(total=n_total, initial=start, unit="img", desc=f"cache {partial.final.name}",
+               disable=not progress, dynamic_ncols=True)
+    with bar, torch.inference_mode():
+        for pixels in loader:
+            feats = encoder(pixels.to(device, non_blocking=True))  # (B, T, D)
+            if tuple(feats.shape[1:]) != partial.shape[1:]:
+                raise RuntimeError(
+                    f"encoder {encoder.name!r} gave {tuple(feats.shape)}, cache rows are {partial.shape[1:]}"
+                )
+            out = feats.to(torch_dtype)
+            if torch_dtype == torch.float16 and not torch.isfinite(out).all() and torch.isfinite(feats).all():
+                raise OverflowError(
+                    f"encoder {encoder.name!r} features exceed the float16 range (max |x| = "
+                    f"{feats.abs().max().item():.3g}); build the cache with dtype=float32"
+                )
+            partial.write(row, out.cpu().numpy())
+            row += len(out)
+            bar.update(len(out))
+            if time.monotonic() - last_sync >= sync_every:
+                partial.checkpoint(row)
+                last_sync = time.monotonic()
+            if on_batch is not None:
+                on_batch(row)
+    if row != n_total:
+        raise RuntimeError(f"feature cache {partial.final}: wrote {row} of {n_total} rows")

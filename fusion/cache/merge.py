@@ -1,0 +1,112 @@
+"""Merging the shards of one cache (built in parallel, e.g. by a SLURM array) into the cache itself.
+
+Shards are complete caches of contiguous blocks of the sorted keys (see
+:func:`fusion.cache.build.shard_keys`), so the merged cache equals an unsharded build row for row.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from filelock import FileLock
+
+from fusion.cache.errors import CacheCorruptError, CacheError, CacheNotFoundError
+from fusion.cache.layout import cache_path, lock_path
+from fusion.cache.store import FeatureCache, keys_digest
+from fusion.cache.writer import PartialCache, check_writable, disk_errors
+
+log = logging.getLogger(__name__)
+
+# Rows copied per write: bounded memory whatever the shard size.
+_CHUNK_ROWS = 1024
+
+
+def merge_shards(
+    root: str | Path,
+    fingerprint: dict[str, Any],
+    num_shards: int,
+    *,
+    keys: Sequence[str] | None = None,
+    keep_shards: bool = False,
+) -> FeatureCache:
+    """Combine the ``num_shards`` complete shards of the cache of ``fingerprint`` into one cache.
+
+    ``fingerprint`` is :func:`~fusion.cache.fingerprint.cache_fingerprint` of the encoder. All shards
+    must be present, complete, of that fingerprint and of one image set (``keys``, when given, must be
+    that set); otherwise :class:`~fusion.cache.errors.CacheError` says which shard is wrong. The shards
+    are deleted after the merged cache is published unless ``keep_shards``.
+    """
+    root = Path(root)
+    final = cache_path(root, fingerprint)
+    check_writable(root)
+    with FileLock(lock_path(final)):
+        try:
+            return FeatureCache(final, fingerprint)  # merged by another process meanwhile
+        except CacheNotFoundError:
+            pass
+        except CacheError as e:
+            log.warning("feature cache %s: %s; replacing it with the merged shards", final, e)
+        shards = [_open_shard(root, fingerprint, i, num_shards) for i in range(num_shards)]
+        _check_one_set(shards, keys)
+        merged_keys = [k for s in shards for k in s.keys]
+        n, t, d = len(merged_keys), shards[0].shape[1], shards[0].shape[2]
+        meta = {
+            "fingerprint": fingerprint,
+            "shape": [n, t, d],
+            "dtype": fingerprint["dtype"],
+            "keys_digest": keys_digest(merged_keys),
+            "shard": None,
+            "merged_from": num_shards,
+        }
+        partial = PartialCache(final, meta, merged_keys)
+        with disk_errors(final, partial.nbytes):
+            try:
+                partial.open(resume=False)
+                row = 0
+                for shard in shards:
+                    arr = shard.array()
+                    for lo in range(0, len(shard), _CHUNK_ROWS):
+                        partial.write(row + lo, arr[lo : lo + _CHUNK_ROWS])
+                    row += len(shard)
+                partial.finish()
+            except OSError:
+                partial.discard()
+                raise
+            finally:
+                partial.close()
+            partial.publish()
+        if not keep_shards:
+            for shard in shards:
+                shutil.rmtree(shard.path, ignore_errors=True)
+    return FeatureCache(final, fingerprint)
+
+
+def _open_shard(root: Path, fingerprint: dict[str, Any], i: int, num_shards: int) -> FeatureCache:
+    path = cache_path(root, fingerprint, i, num_shards)
+    try:
+        shard = FeatureCache(path, fingerprint)
+    except CacheNotFoundError as e:
+        raise CacheNotFoundError(f"cannot merge: shard {i} of {num_shards} is missing or unfinished ({e})") from e
+    info = shard.meta.get("shard") or {}
+    if info.get("index") != i or info.get("count") != num_shards:
+        raise CacheCorruptError(f"cannot merge: {path} says it is shard {info.get('index')} of {info.get('count')}")
+    return shard
+
+
+def _check_one_set(shards: list[FeatureCache], keys: Sequence[str] | None) -> None:
+    """All shards split the same sorted key set, and together hold all of it."""
+    parents = {(s.meta["shard"]["keys_digest"], s.meta["shard"]["num_keys"]) for s in shards}
+    if len(parents) != 1:
+        raise CacheCorruptError(
+            f"cannot merge {[str(s.path) for s in shards]}: the shards were built for different image sets"
+        )
+    ((digest, num_keys),) = parents
+    merged = [k for s in shards for k in s.keys]
+    if len(merged) != num_keys or keys_digest(merged) != digest:
+        raise CacheCorruptError(f"cannot merge: the shards of {shards[0].path.parent} do not add up to their image set")
+    if keys is not None and keys_digest(keys) != digest:
+        raise CacheCorruptError(f"cannot merge: the shards of {shards[0].path} cover another image set than requested")

@@ -1,0 +1,191 @@
+"""The on-disk layout of one published cache and its reader.
+
+A cache is one folder ``<root>/<encoder name>-<fingerprint hash>/`` holding
+
+- ``features.npy``: the features, an ``(N, T, D)`` float16/float32 array in NumPy's ``.npy`` format,
+  row ``i`` = the ``(T, D)`` tokens of one image ([CLS]/prefix first, as the encoder returns them);
+- ``index.json``: ``{image_key: row}``;
+- ``meta.json``: the full fingerprint (see :mod:`fusion.cache.fingerprint`), ``shape``, ``dtype``, the
+  digest of the sorted key list and, for a shard, which shard it is;
+- ``COMPLETE``: the completeness marker, written last before the folder is published.
+
+Folders are only ever published by an atomic rename of a finished temporary folder (see
+:mod:`fusion.cache.writer`), so a folder with this name is complete unless someone damaged it; opening
+still checks the marker, the array's size against its header and the index against the array, so a
+damaged cache fails loudly instead of being read.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from fusion.cache.errors import CacheCorruptError, CacheKeyError, CacheNotFoundError, FingerprintMismatchError
+from fusion.cache.fingerprint import describe_diff
+
+DATA = "features.npy"
+INDEX = "index.json"
+META = "meta.json"
+COMPLETE = "COMPLETE"
+
+
+def keys_digest(keys: Iterable[str]) -> str:
+    """sha256 of the sorted key list: identifies the image set a cache (or a shard's parent) covers."""
+    h = hashlib.sha256()
+    for k in sorted(keys):
+        h.update(k.encode())
+        h.update(b"\0")
+    return h.hexdigest()
+
+
+def read_header(path: Path) -> tuple[tuple[int, ...], np.dtype, int]:
+    """``(shape, dtype, data offset)`` from a ``.npy`` header, without touching the data."""
+    with open(path, "rb") as f:
+        version = np.lib.format.read_magic(f)
+        if version == (1, 0):
+            shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
+        else:
+            shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
+        if fortran:
+            raise CacheCorruptError(f"{path}: Fortran-ordered array; caches are always C-ordered")
+        return tuple(shape), np.dtype(dtype), f.tell()
+
+
+class FeatureCache:
+    """Read-only view of one published cache: image keys -> ``(B, T, D)`` feature tensors.
+
+    Opening validates the files and reads the metadata and the index, never the array: the array is
+    memory-mapped lazily, once per process, on the first read. Pickling drops the mapping, so the
+    object can go to DataLoader workers (fork or spawn) and each worker maps the file itself.
+    """
+
+    def __init__(self, path: str | os.PathLike, fingerprint: dict[str, Any] | None = None) -> None:
+        self.path = Path(path)
+        self.meta = _read_meta(self.path)
+        if fingerprint is not None and self.meta["fingerprint"] != fingerprint:
+            raise FingerprintMismatchError(
+                f"feature cache {self.path} was built for a different encoder configuration: "
+                f"{describe_diff(self.meta['fingerprint'], fingerprint)}"
+            )
+        self.shape: tuple[int, int, int] = tuple(self.meta["shape"])  # (N, T, D)
+        self.dtype = np.dtype(self.meta["dtype"])
+        self.index: dict[str, int] = _read_index(self.path, self.shape[0])
+        self._offset = _check_array(self.path, self.shape, self.dtype)
+        self._array: np.ndarray | None = None
+        self._pid: int | None = None
+
+    @property
+    def fingerprint(self) -> dict[str, Any]:
+        return self.meta["fingerprint"]
+
+    @property
+    def keys(self) -> list[str]:
+        """Image keys in row order."""
+        return sorted(self.index, key=self.index.__getitem__)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __contains__(self, key: object) -> bool:
+        return key in self.index
+
+    def __repr__(self) -> str:
+        return f"FeatureCache({str(self.path)!r}, shape={self.shape}, dtype={self.dtype.name})"
+
+    def array(self) -> np.ndarray:
+        """The read-only ``(N, T, D)`` memory map, opened on first use in this process."""
+        if self._array is None or self._pid != os.getpid():
+            # A mapping inherited through fork is not reused: each process maps the file itself.
+            mm = np.memmap(self.path / DATA, dtype=self.dtype, mode="r", offset=self._offset, shape=self.shape)
+            self._array, self._pid = mm.view(np.ndarray), os.getpid()
+        return self._array
+
+    def rows(self, keys: Sequence[str]) -> np.ndarray:
+        """Row of each key, ``(B,)`` int64; an unknown key raises :class:`CacheKeyError` naming it."""
+        try:
+            return np.fromiter((self.index[k] for k in keys), dtype=np.int64, count=len(keys))
+        except KeyError as e:
+            missing = [k for k in keys if k not in self.index]
+            raise CacheKeyError(
+                f"image key {e.args[0]!r} is not in feature cache {self.path} "
+                f"({len(missing)} of the {len(keys)} requested keys missing; the cache holds {len(self)} images)"
+            ) from None
+
+    def get(self, keys: Sequence[str], dtype: torch.dtype | None = None) -> Tensor:
+        """Features of ``keys`` as one ``(B, T, D)`` tensor (the cache's dtype unless ``dtype``).
+
+        One gather from the memory map into a fresh array, which the tensor then shares (no second
+        copy); a cast to ``dtype`` is better left to the device the model runs on.
+        """
+        out = torch.from_numpy(np.take(self.array(), self.rows(keys), axis=0))
+        return out if dtype is None else out.to(dtype)
+
+    def __getitem__(self, key: str) -> Tensor:
+        """``(T, D)`` features of one image."""
+        return self.get([key])[0]
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_array": None, "_pid": None}
+
+
+def _read_meta(path: Path) -> dict[str, Any]:
+    if not path.is_dir():
+        raise CacheNotFoundError(f"no feature cache at {path}")
+    if not (path / COMPLETE).is_file():
+        raise CacheNotFoundError(f"feature cache {path} is incomplete (no {COMPLETE} marker): its build did not finish")
+    try:
+        meta = json.loads((path / META).read_text())
+        shape, dtype = tuple(int(v) for v in meta["shape"]), meta["dtype"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CacheCorruptError(f"feature cache {path}: unreadable {META} ({type(e).__name__}: {e})") from e
+    if len(shape) != 3 or dtype not in ("float16", "float32"):
+        raise CacheCorruptError(f"feature cache {path}: {META} has shape {shape} / dtype {dtype!r}; want (N, T, D)")
+    return meta
+
+
+def _read_index(path: Path, num_rows: int) -> dict[str, int]:
+    try:
+        index = json.loads((path / INDEX).read_text())
+    except (OSError, ValueError) as e:
+        raise CacheCorruptError(f"feature cache {path}: unreadable {INDEX} ({type(e).__name__}: {e})") from e
+    for key, row in index.items():
+        if not isinstance(row, int) or not 0 <= row < num_rows:
+            raise CacheCorruptError(
+                f"feature cache {path}: {INDEX} lists image {key!r} at row {row!r}, "
+                f"but {DATA} holds only {num_rows} rows"
+            )
+    if len(index) != num_rows or len(set(index.values())) != num_rows:
+        raise CacheCorruptError(
+            f"feature cache {path}: {INDEX} maps {len(index)} images to {len(set(index.values()))} distinct rows, "
+            f"but {DATA} holds {num_rows} rows"
+        )
+    return index
+
+
+def _check_array(path: Path, shape: tuple[int, int, int], dtype: np.dtype) -> int:
+    """Header agrees with ``meta.json`` and the file is as long as the header says; returns the data offset."""
+    file = path / DATA
+    try:
+        got_shape, got_dtype, offset = read_header(file)
+        size = file.stat().st_size
+    except (OSError, ValueError) as e:
+        raise CacheCorruptError(f"feature cache {path}: unreadable {DATA} ({type(e).__name__}: {e})") from e
+    if got_shape != shape or got_dtype != dtype:
+        raise CacheCorruptError(
+            f"feature cache {path}: {DATA} holds {got_shape} {got_dtype.name}, {META} says {shape} {dtype.name}"
+        )
+    expected = offset + int(np.prod(shape)) * dtype.itemsize
+    if size != expected:
+        raise CacheCorruptError(
+            f"feature cache {path}: {DATA} is {'truncated' if size < expected else 'too long'}: "
+            f"{size} bytes, expected {expected} for {shape} {dtype.name}"
+        )
+    return offset

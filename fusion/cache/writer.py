@@ -1,0 +1,218 @@
+"""Writing one cache: a hidden temporary folder filled row by row, then published by one rename.
+
+The temporary folder ``<root>/.<name>.partial`` sits beside the final one (same filesystem, so the
+rename is atomic) and never matches a cache name: a build killed half way leaves nothing that looks
+complete. It records how many rows are safely on disk (``progress.json``, written after an fdatasync of
+the array), so a rerun with the same fingerprint and image set resumes there; anything else restarts.
+Callers serialize builds of one cache with a file lock (see :mod:`fusion.cache.build`); the rename
+stays safe without it, as a folder cannot be renamed onto a non-empty one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import os
+import shutil
+import tempfile
+import uuid
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fusion.cache.errors import CacheWriteError
+from fusion.cache.store import COMPLETE, DATA, INDEX, META, read_header
+
+PROGRESS = "progress.json"
+_DISK_FULL = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT}
+_NOT_WRITABLE = {errno.EACCES, errno.EPERM, errno.EROFS}
+
+
+def check_writable(folder: Path) -> None:
+    """Create ``folder`` if needed and prove a file can be made in it; else :class:`CacheWriteError`.
+
+    A real attempt rather than ``os.access``: root passes ``access`` on read-only mounts too.
+    """
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=".write-probe-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise CacheWriteError(
+            e.errno, f"feature cache folder {folder} is not writable ({e.strerror or e}); "
+            "point the cache at a writable folder (paths.cache_dir / FUSION_CACHE_DIR)"
+        ) from e
+
+
+@contextlib.contextmanager
+def disk_errors(folder: Path, nbytes: int) -> Iterator[None]:
+    """Turn a full disk / file-size limit / permission error into a :class:`CacheWriteError` naming the folder."""
+    try:
+        yield
+    except CacheWriteError:
+        raise
+    except OSError as e:
+        if e.errno in _DISK_FULL:
+            free = shutil.disk_usage(folder).free if folder.exists() else 0
+            raise CacheWriteError(
+                e.errno, f"no space to build feature cache {folder}: it needs {nbytes / 2**20:.1f} MiB, "
+                f"{free / 2**20:.1f} MiB free ({e.strerror or e}); nothing was published"
+            ) from e
+        if e.errno in _NOT_WRITABLE:
+            raise CacheWriteError(e.errno, f"feature cache folder {folder} is not writable ({e.strerror})") from e
+        raise
+
+
+class PartialCache:
+    """The temporary folder of one cache being built; ``keys`` are in row order.
+
+    ``meta`` is the final ``meta.json`` content (fingerprint, ``shape`` (N, T, D), ``dtype``, digests).
+    """
+
+    def __init__(self, final: Path, meta: dict[str, Any], keys: Sequence[str]) -> None:
+        self.final = Path(final)
+        self.tmp = self.final.parent / f".{self.final.name}.partial"
+        self.meta = json.loads(json.dumps(meta))
+        self.keys = list(keys)
+        self.shape: tuple[int, int, int] = tuple(self.meta["shape"])
+        self.dtype = np.dtype(self.meta["dtype"])
+        if len(self.keys) != self.shape[0]:
+            raise ValueError(f"{len(self.keys)} keys for {self.shape[0]} rows")
+        self.row_bytes = self.shape[1] * self.shape[2] * self.dtype.itemsize
+        self.nbytes = self.shape[0] * self.row_bytes
+        self._fd: int | None = None
+        self._offset = 0
+
+    def open(self, resume: bool = True) -> int:
+        """Create (or, if ``resume`` and it matches, reopen) the temporary folder; returns rows already done."""
+        done = self._resumable() if resume else None
+        if done is not None:
+            self._fd = os.open(self.tmp / DATA, os.O_RDWR)
+            self._offset = read_header(self.tmp / DATA)[2]
+            return done
+        shutil.rmtree(self.tmp, ignore_errors=True)
+        self.tmp.mkdir()
+        self._create_data()
+        self._save_progress(0)
+        return 0
+
+    def write(self, start: int, rows: np.ndarray) -> None:
+        """Write ``rows`` (B, T, D) of this cache's dtype at rows ``start..start+B``."""
+        rows = np.ascontiguousarray(rows, dtype=self.dtype)
+        if rows.shape[1:] != self.shape[1:] or start + len(rows) > self.shape[0]:
+            raise ValueError(f"rows {rows.shape} at {start} do not fit the cache shape {self.shape}")
+        view = memoryview(rows.reshape(-1)).cast("B")
+        pos = self._offset + start * self.row_bytes
+        while view:  # pwrite may write less than asked
+            n = os.pwrite(self._fd, view, pos)
+            view, pos = view[n:], pos + n
+
+    def checkpoint(self, done: int) -> None:
+        """Record that rows ``0..done`` are on disk (after syncing them), for a later resume."""
+        os.fdatasync(self._fd)
+        self._save_progress(done)
+
+    def finish(self) -> None:
+        """Write index, metadata and, last, the completeness marker; sync everything."""
+        os.fsync(self._fd)
+        os.close(self._fd)
+        self._fd = None
+        _write_json(self.tmp / INDEX, {k: i for i, k in enumerate(self.keys)})
+        _write_json(self.tmp / META, self.meta)
+        (self.tmp / PROGRESS).unlink(missing_ok=True)
+        _write_json(self.tmp / COMPLETE, {"rows": self.shape[0]})
+        _fsync_dir(self.tmp)
+
+    def publish(self) -> bool:
+        """Rename the finished folder into place; an existing final folder is replaced.
+
+        Returns False (and discards this build) if another process published the same name between
+        our replacing step and our rename: theirs is kept, as both hold the same features.
+        """
+        trash = None
+        if self.final.exists():
+            # A stale/damaged cache being rebuilt: move it aside first (readers that mapped it keep their
+            # mapping), as rename cannot replace a non-empty folder.
+            trash = self.final.parent / f".{self.final.name}.trash-{uuid.uuid4().hex[:8]}"
+            with contextlib.suppress(FileNotFoundError):
+                os.rename(self.final, trash)
+        try:
+            os.rename(self.tmp, self.final)
+            published = True
+        except OSError as e:
+            if e.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                raise
+            self.discard()
+            published = False
+        _fsync_dir(self.final.parent)
+        if trash is not None:
+            shutil.rmtree(trash, ignore_errors=True)
+        return published
+
+    def discard(self) -> None:
+        """Close and delete the temporary folder (after a failure that resuming cannot fix)."""
+        self.close()
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def _create_data(self) -> None:
+        self._fd = os.open(self.tmp / DATA, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+        with os.fdopen(os.dup(self._fd), "wb") as f:
+            header = {"descr": np.lib.format.dtype_to_descr(self.dtype), "fortran_order": False, "shape": self.shape}
+            np.lib.format.write_array_header_1_0(f, header)
+            self._offset = f.tell()
+        total = self._offset + self.nbytes
+        try:
+            # Reserve every block now: a full disk fails here with ENOSPC, not half way through (and never
+            # as the SIGBUS a write into a sparse memory map gets).
+            os.posix_fallocate(self._fd, 0, total)
+        except OSError as e:
+            if e.errno not in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+                raise
+            os.ftruncate(self._fd, total)
+
+    def _progress_state(self, done: int) -> dict[str, Any]:
+        return {"meta": self.meta, "rows_done": done}
+
+    def _save_progress(self, done: int) -> None:
+        _write_json(self.tmp / PROGRESS, self._progress_state(done))
+
+    def _resumable(self) -> int | None:
+        """Rows done by an earlier, interrupted build of exactly this cache; None if it cannot be reused."""
+        try:
+            state = json.loads((self.tmp / PROGRESS).read_text())
+            shape, dtype, offset = read_header(self.tmp / DATA)
+            size = (self.tmp / DATA).stat().st_size
+        except (OSError, ValueError):
+            return None
+        done = state.get("rows_done")
+        same = state.get("meta") == self.meta and shape == self.shape and dtype == self.dtype
+        if not same or not isinstance(done, int) or not 0 <= done <= self.shape[0] or size != offset + self.nbytes:
+            return None
+        return done
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    """Write ``obj`` to ``path`` through a temp file + rename, synced: never half a file."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as f:
+        json.dump(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
