@@ -229,8 +229,12 @@ class FusionLitModule(pl.LightningModule):
         for key in [k for k in state if k.startswith(ENCODER_PREFIX)]:
             del state[key]
         checkpoint["encoder_fingerprints"] = self.encoder_fingerprints()
+        # The head's classes are indices into this list: a task that derives its vocabulary from data
+        # (VQA, GQA) must give the same list when the checkpoint is evaluated.
+        checkpoint["task_answers"] = list(self.task.answers)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self._check_answers(checkpoint.get("task_answers"))
         saved = checkpoint.get("encoder_fingerprints", {})
         current = self.encoder_fingerprints()
         if set(saved) != set(current):
@@ -248,3 +252,23 @@ class FusionLitModule(pl.LightningModule):
         state = checkpoint["state_dict"]
         for key, value in self.encoders.state_dict(prefix=ENCODER_PREFIX).items():
             state.setdefault(key, value)
+
+    def _check_answers(self, saved: list[str] | None) -> None:
+        """Refuse a checkpoint whose answer vocabulary differs from the task's (its predictions would be
+        read against the wrong answers)."""
+        current = list(self.task.answers)
+        if saved is None or saved == current:
+            return
+        first = next(
+            (i for i, (a, b) in enumerate(zip(saved, current, strict=False)) if a != b), min(len(saved), len(current))
+        )
+
+        def at(answers: list[str]) -> str:
+            return repr(answers[first]) if first < len(answers) else "(end)"
+
+        raise ValueError(
+            f"checkpoint was trained with a {len(saved)}-answer vocabulary for task {self.task.name!r}, but the "
+            f"task now gives {len(current)} answers, first differing at index {first}: checkpoint {at(saved)} vs "
+            f"task {at(current)}; evaluate with the training data's vocabulary (e.g. pin task.vocab_file=<the "
+            "answer_vocab_*.json of the training run>)"
+        )

@@ -152,3 +152,21 @@ def test_mixing_fuser_statistics_and_encoder_drop(parts):
     noisy = dict(batch, images=dict(batch["images"], b=torch.randn(2, 3, 32, 32) * 5))
     torch.testing.assert_close(module(batch)[0], module(noisy)[0], atol=1e-6, rtol=0)
     assert _module(parts).fuser_stats is None  # token_concat: the attention statistics tell
+
+
+def test_checkpoint_carries_the_answer_vocabulary_and_refuses_another(parts):
+    module = _module(parts)
+    ckpt = {"state_dict": module.state_dict()}
+    module.on_save_checkpoint(ckpt)
+    assert ckpt["task_answers"] == module.task.answers
+    _module(parts).on_load_checkpoint({**ckpt, "state_dict": dict(ckpt["state_dict"])})
+    # Checkpoints written before the vocabulary was stored still load.
+    _module(parts).on_load_checkpoint({k: v for k, v in ckpt.items() if k != "task_answers"} | {
+        "state_dict": dict(ckpt["state_dict"])})
+    swapped = list(ckpt["task_answers"])
+    swapped[1], swapped[2] = swapped[2], swapped[1]
+    with pytest.raises(ValueError, match=rf"first differing at index 1: checkpoint {swapped[1]!r} vs task"):
+        _module(parts).on_load_checkpoint({**ckpt, "task_answers": swapped, "state_dict": dict(ckpt["state_dict"])})
+    short = ckpt["task_answers"][:3]
+    with pytest.raises(ValueError, match=r"trained with a 3-answer vocabulary .* index 3: checkpoint \(end\)"):
+        _module(parts).on_load_checkpoint({**ckpt, "task_answers": short, "state_dict": dict(ckpt["state_dict"])})
