@@ -58,8 +58,8 @@ def shard_keys(keys: Iterable[str], shard: int, num_shards: int) -> list[str]:
     if not 0 <= shard < num_shards:
         raise ValueError(f"shard={shard} is out of range for num_shards={num_shards} (0..{num_shards - 1})")
     ordered = sorted(keys)
-    bounds = np.linspace(0, len(ordered), num_shards + 1).round().astype(int)
-    return ordered[bounds[shard] : bounds[shard + 1]]
+    lo, hi = shard * len(ordered) // num_shards, (shard + 1) * len(ordered) // num_shards
+    return ordered[lo:hi]
 
 
 class ImageFiles(Dataset):
