@@ -24,7 +24,8 @@ def write_flickr30k(root: Path, splits: dict[str, int] | None = None) -> Path:
     for split, count in (splits or SPLITS).items():
         for _ in range(count):
             filename = f"{1000092795 + 7919 * n}.jpg"
-            Image.new("RGB", (40, 30), ((37 * n) % 256, (91 * n) % 256, (150 + 13 * n) % 256)).save(images_dir / filename)
+            colour = ((37 * n) % 256, (91 * n) % 256, (150 + 13 * n) % 256)
+            Image.new("RGB", (40, 30), colour).save(images_dir / filename)
             word = WORDS[n % len(WORDS)]
             raws = [f"a {word} in picture {n} number {j}" for j in range(5)]
             images.append(
@@ -34,7 +35,8 @@ def write_flickr30k(root: Path, splits: dict[str, int] | None = None) -> Path:
                     "split": split,
                     "sentids": list(range(5 * n, 5 * n + 5)),
                     "sentences": [
-                        {"tokens": raw.split(), "raw": raw, "imgid": n, "sentid": 5 * n + j} for j, raw in enumerate(raws)
+                        {"tokens": raw.split(), "raw": raw, "imgid": n, "sentid": 5 * n + j}
+                        for j, raw in enumerate(raws)
                     ],
                 }
             )
@@ -82,11 +84,14 @@ def _corrupt(root: Path, edit) -> None:
         (lambda d: d["images"][2].pop("filename"), r"images\[2\]: missing key 'filename' \(keys present: imgid"),
         (lambda d: d["images"][1].update(split="dev"),
          r"images\[1\] \(\d+\.jpg\): split 'dev' is not one of train, val, test, restval"),
-        (lambda d: d["images"][3]["sentences"][4].pop("raw"), r"images\[3\] \(\d+\.jpg\) sentences\[4\]: missing key 'raw'"),
+        (lambda d: d["images"][3]["sentences"][4].pop("raw"),
+         r"images\[3\] \(\d+\.jpg\) sentences\[4\]: missing key 'raw'"),
         (lambda d: d["images"][0]["sentences"][1].update(raw=""),
          r"images\[0\] \(\d+\.jpg\) sentences\[1\]: raw '' is not a non-empty string"),
-        (lambda d: d["images"][0].update(sentences=[]), r"images\[0\] \(\d+\.jpg\): sentences is \[\]; expected a non-empty"),
-        (lambda d: d["images"][4].update(filename=d["images"][0]["filename"]), r"images\[4\] .*listed twice .*images\[0\]"),
+        (lambda d: d["images"][0].update(sentences=[]),
+         r"images\[0\] \(\d+\.jpg\): sentences is \[\]; expected a non-empty"),
+        (lambda d: d["images"][4].update(filename=d["images"][0]["filename"]),
+         r"images\[4\] .*listed twice .*images\[0\]"),
         (lambda d: d.pop("images"), r"expected a JSON object with an 'images' list, got a JSON object with keys"),
     ],
 )
@@ -153,7 +158,8 @@ def test_train_then_eval_writes_recalls_and_the_rankings(tmp_path):
     metrics = json.loads((out / "metrics.json").read_text())
     assert set(metrics) == {f"test/{k}" for k in ("rsum", "t2i_r1", "t2i_r5", "t2i_r10", "i2t_r1", "i2t_r5", "i2t_r10")}
     predictions = json.loads((out / "predictions.json").read_text())
-    data = [img for img in json.loads((root / "dataset_flickr30k.json").read_text())["images"] if img["split"] == "test"]
+    data = json.loads((root / "dataset_flickr30k.json").read_text())["images"]
+    data = [img for img in data if img["split"] == "test"]
     names = [img["filename"] for img in data]
     captions = [f"{img['filename']}#{j}" for img in data for j in range(5)]
     assert [p["caption_id"] for p in predictions["text_to_image"]] == captions
