@@ -215,3 +215,15 @@ def test_concurrent_publish_of_the_same_cache_keeps_one_valid_copy(enc, images, 
     cache = FeatureCache(tmp_path / "b" / first.path.name, first.fingerprint)
     assert torch.equal(cache.get(first.keys), first.get(first.keys))
     assert _only_published(tmp_path / "b") == [first.path.name]
+
+
+def test_unreadable_image_names_the_file_and_keeps_progress(enc, images, tmp_path):
+    last = images[sorted(images)[-1]]
+    good = last.read_bytes()
+    last.write_bytes(b"not a png")
+    with pytest.raises(ValueError, match=f"cannot read image {last}"):
+        ensure_cache(enc, images, tmp_path / "cache", **FAST)
+    last.write_bytes(good)
+    rows = []
+    ensure_cache(enc, images, tmp_path / "cache", on_batch=rows.append, **FAST)
+    assert rows == [7]  # the first three batches were kept

@@ -32,7 +32,7 @@ from fusion.cache.fingerprint import cache_fingerprint, normalize_dtype
 from fusion.cache.layout import cache_path, find_shards, lock_path, nearest_mismatch
 from fusion.cache.merge import merge_shards
 from fusion.cache.store import FeatureCache, keys_digest
-from fusion.cache.writer import PartialCache, check_writable, disk_errors
+from fusion.cache.writer import PartialCache, check_writable, disk_errors, is_disk_error
 
 log = logging.getLogger(__name__)
 
@@ -130,9 +130,11 @@ def build_cache(
                 _encode_into(partial, encoder, [(k, images[k]) for k in keys[done:]], done, batch_size,
                              num_workers, progress, sync_every, on_batch)
                 partial.finish()
-            except OSError:
-                # A full disk or lost permission: a resume would hit it again, so free the space now.
-                partial.discard()
+            except OSError as e:
+                # A full disk or lost permission: a resume would hit it again, so free the space now. Other
+                # errors (an unreadable image...) keep the partial build for a resume once fixed.
+                if is_disk_error(e):
+                    partial.discard()
                 raise
             finally:
                 partial.close()

@@ -59,6 +59,8 @@ def nearest_mismatch(root: Path, fingerprint: dict[str, Any]) -> FingerprintMism
             cached = json.loads(meta_file.read_text())["fingerprint"]
         except (OSError, ValueError, KeyError):
             continue
+        if cached.get("name") != fingerprint.get("name"):
+            continue
         fields = diff(cached, fingerprint)
         if fields and (best is None or len(fields) < best[0]):
             best = (len(fields), meta_file.parent, fields)

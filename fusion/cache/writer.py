@@ -48,6 +48,11 @@ def check_writable(folder: Path) -> None:
         ) from e
 
 
+def is_disk_error(error: BaseException) -> bool:
+    """A full disk, a file-size limit or lost write permission: retrying (resuming) would fail again."""
+    return isinstance(error, OSError) and error.errno in _DISK_FULL | _NOT_WRITABLE
+
+
 @contextlib.contextmanager
 def disk_errors(folder: Path, nbytes: int) -> Iterator[None]:
     """Turn a full disk / file-size limit / permission error into a :class:`CacheWriteError` naming the folder."""
