@@ -7,7 +7,8 @@ pairs plus one hard negative caption per image and one hard negative image per c
 Evaluation (val/test): every unique image's encoder features and every caption's text states are kept
 as the loader delivers them; at the epoch's end the first stage ranks all pairs, the top ``rerank_k`` of
 each query (both directions) are re-scored by the fusion model's ITM log-odds, and
-:class:`~fusion.ranking.RetrievalRecall` reports R@1/5/10 both ways and their sum (``<stage>/rsum``).
+:class:`~fusion.ranking.RetrievalRecall` reports R@1/5/10 both ways and their sum (``<stage>/rsum``),
+and the same for the first stage alone (``<stage>/first_rsum``, ``<stage>/first_t2i_r1``...).
 Runs in one process: under DDP each process would hold only its share of the candidates.
 """
 
@@ -25,7 +26,7 @@ from fusion.encoders import VisionEncoder
 from fusion.heads import ClassifierHead
 from fusion.lit import FusionLitModule
 from fusion.model import FusionModel, FusionOutput
-from fusion.ranking import PairScorer, rerank
+from fusion.ranking import PairScorer, RetrievalRecall, pessimistic_rank, rerank
 from fusion.retrieval import DualEncoder, contrastive_loss, hard_negatives, same_image
 from fusion.tasks.base import VLTask
 from fusion.text import TextEncoder
@@ -131,6 +132,7 @@ class RetrievalLitModule(FusionLitModule):
         self.hardest_negatives = bool(hardest_negatives)
         self.rerank_k = int(rerank_k)
         self.rerank_batch_size = int(rerank_batch_size)
+        self.first_metrics = nn.ModuleDict({stage: RetrievalRecall() for stage in ("val", "test")})
         self._galleries: dict[str, Gallery] = {}
 
     # ---- the two scores ------------------------------------------------------------------------
@@ -246,13 +248,19 @@ class RetrievalLitModule(FusionLitModule):
         caption_image = torch.tensor(gallery.caption_image, device=first.device)
         positives = caption_image[:, None] == torch.arange(first.shape[1], device=first.device)[None, :]
         result = rerank(first, positives, self.rerank_k, self.pair_scorer(features, states, masks), top=TOP)
-        metric = self.metrics[stage]
-        metric.update("t2i", result.t2i_ranks)
-        metric.update("i2t", result.i2t_ranks)
-        values = metric.compute()  # {"": rsum, "t2i_r1": ..., "i2t_r10": ...}
-        metric.reset()
-        self.log(f"{stage}/{self.task.metric_name}", values.pop(""), prog_bar=stage == "val")
-        self.log_dict({f"{stage}/{name}": value for name, value in values.items()})
+        # The re-ranked recalls (headline), and the first stage's alone: what re-ranking adds.
+        first_t2i, first_i2t = pessimistic_rank(first, positives), pessimistic_rank(first.T, positives.T)
+        for metric, t2i, i2t, prefix in (
+            (self.metrics[stage], result.t2i_ranks, result.i2t_ranks, ""),
+            (self.first_metrics[stage], first_t2i, first_i2t, "first_"),
+        ):
+            metric.update("t2i", t2i)
+            metric.update("i2t", i2t)
+            values = metric.compute()  # {"": rsum, "t2i_r1": ..., "i2t_r10": ...}
+            metric.reset()
+            headline = f"{stage}/{prefix}{self.task.metric_name}"
+            self.log(headline, values.pop(""), prog_bar=stage == "val" and not prefix)
+            self.log_dict({f"{stage}/{prefix}{name}": value for name, value in values.items()})
         if self.predictions_path is not None and not self.trainer.sanity_checking and self.trainer.is_global_zero:
             write = getattr(self.task, "write_rankings", None)
             if write is None:

@@ -156,7 +156,8 @@ def test_train_then_eval_writes_recalls_and_the_rankings(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     metrics = json.loads((out / "metrics.json").read_text())
-    assert set(metrics) == {f"test/{k}" for k in ("rsum", "t2i_r1", "t2i_r5", "t2i_r10", "i2t_r1", "i2t_r5", "i2t_r10")}
+    recalls = ("rsum", "t2i_r1", "t2i_r5", "t2i_r10", "i2t_r1", "i2t_r5", "i2t_r10")
+    assert set(metrics) == {f"test/{p}{k}" for k in recalls for p in ("", "first_")}
     predictions = json.loads((out / "predictions.json").read_text())
     data = json.loads((root / "dataset_flickr30k.json").read_text())["images"]
     data = [img for img in data if img["split"] == "test"]
