@@ -1,4 +1,7 @@
-"""Evaluate a checkpoint: python eval.py +experiment=shapes ckpt_path=.../last.ckpt split=val."""
+"""Evaluate a checkpoint: python eval.py +experiment=shapes ckpt_path=.../last.ckpt split=val.
+
+Other modes: ``mode=extract`` builds the feature caches of the configured encoders (see conf/cache/).
+"""
 
 from pathlib import Path
 
@@ -6,12 +9,17 @@ import hydra
 from omegaconf import DictConfig
 
 from fusion.cli import check_choices
-from fusion.run import evaluate
+from fusion.run import evaluate, extract
+
+MODES = {"eval": evaluate, "extract": extract}
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="eval")
 def main(cfg: DictConfig) -> None:
-    evaluate(cfg)
+    mode = str(cfg.get("mode", "eval"))
+    if mode not in MODES:
+        raise ValueError(f"mode={mode!r} is not one of {', '.join(MODES)}")
+    MODES[mode](cfg)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +12,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset
 
+from fusion.cache import FeatureCache, ensure_cache, images_of
 from fusion.tasks.base import Example, VLTask
 
 Transform = Callable[[Image.Image], torch.Tensor]
@@ -35,6 +37,7 @@ class VLDataset(Dataset):
 
     def __init__(self, examples: Sequence[Example], transforms: Mapping[str, Transform], task: VLTask):
         self.examples = list(examples)
+        # Only the encoders that run online; cached encoders' features are gathered per batch by the collator.
         self.transforms = dict(transforms)
         self.task = task
         self.type_index = {t: i for i, t in enumerate(task.answer_types)}
@@ -50,8 +53,9 @@ class VLDataset(Dataset):
                 f"example {ex.question_id!r} of task {self.task.name!r} has {len(ex.images)} images; "
                 f"the task expects {count} per example"
             )
-        # Each image is decoded once and transformed once per encoder (own size and normalisation).
-        decoded = [load_image(path) for _, path in ex.images]
+        # Each image is decoded once and transformed once per encoder (own size and normalisation); with
+        # every encoder cached there is nothing to decode.
+        decoded = [load_image(path) for _, path in ex.images] if self.transforms else []
         if count == 1:
             images = {name: tf(decoded[0]) for name, tf in self.transforms.items()}
         else:
@@ -75,11 +79,14 @@ class VLCollator:
     ``input_ids`` / ``attention_mask`` (B, L); ``labels`` (B,);
     ``targets`` (B,) or (B, C) (what the task's loss trains towards); ``answer_types`` (B,);
     ``question_ids`` and ``image_keys`` lists of str (of I-tuples of str with I images per example).
+    With feature caches, ``features[name]`` (B, T_e, D_e) or (B, I, T_e, D_e) in the cache's dtype, one
+    gather from the memory map per batch, for each cached encoder (which then has no ``images`` entry).
     """
 
-    def __init__(self, tokenizer: Any, max_length: int) -> None:
+    def __init__(self, tokenizer: Any, max_length: int, caches: Mapping[str, FeatureCache] | None = None) -> None:
         self.tokenizer = tokenizer
         self.max_length = max_length
+        self.caches = dict(caches or {})
 
     def __call__(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
         text = self.tokenizer(
@@ -87,7 +94,7 @@ class VLCollator:
             max_length=self.max_length, return_tensors="pt",
         )
         names = samples[0]["images"].keys()
-        return {
+        batch = {
             "images": {n: torch.stack([s["images"][n] for s in samples]) for n in names},
             "input_ids": text["input_ids"],
             "attention_mask": text["attention_mask"],
@@ -97,6 +104,17 @@ class VLCollator:
             "question_ids": [s["question_id"] for s in samples],
             "image_keys": [s["image_key"] for s in samples],
         }
+        if self.caches:
+            batch["features"] = {name: _gather(cache, batch["image_keys"]) for name, cache in self.caches.items()}
+        return batch
+
+
+def _gather(cache: FeatureCache, keys: list[str] | list[tuple[str, ...]]) -> torch.Tensor:
+    """(B, T, D) rows of ``keys``; (B, I, T, D) when each example has a tuple of I image keys."""
+    if keys and isinstance(keys[0], tuple):
+        flat = [k for group in keys for k in group]
+        return cache.get(flat).unflatten(0, (len(keys), len(keys[0])))
+    return cache.get(keys)
 
 
 def _stack_targets(targets: list[int | torch.Tensor]) -> torch.Tensor:
@@ -105,8 +123,33 @@ def _stack_targets(targets: list[int | torch.Tensor]) -> torch.Tensor:
     return torch.tensor(targets, dtype=torch.long)
 
 
+@dataclass(frozen=True)
+class CacheSettings:
+    """Where and how the frozen-feature caches are kept (``conf/cache/``; see :mod:`fusion.cache`).
+
+    ``device``: where encoders run while a cache is built (``auto``: CUDA if available).
+    """
+
+    dir: str | Path
+    dtype: str = "float16"
+    rebuild: bool = True
+    batch_size: int = 64
+    num_workers: int = 2
+    device: str = "auto"
+
+    def build_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.device)
+
+
 class FusionDataModule(pl.LightningDataModule):
-    """Lightning data module over a :class:`VLTask`: loaders for train / val / test."""
+    """Lightning data module over a :class:`VLTask`: loaders for train / val / test.
+
+    With ``cache`` (and the ``encoders``), each encoder's features come from its feature cache instead
+    of its pixels: the caches are built in ``prepare_data`` (once per node, before any loader exists)
+    for every image of the splits in use and opened in ``setup`` on every process.
+    """
 
     def __init__(
         self,
@@ -118,11 +161,18 @@ class FusionDataModule(pl.LightningDataModule):
         eval_batch_size: int | None = None,
         num_workers: int = 0,
         pin_memory: bool = False,
+        encoders: Mapping[str, Any] | None = None,
+        cache: CacheSettings | None = None,
     ) -> None:
         super().__init__()
+        if cache is not None and not encoders:
+            raise ValueError("a feature cache needs the encoders whose features it holds")
         self.task = task
         self.transforms = dict(transforms)
-        self.collate = VLCollator(tokenizer, max_length)
+        self.tokenizer, self.max_length = tokenizer, max_length
+        self.encoders = dict(encoders or {})
+        self.cache = cache
+        self.caches: dict[str, FeatureCache] | None = None
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size or batch_size
         self.num_workers = num_workers
@@ -132,17 +182,48 @@ class FusionDataModule(pl.LightningDataModule):
 
     def prepare_data(self) -> None:
         self.task.prepare_data()
+        if self.cache is not None:
+            self.caches = self._open_caches(build=True)
+
+    def setup(self, stage: str | None = None) -> None:
+        # Other processes than the one that ran prepare_data open the caches it built.
+        if self.cache is not None and self.caches is None:
+            self.caches = self._open_caches(build=False)
+
+    def cached_splits(self) -> list[str]:
+        """The splits whose images the caches hold: train, the validation split in use, test."""
+        return list(dict.fromkeys((self.task.train_split, self.val_split, self.task.test_split)))
+
+    def _open_caches(self, build: bool) -> dict[str, FeatureCache]:
+        assert self.cache is not None
+        images = images_of(ex for split in self.cached_splits() for ex in self.task.examples(split))
+        device = self.cache.build_device()
+        caches = {}
+        for name, encoder in self.encoders.items():
+            home = next(encoder.parameters()).device
+            # Encoders run only when a cache is (re)built; then on the build device, and back afterwards.
+            encoder.to(device if build else home)
+            caches[name] = ensure_cache(
+                encoder, images, self.cache.dir, dtype=self.cache.dtype, rebuild=self.cache.rebuild and build,
+                batch_size=self.cache.batch_size, num_workers=self.cache.num_workers,
+            )
+            encoder.to(home)
+        return caches
 
     def dataset(self, split: str) -> VLDataset:
-        return VLDataset(self.task.examples(split), self.transforms, self.task)
+        cached = set(self.caches or {})
+        online = {n: tf for n, tf in self.transforms.items() if n not in cached}
+        return VLDataset(self.task.examples(split), online, self.task)
 
     def _loader(self, split: str, shuffle: bool, batch_size: int) -> DataLoader:
+        if self.cache is not None and self.caches is None:
+            self.setup()
         return DataLoader(
             self.dataset(split),
             batch_size=batch_size,
             shuffle=shuffle,
             num_workers=self.num_workers,
-            collate_fn=self.collate,
+            collate_fn=VLCollator(self.tokenizer, self.max_length, self.caches),
             pin_memory=self.pin_memory,
             persistent_workers=self.num_workers > 0,
         )

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -11,10 +13,13 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.loggers import Logger, WandbLogger
 
-from fusion.data import FusionDataModule
+from fusion.cache import build_cache, ensure_cache, images_of
+from fusion.data import CacheSettings, FusionDataModule
 from fusion.encoders import VisionEncoder
 from fusion.lit import FusionLitModule
 from fusion.tasks.base import VLTask, write_atomic
+
+log = logging.getLogger(__name__)
 
 
 def build_encoders(cfg: DictConfig) -> dict[str, VisionEncoder]:
@@ -32,13 +37,28 @@ def build_encoders(cfg: DictConfig) -> dict[str, VisionEncoder]:
     return encoders
 
 
+def cache_settings(cfg: DictConfig, always: bool = False) -> CacheSettings | None:
+    """The feature-cache settings of ``cfg.cache``; None when the cache is not enabled, unless ``always``."""
+    cache = cfg.get("cache")
+    if cache is None and always:
+        raise ValueError("the config has no cache group; add `- cache: default` to its defaults list")
+    if cache is None or not (always or cache.get("enabled", False)):
+        return None
+    names = [f.name for f in dataclasses.fields(CacheSettings)]
+    return CacheSettings(**{n: cache[n] for n in names if cache.get(n) is not None})
+
+
 def build(cfg: DictConfig) -> tuple[FusionDataModule, FusionLitModule]:
-    """Data module and model, sharing the encoders' preprocessing and the text tokenizer."""
+    """Data module and model, sharing the encoders (and their preprocessing) and the text tokenizer."""
     encoders = build_encoders(cfg)
     text = instantiate(cfg.text)
     task: VLTask = instantiate(cfg.task)
     transforms = {name: enc.preprocess.transform() for name, enc in encoders.items()}
-    datamodule = instantiate(cfg.data, task=task, transforms=transforms, tokenizer=text.tokenizer)
+    # Partial, then called: Hydra would turn the dataclass and module arguments into configs.
+    make_datamodule = instantiate(cfg.data, _partial_=True)
+    datamodule = make_datamodule(
+        task=task, transforms=transforms, tokenizer=text.tokenizer, encoders=encoders, cache=cache_settings(cfg)
+    )
     model = instantiate(cfg.model, encoders=encoders, text=text, task=task, fusion=instantiate(cfg.fusion))
     return datamodule, model
 
@@ -114,6 +134,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
 def evaluate(cfg: DictConfig) -> dict[str, float]:
     """Evaluate ``cfg.ckpt_path`` on ``cfg.split``; writes metrics.json and attention statistics."""
+    if cfg.get("ckpt_path") is None:
+        raise ValueError("eval.py needs ckpt_path=<a checkpoint>, e.g. <run>/checkpoints/last.ckpt")
     ckpt = Path(str(cfg.ckpt_path)).expanduser()
     if not ckpt.is_file():
         raise FileNotFoundError(f"ckpt_path={cfg.ckpt_path!r} is not a checkpoint file")
@@ -136,3 +158,35 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     finally:
         _finish(loggers)
     return metrics
+
+
+def extract(cfg: DictConfig) -> dict[str, str]:
+    """Build the feature cache of every configured encoder for the task's images (``eval.py mode=extract``).
+
+    With ``cache.shard``/``cache.num_shards`` only that shard is built; the shards merge into one cache
+    the first time a run (or an extract without sharding) opens it. Returns encoder -> cache folder.
+    """
+    settings = cache_settings(cfg, always=True)
+    encoders = build_encoders(cfg)
+    task: VLTask = instantiate(cfg.task)
+    task.prepare_data()
+    splits = list(cfg.cache.get("splits") or dict.fromkeys(task.splits))
+    images = images_of(ex for split in splits for ex in task.examples(split))
+    shard, num_shards = cfg.cache.get("shard"), cfg.cache.get("num_shards")
+    if (shard is None) != (num_shards is None):
+        raise ValueError(f"give both cache.shard and cache.num_shards (got shard={shard}, num_shards={num_shards})")
+    device = settings.build_device()
+    paths = {}
+    for name, encoder in encoders.items():
+        encoder.to(device)
+        common = {"dtype": settings.dtype, "batch_size": settings.batch_size, "num_workers": settings.num_workers}
+        if num_shards is None:
+            cache = ensure_cache(encoder, images, settings.dir, rebuild=settings.rebuild, **common)
+        else:
+            cache = build_cache(encoder, images, settings.dir, shard=int(shard), num_shards=int(num_shards), **common)
+        encoder.to("cpu")
+        paths[name] = str(cache.path)
+        log.info("encoder %s: %d images of splits %s in %s", name, len(cache), splits, cache.path)
+    output_dir = Path(cfg.paths.output_dir)
+    write_json_atomic(output_dir / "caches.json", {"splits": splits, "images": len(images), "caches": paths})
+    return paths

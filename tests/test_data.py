@@ -91,3 +91,83 @@ def test_two_images_per_example_each_decoded_once_and_transformed_per_encoder(tm
     # An example with the wrong number of images is named.
     with pytest.raises(ValueError, match="example 'q1' of task 'shapes' has 1 images; the task expects 2"):
         VLDataset([_example(left)], _transforms(), _TwoImageTask(tmp_path))[0]
+
+
+# ---- feature caches in the data path --------------------------------------------------------------
+def _tiny_encoders():
+    from fusion.encoders import TimmEncoder
+
+    kwargs = {"embed_dim": 32, "depth": 1, "num_heads": 2, "img_size": 32, "patch_size": 16}
+    return {
+        "a": TimmEncoder("a", "vit_base_patch16_clip_224.openai", init_seed=0, model_kwargs=kwargs),
+        "b": TimmEncoder("b", "vit_base_patch16_224.dino", init_seed=1, model_kwargs=kwargs),
+    }
+
+
+def _module(encoders, task, tokenizer_dir):
+    from fusion.lit import FusionLitModule
+    from fusion.model import FusionModel
+    from fusion.text import TextEncoder, build_tiny_bert
+
+    torch.manual_seed(0)
+    text = TextEncoder(build_tiny_bert(tokenizer_dir))
+
+    def fusion(**dims):
+        return FusionModel(**dims, width=32, depth=1, num_heads=2, dropout=0.0)
+
+    return FusionLitModule(encoders, text, task, fusion=fusion, attention_stats=False).eval(), text
+
+
+@pytest.mark.parametrize(("dtype", "atol"), [("float32", 1e-5), ("float16", 1e-2)])
+def test_cached_features_give_the_model_the_same_output(tmp_path, dtype, atol):
+    from fusion.data import CacheSettings
+
+    task = ShapesTask(tmp_path / "shapes", num_train=6, num_val=5, num_test=3)
+    encoders = _tiny_encoders()
+    module, text = _module(encoders, task, tmp_path / "bert")
+    transforms = {n: e.preprocess.transform() for n, e in encoders.items()}
+    online = FusionDataModule(task, transforms, text.tokenizer, batch_size=5)
+    cached = FusionDataModule(
+        task, transforms, text.tokenizer, batch_size=5, encoders=encoders,
+        cache=CacheSettings(tmp_path / "cache", dtype=dtype, num_workers=0),
+    )
+    for dm in (online, cached):
+        dm.prepare_data()
+        dm.setup("fit")
+    plain, from_cache = next(iter(online.val_dataloader())), next(iter(cached.val_dataloader()))
+    assert from_cache["images"] == {} and set(from_cache["features"]) == {"a", "b"}
+    assert from_cache["features"]["a"].dtype == getattr(torch, dtype)
+    assert from_cache["features"]["a"].shape == (5, encoders["a"].num_tokens, 32)
+    with torch.no_grad():
+        expected, got = module(plain)[0], module(from_cache)[0]
+    torch.testing.assert_close(got, expected, atol=atol, rtol=0)
+    # The cache holds every image of the splits in use, each once.
+    images = {e.image_key for split in task.splits for e in task.examples(split)}
+    assert sorted(cached.caches["a"].keys) == sorted(images)
+
+
+def test_cached_features_through_two_loader_workers_and_two_images(tmp_path, tokenizer):
+    from fusion.cache import ensure_cache
+
+    encoders = _tiny_encoders()
+    paths = []
+    for i in range(4):
+        paths.append(tmp_path / f"img{i}.png")
+        Image.new("RGB", (40, 40), (60 * i, 30, 200 - 40 * i)).save(paths[-1])
+    examples = [
+        Example(f"q{i}", f"k{i}", paths[i], "what color is the circle?", 1, more_images=((f"k{3 - i}", paths[3 - i]),))
+        for i in range(4)
+    ]
+    images = {f"k{i}": p for i, p in enumerate(paths)}
+    caches = {n: ensure_cache(e, images, tmp_path / "c", dtype="float32", num_workers=0) for n, e in encoders.items()}
+    loader = torch.utils.data.DataLoader(
+        VLDataset(examples, {}, _TwoImageTask(tmp_path)), batch_size=2, num_workers=2,
+        collate_fn=VLCollator(tokenizer, 16, caches),
+    )
+    batches = list(loader)
+    assert [b["image_keys"] for b in batches] == [[("k0", "k3"), ("k1", "k2")], [("k2", "k1"), ("k3", "k0")]]
+    feats = batches[1]["features"]["b"]
+    assert feats.shape == (2, 2, encoders["b"].num_tokens, 32)
+    pixels = encoders["b"].preprocess.transform()(load_image(paths[0]))
+    with torch.no_grad():
+        torch.testing.assert_close(feats[1, 1], encoders["b"](pixels[None])[0], atol=1e-5, rtol=0)

@@ -206,6 +206,39 @@ def test_unknown_encoder_in_a_list_is_named_with_the_options(tmp_path):
     assert "unknown encoder 'nope'" in proc.stderr and "clip_tiny, dino, dino_tiny" in proc.stderr
 
 
+def test_extract_in_shards_then_train_from_the_cache(tmp_path):
+    common = ["+experiment=shapes", *SMALL, "encoder=[clip_tiny,dino_tiny]", "cache.num_workers=0"]
+    for shard in (0, 1):
+        proc = _run(
+            "eval.py",
+            ["mode=extract", *common, f"cache.shard={shard}", "cache.num_shards=2", f"hydra.run.dir={tmp_path / 'x'}"],
+            tmp_path,
+        )
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    features = tmp_path / "cache" / "features"
+    assert len(list(features.glob("clip_tiny-*.shard-*-of-002"))) == 2
+    written = json.loads((tmp_path / "x" / "caches.json").read_text())
+    assert written["splits"] == ["train", "val", "test"] and set(written["caches"]) == {"clip_tiny", "dino_tiny"}
+
+    # Training with the cache and no rebuilding merges the shards and never needs the encoders' pixels.
+    train = ["logger=csv", "trainer.max_epochs=1", "model.attention_stats=false", "cache.enabled=true"]
+    run = tmp_path / "run"
+    proc = _run("train.py", [*common, *train, "cache.rebuild=false", f"hydra.run.dir={run}"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert {"val/acc", "test/acc"} <= set(json.loads((run / "metrics.json").read_text()))
+    merged = [p for p in features.glob("clip_tiny-*") if p.is_dir() and ".shard-" not in p.name]
+    assert len(merged) == 1 and (merged[0] / "COMPLETE").is_file()
+
+    # Other weights (another init seed) never read the old cache: with rebuild=false the run stops, naming
+    # the fields that differ.
+    proc = _run(
+        "train.py", [*common, *train, "cache.rebuild=false", "encoder.clip_tiny.init_seed=5", f"hydra.run.dir={run}2"],
+        tmp_path,
+    )
+    assert proc.returncode != 0
+    assert "no feature cache for the configured encoder 'clip_tiny'" in proc.stderr and "sha256" in proc.stderr
+
+
 def test_eval_names_a_missing_checkpoint(tmp_path):
     proc = _run("eval.py", ["+experiment=shapes", "ckpt_path=/no/such.ckpt", *SMALL], tmp_path)
     assert proc.returncode != 0 and "/no/such.ckpt" in proc.stderr
