@@ -29,8 +29,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from fusion.cache import build_cache  # noqa: E402
-from fusion.data import load_image  # noqa: E402
 from fusion.encoders import TimmEncoder  # noqa: E402
+from fusion.images import load_image  # noqa: E402
 
 
 def encoder(name: str) -> TimmEncoder:

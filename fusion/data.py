@@ -9,24 +9,14 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from fusion.cache import FeatureCache, ensure_cache, images_of
+from fusion.images import load_image
 from fusion.tasks.base import Example, VLTask
 
 Transform = Callable[[Image.Image], torch.Tensor]
-
-
-def load_image(path: Path) -> Image.Image:
-    """Decode an image file as RGB, or fail with an error that names the file."""
-    try:
-        with Image.open(path) as img:
-            return img.convert("RGB")
-    except FileNotFoundError as err:
-        raise FileNotFoundError(f"image file not found: {path}") from err
-    except (UnidentifiedImageError, OSError) as err:
-        raise ValueError(f"cannot read image {path}: {err}") from err
 
 
 class VLDataset(Dataset):

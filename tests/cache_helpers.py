@@ -21,8 +21,8 @@ import torch
 from omegaconf import OmegaConf
 from PIL import Image
 
-from fusion.data import load_image
 from fusion.encoders import TimmEncoder
+from fusion.images import load_image
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "encoder"
 

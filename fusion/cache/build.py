@@ -33,6 +33,7 @@ from fusion.cache.layout import cache_path, find_shards, lock_path, nearest_mism
 from fusion.cache.merge import merge_shards
 from fusion.cache.store import FeatureCache, keys_digest
 from fusion.cache.writer import PartialCache, check_writable, disk_errors, is_disk_error
+from fusion.images import load_image  # the training path's decoder: cached and online pixels match
 
 log = logging.getLogger(__name__)
 
@@ -73,8 +74,6 @@ class ImageFiles(Dataset):
         return len(self.items)
 
     def __getitem__(self, i: int) -> torch.Tensor:
-        from fusion.data import load_image  # the training path's decoder: cached and online pixels match
-
         return self.transform(load_image(Path(self.items[i][1])))
 
 
