@@ -91,20 +91,24 @@ class FusionLitModule(pl.LightningModule):
 
     # ---- forward -------------------------------------------------------------------------------
     def forward(self, batch: Mapping[str, Any], output_attentions: bool = False) -> tuple[torch.Tensor, FusionOutput]:
-        """Logits ``(B, num_classes)`` and the fusion output for one collated batch.
-
-        An encoder's features come from ``batch["features"]`` when the data module read them from its
-        feature cache (cast here, on the model's device), else the frozen encoder runs on the pixels.
-        """
-        cached = batch.get("features") or {}
-        features = {
-            name: cached[name].to(self.dtype) if name in cached else self._encode(enc, batch["images"][name])
-            for name, enc in self.encoders.items()
-        }
+        """Logits ``(B, num_classes)`` and the fusion output for one collated batch."""
+        features = self.encode_images(batch)
         text_hidden = self.text(batch["input_ids"], batch["attention_mask"])
         keep = self.ve_dropout(batch["input_ids"].shape[0])
         out = self.fusion(features, keep, text_hidden, batch["attention_mask"].bool(), output_attentions)
         return self.head(out.pooled), out
+
+    def encode_images(self, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+        """Each encoder's features of the batch's images: (B, N_e, D_e), or (B, I, N_e, D_e) with I images.
+
+        They come from ``batch["features"]`` when the data module read them from its feature cache (cast
+        here, on the model's device), else the frozen encoder runs on ``batch["images"]``.
+        """
+        cached = batch.get("features") or {}
+        return {
+            name: cached[name].to(self.dtype) if name in cached else self._encode(enc, batch["images"][name])
+            for name, enc in self.encoders.items()
+        }
 
     @staticmethod
     def _encode(encoder: VisionEncoder, images: torch.Tensor) -> torch.Tensor:
