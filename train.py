@@ -1,4 +1,4 @@
-"""Train a fusion model: python train.py +experiment=shapes [overrides]."""
+"""Train a fusion model: python train.py +experiment=shapes [overrides] (or the tiny encoder zoo: +experiment=zoo/all)."""
 
 from pathlib import Path
 
@@ -11,7 +11,12 @@ from fusion.run import train
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
-    metrics = train(cfg)
+    if cfg.get("zoo") is not None:  # +experiment=zoo/...: pretrain zoo towers, or a task on their weights
+        from fusion.zoo.entry import run as run_zoo
+
+        metrics = run_zoo(cfg)
+    else:
+        metrics = train(cfg)
     # The value a hyperparameter sweeper optimises.
     return metrics.get(cfg.monitor.metric)
 
