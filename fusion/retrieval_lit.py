@@ -153,7 +153,9 @@ class RetrievalLitModule(FusionLitModule):
         mask = text_mask[text_idx].bool()
         keep = self.ve_dropout(len(image_idx))
         out = self.fusion(feats, keep, text_states[text_idx], mask, output_attentions)
-        return self.head(out.pooled), out
+        # The head in float32 even under autocast: bf16 logits would make ties among re-ranked candidates.
+        with torch.autocast(device_type=out.pooled.device.type, enabled=False):
+            return self.head(out.pooled.float()), out
 
     def pair_scorer(self, features: Mapping[str, Tensor], text_states: Tensor, text_mask: Tensor) -> PairScorer:
         """ITM log-odds (logit match - logit no match) of (text, image) index pairs, in fixed-size chunks."""
@@ -172,7 +174,7 @@ class RetrievalLitModule(FusionLitModule):
 
     # ---- training ------------------------------------------------------------------------------
     def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> Tensor:
-        features = {name: enc(batch["images"][name]) for name, enc in self.encoders.items()}
+        features = self.encode_images(batch)
         states = self.text(batch["input_ids"], batch["attention_mask"])
         mask = batch["attention_mask"].bool()
         B = mask.shape[0]
@@ -220,7 +222,10 @@ class RetrievalLitModule(FusionLitModule):
         keys: list[str] = batch["image_keys"]
         unique = list(dict.fromkeys(keys))
         rows = torch.tensor([keys.index(k) for k in unique], device=batch["input_ids"].device)
-        features = {name: enc(batch["images"][name][rows]) for name, enc in self.encoders.items()}
+        # Each image once (a split lists it once per caption): pixels or cached features of those rows only.
+        features = self.encode_images(
+            {part: {n: t[rows] for n, t in batch[part].items()} for part in ("images", "features") if batch.get(part)}
+        )
         image_emb = self.first_stage.embed_images(features, self.ve_dropout(len(unique)))
         new = [j for j, k in enumerate(unique) if k not in gallery.image_index]
         if new:
@@ -244,10 +249,13 @@ class RetrievalLitModule(FusionLitModule):
         if gallery is None or not gallery.caption_ids:
             return
         features, image_emb, states, masks, text_emb = gallery.stacked()
-        first = text_emb @ image_emb.T  # (T, I) cosine similarity
+        first = text_emb.float() @ image_emb.float().T  # (T, I) cosine similarity
         caption_image = torch.tensor(gallery.caption_image, device=first.device)
         positives = caption_image[:, None] == torch.arange(first.shape[1], device=first.device)[None, :]
-        result = rerank(first, positives, self.rerank_k, self.pair_scorer(features, states, masks), top=TOP)
+        # The eval steps' precision context (e.g. bf16 autocast): the stored states were made under it.
+        plugin = self.trainer.precision_plugin
+        with plugin.val_step_context() if stage == "val" else plugin.test_step_context():
+            result = rerank(first, positives, self.rerank_k, self.pair_scorer(features, states, masks), top=TOP)
         # The re-ranked recalls (headline), and the first stage's alone: what re-ranking adds.
         first_t2i, first_i2t = pessimistic_rank(first, positives), pessimistic_rank(first.T, positives.T)
         for metric, t2i, i2t, prefix in (

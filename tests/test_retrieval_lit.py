@@ -9,9 +9,10 @@ import pytorch_lightning as pl
 import torch
 from test_flickr30k import write_flickr30k
 
-from fusion.data import FusionDataModule, load_image
+from fusion.data import FusionDataModule
 from fusion.encoders import TimmEncoder
 from fusion.heads import ClassifierHead
+from fusion.images import load_image
 from fusion.model import FusionModel
 from fusion.ranking import pessimistic_rank
 from fusion.retrieval_lit import RetrievalLitModule
