@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from fusion.cache import FeatureCache, ensure_cache, images_of
 from fusion.images import load_image
+from fusion.resume import ResumableSampler, data_position
 from fusion.tasks.base import Example, VLTask
 
 Transform = Callable[[Image.Image], torch.Tensor]
@@ -153,6 +154,7 @@ class FusionDataModule(pl.LightningDataModule):
         pin_memory: bool = False,
         encoders: Mapping[str, Any] | None = None,
         cache: CacheSettings | None = None,
+        seed: int = 0,
     ) -> None:
         super().__init__()
         if cache is not None and not encoders:
@@ -169,6 +171,16 @@ class FusionDataModule(pl.LightningDataModule):
         self.pin_memory = pin_memory
         # The split Lightning's validation loop reads; eval.py points it at any split of the task.
         self.val_split = task.val_split
+        # Training order is a function of (seed, epoch); a resumed run starts where its checkpoint stopped.
+        self.seed = seed
+        self._resume_at: dict[str, int] = {}
+
+    def state_dict(self) -> dict[str, int]:
+        # Lightning stores this in every checkpoint and hands it back to load_state_dict on resume.
+        return data_position(self.trainer)
+
+    def load_state_dict(self, state_dict: dict[str, int]) -> None:
+        self._resume_at = dict(state_dict)
 
     def prepare_data(self) -> None:
         self.task.prepare_data()
@@ -208,10 +220,19 @@ class FusionDataModule(pl.LightningDataModule):
     def _loader(self, split: str, shuffle: bool, batch_size: int) -> DataLoader:
         if self.cache is not None and self.caches is None:
             self.setup()
+        dataset = self.dataset(split)
+        sampler, generator = None, None
+        if shuffle:
+            at, self._resume_at = self._resume_at, {}
+            skip = at.get("batches", 0) * batch_size
+            sampler = ResumableSampler(dataset, seed=self.seed, epoch=at.get("epoch", 0), skip=skip)
+            # Workers' seeds from their own generator: making an iterator never draws from the global RNG.
+            generator = torch.Generator().manual_seed(self.seed)
         return DataLoader(
-            self.dataset(split),
+            dataset,
             batch_size=batch_size,
-            shuffle=shuffle,
+            sampler=sampler,
+            generator=generator,
             num_workers=self.num_workers,
             collate_fn=VLCollator(self.tokenizer, self.max_length, self.caches),
             pin_memory=self.pin_memory,

@@ -17,6 +17,7 @@ from fusion.cache import build_cache, ensure_cache, images_of
 from fusion.data import CacheSettings, FusionDataModule
 from fusion.encoders import VisionEncoder
 from fusion.lit import FusionLitModule
+from fusion.resume import check_compatible, resume_path
 from fusion.tasks.base import VLTask, write_atomic
 
 log = logging.getLogger(__name__)
@@ -63,8 +64,26 @@ def build(cfg: DictConfig) -> tuple[FusionDataModule, FusionLitModule]:
     return datamodule, model
 
 
+def _wandb_run_id(output_dir: Path) -> str:
+    """This run folder's wandb run id: made once and kept in the folder, so that a requeued or resumed job
+    in the same folder continues the same wandb run."""
+    path = output_dir / "wandb_id"
+    if not path.is_file():
+        import wandb.util
+
+        write_atomic(path, wandb.util.generate_id())
+    return path.read_text().strip()
+
+
+def _logger(cfg: DictConfig, output_dir: Path) -> Logger:
+    if cfg.get("_target_", "").endswith("WandbLogger") and cfg.get("id") is None:
+        return instantiate(cfg, id=_wandb_run_id(output_dir), resume="allow")
+    return instantiate(cfg)
+
+
 def _loggers(cfg: DictConfig) -> list[Logger]:
-    loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None]
+    output_dir = Path(cfg.paths.output_dir)
+    loggers = [_logger(c, output_dir) for c in (cfg.get("logger") or {}).values() if c is not None]
     resolved = OmegaConf.to_container(cfg, resolve=True)
     for logger in loggers:
         logger.log_hyperparams(resolved)
@@ -114,7 +133,12 @@ def train(cfg: DictConfig) -> dict[str, float]:
     metrics: dict[str, float] = {}
     try:
         if cfg.get("train", True):
-            trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+            # ckpt_path, or the run folder's own newest checkpoint: a requeued job continues where it stopped.
+            ckpt = resume_path(cfg.get("ckpt_path"), output_dir)
+            if ckpt is not None:
+                check_compatible(ckpt, model)
+                log.info("resuming from %s", ckpt)
+            trainer.fit(model, datamodule=datamodule, ckpt_path=str(ckpt) if ckpt else None)
         best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
         ckpt = best or None
         if cfg.get("test", True):

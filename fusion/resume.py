@@ -1,0 +1,158 @@
+"""Exact resume: a run stopped anywhere and resumed from its last checkpoint trains on as if never stopped.
+
+Lightning restores weights, optimiser, scheduler, loop counters and callbacks, but not where the training
+loader was within its epoch nor the random number generators. Here:
+
+- :class:`ResumableSampler` orders epoch ``e`` by ``(seed, e)`` alone (never the global RNG) and can start
+  partway through an epoch; the data module saves :func:`data_position` in every checkpoint and builds the
+  first training loader of a resumed run from it.
+- :class:`RestoreRNG` saves the torch / numpy / Python RNG states in every checkpoint and puts them back
+  when the resumed run's training starts (after the sanity check, which draws from them too).
+- :func:`resume_path` finds what to resume from: ``ckpt_path`` if given, else the newest checkpoint already
+  in this run's folder (a requeued SLURM job runs again in the same folder).
+- :func:`check_compatible` refuses a checkpoint of another model before Lightning tries to load it, naming
+  the parameters that are missing, unexpected or of another shape.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+import torch.distributed as dist
+from torch.utils.data import Dataset, DistributedSampler
+
+# Lightning writes these into default_root_dir (= the run folder) when SLURM signals a requeue.
+HPC_PATTERN = "hpc_ckpt_*.ckpt"
+
+
+class ResumableSampler(DistributedSampler):
+    """A shuffling sampler whose order is a function of ``(seed, epoch)``, that can skip the first samples.
+
+    A :class:`DistributedSampler` so that Lightning keeps it under DDP (each process takes its share of the
+    same permutation); in a single process it is one replica. ``skip`` applies to the first iteration only.
+    """
+
+    def __init__(self, dataset: Dataset, seed: int = 0, epoch: int = 0, skip: int = 0, shuffle: bool = True):
+        distributed = dist.is_available() and dist.is_initialized()
+        replicas, rank = (dist.get_world_size(), dist.get_rank()) if distributed else (1, 0)
+        super().__init__(dataset, num_replicas=replicas, rank=rank, shuffle=shuffle, seed=seed, drop_last=False)
+        if skip < 0 or epoch < 0:
+            raise ValueError(f"epoch and skip must be >= 0 (got epoch={epoch}, skip={skip})")
+        self.epoch = epoch
+        self._skip = skip
+
+    def __iter__(self) -> Iterator[int]:
+        indices = list(super().__iter__())
+        skip, self._skip = self._skip, 0
+        return iter(indices[skip:])
+
+
+def data_position(trainer: pl.Trainer | None) -> dict[str, int]:
+    """Where the training loader stands: the epoch it is in and the batches of it already trained on.
+
+    A checkpoint written at the end of an epoch points at the start of the next one.
+    """
+    if trainer is None or not trainer.training:
+        return {}
+    done = int(trainer.fit_loop.epoch_loop.batch_progress.current.processed)
+    epoch = int(trainer.current_epoch)
+    if done >= trainer.num_training_batches:
+        return {"epoch": epoch + 1, "batches": 0}
+    return {"epoch": epoch, "batches": done}
+
+
+def rng_states() -> dict[str, Any]:
+    """The global RNG states, as plain containers and tensors (loadable with ``weights_only=True``)."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    states: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": [kind, keys.tolist(), int(pos), int(has_gauss), float(gauss)],
+        "python": random.getstate(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def set_rng_states(states: Mapping[str, Any]) -> None:
+    torch.set_rng_state(states["torch"])
+    kind, keys, pos, has_gauss, gauss = states["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, gauss))
+    version, internal, gauss_next = states["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+class RestoreRNG(pl.Callback):
+    """Saves the RNG states in every checkpoint; a run resumed from one gets them back as training starts."""
+
+    def __init__(self) -> None:
+        self._pending: dict[str, Any] | None = None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"rng": rng_states()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._pending = state_dict.get("rng")
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Not at load time: the sanity check and the loaders' set-up that follow it draw from the RNGs.
+        if self._pending is not None:
+            set_rng_states(self._pending)
+            self._pending = None
+
+
+def _global_step(path: Path) -> int:
+    ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    return int(ckpt.get("global_step", -1))
+
+
+def run_checkpoints(run_dir: Path) -> list[Path]:
+    """The checkpoints a run folder holds that hold the latest state: last*.ckpt and Lightning's hpc_ckpt_*."""
+    return sorted([*run_dir.glob(HPC_PATTERN), *(run_dir / "checkpoints").glob("last*.ckpt")])
+
+
+def resume_path(ckpt_path: str | None, run_dir: Path) -> Path | None:
+    """``ckpt_path`` if given; else the run folder's checkpoint with the most steps (a requeued job's own)."""
+    if ckpt_path is not None:
+        path = Path(str(ckpt_path)).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(f"ckpt_path={ckpt_path!r} is not a checkpoint file")
+        return path
+    found = run_checkpoints(run_dir)
+    if not found:
+        return None
+    return max(found, key=lambda p: (_global_step(p), p.stat().st_mtime))
+
+
+def check_compatible(path: Path, model: torch.nn.Module, skip_prefix: str = "encoders.") -> None:
+    """Refuse a checkpoint whose parameters do not fit ``model``, naming every key that differs."""
+    saved = torch.load(path, map_location="cpu", weights_only=False, mmap=True).get("state_dict", {})
+    current = {k: v for k, v in model.state_dict().items() if not k.startswith(skip_prefix)}
+    saved = {k: v for k, v in saved.items() if not k.startswith(skip_prefix)}
+    missing = sorted(set(current) - set(saved))
+    unexpected = sorted(set(saved) - set(current))
+    shapes = sorted(
+        f"{k}: checkpoint {tuple(saved[k].shape)} vs model {tuple(current[k].shape)}"
+        for k in set(saved) & set(current)
+        if tuple(saved[k].shape) != tuple(current[k].shape)
+    )
+    if not (missing or unexpected or shapes):
+        return
+    parts = []
+    for label, keys in (("shape differs", shapes), ("missing from the checkpoint", missing),
+                        ("not in the model", unexpected)):
+        if keys:
+            more = f" (+{len(keys) - 8} more)" if len(keys) > 8 else ""
+            parts.append(f"{label}: {', '.join(keys[:8])}{more}")
+    raise ValueError(
+        f"checkpoint {path} was written by a model of another configuration; " + "; ".join(parts)
+        + ". Resume with the config it was trained with (its run folder's config_resolved.yaml)."
+    )

@@ -1,0 +1,123 @@
+"""Exact resume: a run killed mid-epoch and rerun in its folder ends bitwise equal to an uninterrupted run."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils.data import TensorDataset
+
+from fusion.resume import ResumableSampler, check_compatible, resume_path
+
+ROOT = Path(__file__).resolve().parents[1]
+# 72 training questions in batches of 16: 5 steps an epoch, 2 epochs; VE-dropout and the head's dropout draw
+# from the RNG every step, so a resume that restored the weights but not the RNG or the data order differs.
+TINY = [
+    "+experiment=shapes", "encoder=[clip_tiny,dino_tiny]", "logger=csv", "task.num_train=24", "task.num_val=8",
+    "task.num_test=8", "data.batch_size=16", "data.num_workers=0", "fusion.width=32", "fusion.depth=1",
+    "fusion.num_heads=2", "model.ve_dropout=0.3", "model.attention_stats=false", "trainer.max_epochs=2",
+    "trainer.deterministic=true", "callbacks.step_checkpoint.every_n_train_steps=1", "callbacks.rich_progress_bar=null",
+]
+
+
+def _train(tmp_path: Path, run_dir: Path, *extra: str) -> subprocess.CompletedProcess:
+    env = dict(
+        os.environ, FUSION_DATA_DIR=str(tmp_path / "data"), FUSION_CACHE_DIR=str(tmp_path / "cache"),
+        PYTHONPATH=str(ROOT / "tests"),
+    )
+    return subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), *TINY, f"hydra.run.dir={run_dir}", *extra],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900,
+    )
+
+
+def _weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    return torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> tuple[Path, Path]:
+    tmp = tmp_path_factory.mktemp("resume")
+    run = tmp / "whole"
+    proc = _train(tmp, run)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return tmp, run
+
+
+@pytest.mark.parametrize("kill_at", [7, 5], ids=["mid-epoch", "epoch-boundary"])
+def test_killed_run_resumed_in_its_folder_equals_the_uninterrupted_run(uninterrupted, kill_at):
+    tmp, whole = uninterrupted
+    run = tmp / f"killed_at_{kill_at}"
+    proc = _train(tmp, run, "+callbacks.kill._target_=kill_helper.KillAtStep", f"+callbacks.kill.step={kill_at}")
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-4000:]
+    assert not (run / "metrics.json").exists()
+    saved = torch.load(run / "checkpoints" / "last_step.ckpt", weights_only=True)
+    assert saved["global_step"] == kill_at
+    position = saved["FusionDataModule"]
+    assert position == ({"epoch": 1, "batches": 2} if kill_at == 7 else {"epoch": 1, "batches": 0})
+
+    # The same command again in the same folder (what a requeued job does) resumes from its newest checkpoint
+    # (at the epoch boundary last.ckpt holds the same step).
+    proc = _train(tmp, run)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    newest = ["last_step.ckpt"] if kill_at == 7 else ["last_step.ckpt", "last.ckpt"]
+    log = (run / "train.log").read_text()
+    assert any(f"resuming from {run / 'checkpoints' / name}" in log for name in newest), log
+    resumed, reference = _weights(run), _weights(whole)
+    assert resumed.keys() == reference.keys()
+    differing = [k for k in reference if not torch.equal(resumed[k], reference[k])]
+    assert not differing, differing
+    assert json.loads((run / "metrics.json").read_text()) == json.loads((whole / "metrics.json").read_text())
+    last = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+    assert last["global_step"] == 10 and last["epoch"] == 1
+
+
+def test_resume_from_another_model_config_names_the_keys(uninterrupted):
+    tmp, whole = uninterrupted
+    proc = _train(tmp, tmp / "wider", "fusion.width=48", f"ckpt_path={whole / 'checkpoints' / 'last.ckpt'}")
+    assert proc.returncode != 0
+    assert "was written by a model of another configuration" in proc.stderr
+    assert "shape differs: " in proc.stderr and "checkpoint (" in proc.stderr and "vs model (" in proc.stderr
+
+
+def test_sampler_order_depends_on_seed_and_epoch_only_and_skips_once():
+    data = TensorDataset(torch.arange(20))
+    torch.manual_seed(0)
+    a = list(ResumableSampler(data, seed=3, epoch=1))
+    torch.manual_seed(1)
+    assert list(ResumableSampler(data, seed=3, epoch=1)) == a  # the global RNG plays no part
+    assert sorted(a) == list(range(20)) and a != list(ResumableSampler(data, seed=3, epoch=2))
+    assert a != list(ResumableSampler(data, seed=4, epoch=1))
+    partway = ResumableSampler(data, seed=3, epoch=1, skip=8)
+    assert list(partway) == a[8:] and len(partway) == 20
+    assert list(partway) == a  # the skip applies to the first pass only
+    with pytest.raises(ValueError, match="skip"):
+        ResumableSampler(data, skip=-1)
+
+
+def test_resume_path_prefers_ckpt_path_then_the_folders_newest(tmp_path):
+    assert resume_path(None, tmp_path) is None
+    with pytest.raises(FileNotFoundError, match="nope.ckpt"):
+        resume_path(str(tmp_path / "nope.ckpt"), tmp_path)
+    (tmp_path / "checkpoints").mkdir()
+    for name, step in (("checkpoints/last.ckpt", 5), ("checkpoints/last_step.ckpt", 7), ("hpc_ckpt_1.ckpt", 6)):
+        torch.save({"global_step": step}, tmp_path / name)
+    assert resume_path(None, tmp_path) == tmp_path / "checkpoints" / "last_step.ckpt"
+    assert resume_path(str(tmp_path / "hpc_ckpt_1.ckpt"), tmp_path) == tmp_path / "hpc_ckpt_1.ckpt"
+
+
+def test_check_compatible_names_missing_unexpected_and_reshaped_keys(tmp_path):
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2))
+    state = {"0.weight": torch.zeros(5, 4), "0.bias": torch.zeros(3), "2.weight": torch.zeros(1)}
+    torch.save({"state_dict": state}, tmp_path / "x.ckpt")
+    with pytest.raises(ValueError) as err:
+        check_compatible(tmp_path / "x.ckpt", model)
+    message = str(err.value)
+    assert "0.weight: checkpoint (5, 4) vs model (3, 4)" in message
+    assert "missing from the checkpoint: 1.bias, 1.weight" in message and "not in the model: 2.weight" in message
+    torch.save({"state_dict": model.state_dict()}, tmp_path / "ok.ckpt")
+    check_compatible(tmp_path / "ok.ckpt", model)
