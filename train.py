@@ -1,4 +1,4 @@
-"""Train a fusion model: python train.py +experiment=shapes [overrides] (or the tiny encoder zoo: +experiment=zoo/all)."""
+"""Train a fusion model: python train.py +experiment=shapes [overrides]; the encoder zoo: +experiment=zoo/all."""
 
 from pathlib import Path
 

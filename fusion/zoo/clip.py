@@ -33,7 +33,9 @@ def symmetric_info_nce(image: Tensor, text: Tensor, logit_scale: Tensor) -> tupl
     negative. Returns the mean of the image->text and text->image cross-entropies and the (B, B) logits.
     """
     if image.shape != text.shape or image.ndim != 2:
-        raise ValueError(f"InfoNCE needs two (B, E) embeddings of one shape, got {tuple(image.shape)} and {tuple(text.shape)}")
+        raise ValueError(
+            f"InfoNCE needs two (B, E) embeddings of one shape, got {tuple(image.shape)} and {tuple(text.shape)}"
+        )
     logits = logit_scale.exp() * image @ text.t()
     labels = torch.arange(len(image), device=image.device)
     return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels)) / 2, logits
@@ -60,7 +62,8 @@ class ClipRecipe(ZooRecipe):
         super().__init__(encoder, lr=lr, weight_decay=weight_decay, warmup_ratio=warmup_ratio)
         if text.freeze:
             raise ValueError("clip recipe: the text tower is trained with the image tower; set text.freeze=false")
-        self.text = text
+        # from_pretrained returns the text model in eval mode; it is trained here.
+        self.text = text.train()
         self.image_proj = nn.Linear(self.embed_dim, embed_dim, bias=False)
         self.text_proj = nn.Linear(text.hidden_size, embed_dim, bias=False)
         self.logit_scale = nn.Parameter(torch.tensor(INIT_LOGIT_SCALE))

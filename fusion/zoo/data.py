@@ -134,7 +134,9 @@ class ZooDataModule(pl.LightningDataModule):
             full = ImageFolderDataset(folder, needs=needs)
             n_val = max(1, round(val_fraction * len(full)))
             if n_val >= len(full):
-                raise ValueError(f"image folder {str(folder)!r}: {len(full)} image(s) are too few to hold out a val set")
+                raise ValueError(
+                    f"image folder {str(folder)!r}: {len(full)} image(s) are too few to hold out a val set"
+                )
             generator = torch.Generator().manual_seed(seed)
             self.train_set, self.val_set = random_split(full, [len(full) - n_val, n_val], generator=generator)
             self.label_groups = dict(full.label_groups)

@@ -33,12 +33,17 @@ class DinoHead(nn.Module):
     layer with its norm fixed to 1), so the logits are cosines and the temperatures set their sharpness.
     """
 
-    def __init__(self, in_dim: int, out_dim: int = 256, hidden_dim: int = 256, bottleneck_dim: int = 64) -> None:
+    def __init__(
+        self, in_dim: int, out_dim: int = 256, hidden_dim: int = 256, bottleneck_dim: int = 64, use_bn: bool = False
+    ) -> None:
         super().__init__()
+        norm = (lambda: nn.BatchNorm1d(hidden_dim)) if use_bn else nn.Identity
         self.mlp = nn.Sequential(
             nn.Linear(in_dim, hidden_dim),
+            norm(),
             nn.GELU(),
             nn.Linear(hidden_dim, hidden_dim),
+            norm(),
             nn.GELU(),
             nn.Linear(hidden_dim, bottleneck_dim),
         )
@@ -122,7 +127,10 @@ class DinoRecipe(ZooRecipe):
 
     ``local_size`` must be a multiple of the tower's patch size (the tower runs with dynamic image size for
     these crops). Logs the teacher's mean entropy (``<stage>/teacher_entropy``: near ``log(out_dim)``
-    means the uniform collapse, near 0 the one-hot collapse) and the momentum.
+    means the uniform collapse, near 0 the one-hot collapse), ``<stage>/kl`` (loss minus that entropy:
+    what the student has left to learn) and the momentum. ``use_bn`` puts batch norm in the head's MLP
+    (an option of DINO's head): at this scale, without it the centring wins within a few dozen steps and
+    the teacher collapses to the uniform output.
     """
 
     needs = ()
@@ -131,6 +139,7 @@ class DinoRecipe(ZooRecipe):
         self,
         encoder: TimmEncoder,
         out_dim: int = 256,
+        use_bn: bool = False,
         num_local: int = 4,
         local_size: int = 24,
         student_temp: float = 0.1,
@@ -147,7 +156,7 @@ class DinoRecipe(ZooRecipe):
             raise ValueError(f"dino recipe: local_size={local_size} must be a multiple of the patch size {patch}")
         if not 0.0 <= teacher_momentum < 1.0:
             raise ValueError(f"dino recipe: teacher_momentum must lie in [0, 1), got {teacher_momentum}")
-        self.head = DinoHead(self.embed_dim, out_dim)
+        self.head = DinoHead(self.embed_dim, out_dim, use_bn=use_bn)
         # The teacher starts as a copy of the student and only ever moves by the EMA below.
         ema = _cosine_ema(self._momentum)
         self.teacher_backbone = AveragedModel(self.backbone, multi_avg_fn=ema).requires_grad_(False)
@@ -183,10 +192,13 @@ class DinoRecipe(ZooRecipe):
         with torch.no_grad():
             probs = F.softmax((t - self.center) / self.hparams.teacher_temp, dim=-1)
             entropy = -(probs * probs.clamp_min(1e-12).log()).sum(-1).mean()
+            # loss = H(teacher) + KL(teacher || student), averaged over view pairs: the KL part is what
+            # the student can still learn (DINO's Fig. 7 tracks both to tell learning from collapse).
+            kl = loss.detach() - entropy
             if self.training:
                 m = self.hparams.center_momentum
                 self.center.mul_(m).add_(t.mean(0, keepdim=True), alpha=1 - m)
-        return loss, {"teacher_entropy": entropy, "momentum": torch.tensor(self._momentum(self.global_step))}
+        return loss, {"teacher_entropy": entropy, "kl": kl, "momentum": torch.tensor(self._momentum(self.global_step))}
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         # After the optimiser step: the teacher follows the freshly updated student.

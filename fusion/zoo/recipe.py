@@ -53,8 +53,11 @@ class ZooRecipe(pl.LightningModule, ABC):
                 f"{type(encoder).__name__}, not a fusion.encoders.TimmEncoder"
             )
         if encoder.layer != -1:
-            raise ValueError(f"encoder {encoder.name!r}: zoo recipes train the whole tower; set layer=-1, not {encoder.layer}")
-        self.save_hyperparameters(ignore=["encoder"])
+            raise ValueError(
+                f"encoder {encoder.name!r}: zoo recipes train the whole tower; set layer=-1, not {encoder.layer}"
+            )
+        # Modules are not hyperparameters (and do not serialise to YAML); their configs are in the run folder.
+        self.save_hyperparameters(ignore=["encoder", "text"])
         self.encoder_name = encoder.name
         self.model_name = encoder.model_name
         self.model_kwargs = dict(encoder.model_kwargs)

@@ -1,0 +1,79 @@
+"""Building and briefly training zoo recipes for the zoo tests (imported by them, not a test file)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytorch_lightning as pl
+import torch
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+from fusion.encoders import TimmEncoder
+from fusion.text import TextEncoder
+from fusion.zoo.data import ZooDataModule
+from fusion.zoo.recipe import ZooRecipe
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+
+
+def tiny_encoder(name: str, **overrides) -> TimmEncoder:
+    """The encoder of conf/encoder/<name>.yaml, built as run.py builds it."""
+    cfg = OmegaConf.merge(OmegaConf.load(CONF / "encoder" / f"{name}.yaml")[name], overrides)
+    return instantiate(cfg)
+
+
+def tiny_text(folder: Path) -> TextEncoder:
+    """The text=tiny tower (built into ``folder`` on first use)."""
+    no_dropout = {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}
+    return TextEncoder(folder, build_tiny=True, model_kwargs=no_dropout)
+
+
+@contextmanager
+def one_thread() -> Iterator[None]:
+    """Tiny models on a shared CPU: one intra-op thread is much faster (see fusion/zoo/entry.py)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def datamodule(recipe: ZooRecipe, batch_size: int = 32, num_train: int = 4096, **kwargs) -> ZooDataModule:
+    return ZooDataModule(
+        recipe.transform, recipe.collate, recipe.needs, num_train=num_train, num_val=batch_size, batch_size=batch_size,
+        **kwargs,
+    )
+
+
+def fit(recipe: ZooRecipe, steps: int, batch_size: int = 32, callbacks=(), **data_kwargs) -> pl.Trainer:
+    """Train ``recipe`` for ``steps`` steps on generated scenes (no logger, checkpoint or progress bar)."""
+    trainer = pl.Trainer(
+        max_steps=steps, max_epochs=-1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0, callbacks=list(callbacks),
+        accelerator="cpu", gradient_clip_val=1.0,
+    )
+    with one_thread():
+        trainer.fit(recipe, datamodule=datamodule(recipe, batch_size, **data_kwargs))
+    return trainer
+
+
+@torch.no_grad()
+def fixed_batch_loss(recipe: ZooRecipe, batch: dict) -> float:
+    """The recipe's loss on one fixed batch, in eval mode (no state updates)."""
+    was_training = recipe.training
+    recipe.eval()
+    try:
+        with one_thread():
+            return float(recipe.loss(batch)[0])
+    finally:
+        recipe.train(was_training)
+
+
+def first_batch(recipe: ZooRecipe, batch_size: int = 32, seed: int = 7) -> dict:
+    """One batch of validation-stream scenes, transformed and collated by the recipe."""
+    dm = datamodule(recipe, batch_size, seed=seed)
+    return next(iter(dm.val_dataloader()))
