@@ -1,6 +1,7 @@
 """Evaluate a checkpoint: python eval.py +experiment=shapes ckpt_path=.../last.ckpt split=val.
 
-Other modes: ``mode=extract`` builds the feature caches of the configured encoders (see conf/cache/).
+Other modes: ``mode=extract`` builds the feature caches of the configured encoders (see conf/cache/);
+``mode=collect sweep_dir=<multirun folder>`` gathers a sweep's metrics.json into one table (fusion/collect.py).
 """
 
 from pathlib import Path
@@ -9,9 +10,10 @@ import hydra
 from omegaconf import DictConfig
 
 from fusion.cli import check_choices
+from fusion.collect import collect_from_config
 from fusion.run import evaluate, extract
 
-MODES = {"eval": evaluate, "extract": extract}
+MODES = {"eval": evaluate, "extract": extract, "collect": collect_from_config}
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="eval")

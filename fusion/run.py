@@ -128,7 +128,19 @@ def _setup(cfg: DictConfig) -> tuple[Path, FusionDataModule, FusionLitModule, li
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
-    """Fit the model, then evaluate the best checkpoint on val and test; returns (and writes) metrics."""
+    """Fit the model, then evaluate the best checkpoint on val and test; returns (and writes) metrics.
+
+    An error is logged to the run's log before it propagates: ``eval.py mode=collect`` reads the reason of
+    a failed sweep element from there.
+    """
+    try:
+        return _train(cfg)
+    except Exception:
+        log.exception("training failed")
+        raise
+
+
+def _train(cfg: DictConfig) -> dict[str, float]:
     output_dir, datamodule, model, loggers, trainer = _setup(cfg)
     metrics: dict[str, float] = {}
     try:

@@ -1,0 +1,251 @@
+"""The results of a sweep in one place: ``python eval.py mode=collect sweep_dir=<multirun folder>``.
+
+Every element of a sweep (a Hydra job folder, found by its ``.hydra/``) that finished holds a
+``metrics.json``. This gathers them into
+
+- ``results.csv``: one row per element (job, status, task, encoders, seed, overrides, every metric),
+- ``results.md``: the table the paper's main table gives, task x encoder subset (mean ± std over seeds),
+  then the failed elements,
+- ``results.png``: that table as a heatmap,
+
+and reports the elements that failed, with the reason read from their logs (the job's own ``*.log``, or
+the submitit / SLURM output of its array task), instead of stopping at the first one.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import math
+import re
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+log = logging.getLogger(__name__)
+
+# The last line of a Python traceback ("ValueError: ..."), or what SLURM writes when it kills a job.
+ERROR_LINE = re.compile(r"^(\w+\.)*\w*(Error|Exception|Interrupt|Exit)\b.*|.*\*\*\* JOB .* CANCELLED.*|.*Killed.*")
+
+
+@dataclass
+class Element:
+    """One job of a sweep: where it ran, what it was, and what it gave (or why it gave nothing)."""
+
+    path: Path
+    job: str
+    task: str
+    encoders: str
+    seed: Any
+    overrides: list[str]
+    monitor: str | None
+    metrics: dict[str, float] = field(default_factory=dict)
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+def _load_yaml(path: Path) -> DictConfig | None:
+    try:
+        return OmegaConf.load(path) if path.is_file() else None
+    except Exception:  # a half-written or foreign file: the element still gets a row
+        return None
+
+
+def find_elements(sweep_dir: Path) -> list[Path]:
+    """Job folders below ``sweep_dir`` (any depth), in job-number order where the names are numbers."""
+    folders = {p.parent.parent for p in sweep_dir.rglob(".hydra/config.yaml")}
+
+    def order(p: Path) -> tuple:
+        rel = p.relative_to(sweep_dir).parts
+        return tuple((0, int(x), "") if x.isdigit() else (1, 0, x) for x in rel)
+
+    return sorted(folders, key=order)
+
+
+def _last_error(text: str) -> str | None:
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    errors = [line for line in lines if ERROR_LINE.match(line)]
+    return errors[-1] if errors else None
+
+
+def failure_reason(job_dir: Path, sweep_dir: Path, job_num: str) -> str:
+    """Why a job left no metrics.json: the last error in its own logs, else in its array task's output."""
+    own = sorted(job_dir.glob("*.log")) + sorted(job_dir.glob("*.err")) + sorted(job_dir.glob("*.out"))
+    # submitit: .submitit/<array job>_<index>/<array job>_<index>_<rank>_log.err, the index being the job
+    # number when the sweep went out as one array (the basic sweeper); slurm/ templates: <array job>_<index>.err.
+    launcher = sorted(sweep_dir.glob(f".submitit/*_{job_num}/*_{job_num}_*_log.err")) + sorted(
+        sweep_dir.glob(f"slurm/*_{job_num}.err")
+    )
+    for path in own + launcher:
+        reason = _last_error(path.read_text(errors="replace"))
+        if reason:
+            return f"{reason} ({path.relative_to(sweep_dir) if path.is_relative_to(sweep_dir) else path})"
+    if (job_dir / "checkpoints").is_dir():
+        return "no metrics.json and no error in its logs: still running, or killed (time limit, memory, node)"
+    return "no metrics.json and no error in its logs: it never started training (pending, or killed at start)"
+
+
+def read_element(job_dir: Path, sweep_dir: Path) -> Element:
+    cfg = _load_yaml(job_dir / "config_resolved.yaml") or _load_yaml(job_dir / ".hydra" / "config.yaml")
+    hydra = _load_yaml(job_dir / ".hydra" / "hydra.yaml")
+    overrides = _load_yaml(job_dir / ".hydra" / "overrides.yaml")
+    choices = OmegaConf.select(hydra, "hydra.runtime.choices", default=None) if hydra is not None else None
+    job_num = str(OmegaConf.select(hydra, "hydra.job.num", default=job_dir.name)) if hydra is not None else job_dir.name
+    encoders = list((cfg.get("encoder") or {}).keys()) if cfg is not None else []
+    task = (choices or {}).get("task") or (OmegaConf.select(cfg, "experiment_name", default=None) if cfg else None)
+    element = Element(
+        path=job_dir,
+        job=str(job_dir.relative_to(sweep_dir)),
+        task=str(task or "?"),
+        encoders="+".join(encoders) or "?",
+        seed=OmegaConf.select(cfg, "seed", default=None) if cfg is not None else None,
+        overrides=[str(o) for o in (overrides or [])],
+        monitor=OmegaConf.select(cfg, "monitor.metric", default=None, throw_on_missing=False) if cfg else None,
+    )
+    metrics_file = job_dir / "metrics.json"
+    if metrics_file.is_file():
+        try:
+            element.metrics = {k: float(v) for k, v in json.loads(metrics_file.read_text()).items()}
+        except (ValueError, AttributeError) as err:
+            element.error = f"unreadable metrics.json: {err}"
+    else:
+        element.error = failure_reason(job_dir, sweep_dir, job_num)
+    return element
+
+
+def headline(element: Element, metric: str | None) -> str | None:
+    """The metric to tabulate: ``metric`` if given, else the element's monitored metric on test, else on val."""
+    if metric:
+        return metric
+    if element.monitor is None:
+        return None
+    name = element.monitor.split("/", 1)[-1]
+    return f"test/{name}" if f"test/{name}" in element.metrics else element.monitor
+
+
+def pivot(elements: list[Element], metric: str | None) -> tuple[list[str], list[str], dict[tuple[str, str], list]]:
+    """Tasks (rows), encoder subsets (columns, by size then name) and the values of each cell (one per seed)."""
+    cells: dict[tuple[str, str], list[float]] = {}
+    for e in elements:
+        name = headline(e, metric)
+        if e.ok and name in e.metrics:
+            cells.setdefault((e.task, e.encoders), []).append(e.metrics[name])
+    # Every element's task and subset, finished or not: a failed cell shows as failed, not as a gap.
+    tasks = sorted({e.task for e in elements})
+    subsets = sorted({e.encoders for e in elements}, key=lambda s: (s.count("+"), s))
+    return tasks, subsets, cells
+
+
+def _cell(values: list[float] | None, failed: int) -> str:
+    note = f" ({failed} failed)" if failed and values else ""
+    if not values:
+        return f"failed ({failed})" if failed else "–"
+    mean = statistics.fmean(values)
+    spread = f" ± {statistics.stdev(values):.4f} (n={len(values)})" if len(values) > 1 else ""
+    return f"{mean:.4f}{spread}{note}"
+
+
+def write_csv(elements: list[Element], path: Path) -> None:
+    metric_names = sorted({k for e in elements for k in e.metrics})
+    out = io.StringIO()
+    writer = csv.writer(out)
+    writer.writerow(["job", "status", "task", "encoders", "seed", "overrides", *metric_names, "error"])
+    for e in elements:
+        writer.writerow(
+            [e.job, "ok" if e.ok else "failed", e.task, e.encoders, e.seed, " ".join(e.overrides),
+             *[e.metrics.get(k, "") for k in metric_names], e.error or ""]
+        )
+    path.write_text(out.getvalue())
+
+
+def markdown(elements: list[Element], metric: str | None) -> str:
+    tasks, subsets, cells = pivot(elements, metric)
+    names = sorted({headline(e, metric) or "?" for e in elements if e.ok})
+    lines = [f"# Sweep results: {sum(e.ok for e in elements)} of {len(elements)} elements finished", ""]
+    lines.append(f"Metric: {', '.join(names) or '–'} (mean ± std over seeds where there are several)")
+    lines.append("")
+    if tasks:
+        lines.append("| task | " + " | ".join(subsets) + " |")
+        lines.append("|---|" + "---|" * len(subsets))
+        for t in tasks:
+            row = [_cell(cells.get((t, s)), sum(not e.ok and (e.task, e.encoders) == (t, s) for e in elements))
+                   for s in subsets]
+            lines.append(f"| {t} | " + " | ".join(row) + " |")
+        lines.append("")
+    failed = [e for e in elements if not e.ok]
+    if failed:
+        common = set.intersection(*(set(e.overrides) for e in elements))
+        lines += ["## Failed elements", "", "| job | task | encoders | overrides (of this element) | reason |",
+                  "|---|---|---|---|---|"]
+        for e in failed:
+            reason = (e.error or "").replace("|", "\\|")
+            own = " ".join(o for o in e.overrides if o not in common)
+            lines.append(f"| {e.job} | {e.task} | {e.encoders} | {own} | {reason} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plot(elements: list[Element], metric: str | None, path: Path) -> bool:
+    """Heatmap task x encoder subset of the mean metric; False when there is nothing to plot."""
+    tasks, subsets, cells = pivot(elements, metric)
+    if not cells:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    values = np.array([[statistics.fmean(cells[(t, s)]) if (t, s) in cells else math.nan for s in subsets]
+                       for t in tasks])
+    fig, ax = plt.subplots(figsize=(1.6 + 1.3 * len(subsets), 1.2 + 0.6 * len(tasks)))
+    image = ax.imshow(np.ma.masked_invalid(values), cmap="viridis", aspect="auto")
+    ax.set_xticks(range(len(subsets)), [s.replace("+", "+\n") for s in subsets], fontsize=8)
+    ax.set_yticks(range(len(tasks)), tasks)
+    for i in range(len(tasks)):
+        for j in range(len(subsets)):
+            if not math.isnan(values[i, j]):
+                ax.text(j, i, f"{values[i, j]:.3f}", ha="center", va="center", color="w", fontsize=8)
+    names = sorted({headline(e, metric) or "?" for e in elements if e.ok})
+    ax.set_title(f"{', '.join(names)} by task and encoder subset", fontsize=9)
+    fig.colorbar(image, ax=ax)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def collect(sweep_dir: str | Path, out_dir: str | Path | None = None, metric: str | None = None) -> list[Element]:
+    """Gather a sweep's elements into results.csv / .md / .png in ``out_dir`` (default: the sweep folder)."""
+    sweep = Path(str(sweep_dir)).expanduser()
+    if not sweep.is_dir():
+        raise FileNotFoundError(f"sweep_dir={str(sweep_dir)!r} is not a folder")
+    folders = find_elements(sweep)
+    if not folders:
+        raise FileNotFoundError(f"no sweep elements (folders with .hydra/config.yaml) below {sweep}")
+    elements = [read_element(f, sweep) for f in folders]
+    out = Path(str(out_dir)).expanduser() if out_dir else sweep
+    out.mkdir(parents=True, exist_ok=True)
+    write_csv(elements, out / "results.csv")
+    (out / "results.md").write_text(markdown(elements, metric))
+    plot(elements, metric, out / "results.png")
+    for e in elements:
+        if not e.ok:
+            log.error("sweep element %s (%s, %s) failed: %s", e.job, e.task, e.encoders, e.error)
+    log.info("%d of %d elements finished; tables in %s", sum(e.ok for e in elements), len(elements), out)
+    return elements
+
+
+def collect_from_config(cfg: DictConfig) -> list[Element]:
+    """``eval.py mode=collect sweep_dir=<folder> [collect_dir=<folder>] [collect_metric=test/acc]``."""
+    if not cfg.get("sweep_dir"):
+        raise ValueError("mode=collect needs sweep_dir=<a multirun folder>, e.g. logs/train/multiruns/<time>")
+    return collect(cfg.sweep_dir, cfg.get("collect_dir"), cfg.get("collect_metric"))
