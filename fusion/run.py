@@ -151,6 +151,9 @@ def _train(cfg: DictConfig) -> dict[str, float]:
                 check_compatible(ckpt, model)
                 log.info("resuming from %s", ckpt)
             trainer.fit(model, datamodule=datamodule, ckpt_path=str(ckpt) if ckpt else None)
+            if any(getattr(cb, "requeued", False) for cb in trainer.callbacks):
+                log.warning("stopped for a requeue: the requeued job resumes, evaluates and writes metrics.json")
+                return metrics
         best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
         ckpt = best or None
         if cfg.get("test", True):
