@@ -254,11 +254,12 @@ def test_okvqa_is_the_vqa_loader_with_its_file_names(tmp_path):
     assert len(list((tmp_path / "cache").glob("okvqa/answer_vocab_2000_*.json"))) == 1
 
 
-def test_vqav2_root_is_mandatory():
-    cfg = _compose(["+experiment=vqav2"])
+def test_vqav2_root_defaults_below_the_data_dir_and_a_missing_folder_is_named(tmp_path):
+    cfg = _compose(["+experiment=vqav2", f"paths.data_dir={tmp_path}"])
     assert cfg.task.top_k == 3129 and cfg.text.name_or_path == "bert-base-uncased"
-    with pytest.raises(Exception, match="root"):
-        instantiate(cfg.task)
+    assert cfg.task.root == f"{tmp_path}/vqav2"
+    with pytest.raises(FileNotFoundError, match=rf"task.root={tmp_path}/vqav2 is not a directory"):
+        instantiate(cfg.task).prepare_data()
 
 
 # ---- train.py and eval.py as a user runs them ------------------------------------------------------
