@@ -98,7 +98,8 @@ def read_element(job_dir: Path, sweep_dir: Path) -> Element:
     hydra = _load_yaml(job_dir / ".hydra" / "hydra.yaml")
     overrides = _load_yaml(job_dir / ".hydra" / "overrides.yaml")
     choices = OmegaConf.select(hydra, "hydra.runtime.choices", default=None) if hydra is not None else None
-    job_num = str(OmegaConf.select(hydra, "hydra.job.num", default=job_dir.name)) if hydra is not None else job_dir.name
+    # The folder's name is the job number in a Hydra multirun and the array index with slurm/array.sbatch.
+    job_num = job_dir.name
     encoders = list((cfg.get("encoder") or {}).keys()) if cfg is not None else []
     task = (choices or {}).get("task") or (OmegaConf.select(cfg, "experiment_name", default=None) if cfg else None)
     element = Element(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import secrets
 from pathlib import Path
 from typing import Any
 
@@ -69,9 +70,7 @@ def _wandb_run_id(output_dir: Path) -> str:
     in the same folder continues the same wandb run."""
     path = output_dir / "wandb_id"
     if not path.is_file():
-        import wandb.util
-
-        write_atomic(path, wandb.util.generate_id())
+        write_atomic(path, secrets.token_hex(4))  # not the global RNG: seeded runs stay reproducible
     return path.read_text().strip()
 
 

@@ -1,0 +1,136 @@
+"""On a real SLURM (tests/slurm/start_cluster.sh): a sweep as one job array, requeue on a signal with resume
+in the same run folder and wandb run, and 2-process CPU DDP through srun."""
+
+import csv
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+TINY = [
+    "logger=csv", "task.num_train=12", "task.num_val=4", "task.num_test=4", "data.num_workers=0",
+    "data.batch_size=8", "fusion.width=32", "fusion.depth=1", "fusion.num_heads=2", "model.attention_stats=false",
+    "callbacks.rich_progress_bar=null",
+]
+
+
+def _env(tmp_path: Path) -> dict:
+    return dict(os.environ, FUSION_DATA_DIR=str(tmp_path / "data"), FUSION_CACHE_DIR=str(tmp_path / "cache"),
+                FUSION_LOG_DIR=str(tmp_path / "logs"), PYTHON=sys.executable)
+
+
+def _sbatch(tmp_path: Path, args: list[str]) -> str:
+    (tmp_path / "logs" / "slurm").mkdir(parents=True, exist_ok=True)
+    proc = subprocess.run(["sbatch", "--parsable", f"--chdir={ROOT}", f"--output={tmp_path}/logs/slurm/%j.out", *args],
+                          capture_output=True, text=True, env=_env(tmp_path), timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout.strip().split(";")[0]
+
+
+def _state(job: str) -> str:
+    out = subprocess.run(["scontrol", "show", "job", job], capture_output=True, text=True).stdout
+    return next((w.split("=", 1)[1] for w in out.split() if w.startswith("JobState=")), "GONE")
+
+
+def _wait(job: str, timeout: float = 900) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        state = _state(job)
+        if state in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY"):
+            return state
+        time.sleep(2)
+    raise TimeoutError(f"job {job} still {_state(job)} after {timeout} s")
+
+
+def test_subset_sweep_is_one_job_array_and_collects_to_seven_rows(slurm_cluster, tmp_path):
+    logs = tmp_path / "logs"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), "+experiment=shapes_subsets", "hydra/launcher=slurm",
+         "hydra.launcher.cpus_per_task=1", "hydra.launcher.timeout_min=20", "hydra.launcher.partition=debug",
+         "trainer.max_epochs=1", "+trainer.limit_train_batches=1", *TINY],
+        cwd=tmp_path, env=_env(tmp_path), capture_output=True, text=True, timeout=1500,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (sweep,) = (logs / "train" / "multiruns").iterdir()
+    arrays = {p.name.split("_")[0] for p in (sweep / ".submitit").iterdir() if "_" in p.name}
+    assert len(arrays) == 1 and len(list((sweep / ".submitit").glob("*_*"))) == 7  # one array of 7 elements
+    proc = subprocess.run([sys.executable, str(ROOT / "eval.py"), "mode=collect", f"sweep_dir={sweep}"],
+                          cwd=tmp_path, env=_env(tmp_path), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = list(csv.DictReader((sweep / "results.csv").open()))
+    assert len(rows) == 7 and all(r["status"] == "ok" and r["test/acc"] for r in rows)
+    assert len({r["encoders"] for r in rows}) == 7
+
+
+def test_unknown_partition_is_refused_before_submitting(slurm_cluster, tmp_path):
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), "-m", "+experiment=shapes", "hydra/launcher=slurm",
+         "hydra.launcher.partition=nope", *TINY], cwd=tmp_path, env=_env(tmp_path), capture_output=True, text=True,
+        timeout=300,
+    )
+    assert proc.returncode != 0
+    assert "hydra.launcher.partition='nope' is not a partition of this cluster: debug" in proc.stderr
+
+
+def test_signalled_job_checkpoints_requeues_and_resumes_in_the_same_wandb_run(slurm_cluster, tmp_path):
+    # 36 questions, batches of 8: 5 steps an epoch, 6 epochs; a step checkpoint every step.
+    args = ["+experiment=shapes", "encoder=[clip_tiny]", *TINY, "logger=wandb", "task.num_train=12",
+            "trainer.max_epochs=6", "callbacks.step_checkpoint.every_n_train_steps=1"]
+    job = _sbatch(tmp_path, ["--cpus-per-task=1", str(ROOT / "slurm" / "train.sbatch"), *args])
+    run = tmp_path / "logs" / "train" / "slurm" / job
+    step_ckpt = run / "checkpoints" / "last_step.ckpt"
+    deadline = time.monotonic() + 600
+    while not (step_ckpt.is_file() and torch.load(step_ckpt, weights_only=True)["global_step"] >= 3):
+        assert time.monotonic() < deadline and _state(job) in ("PENDING", "RUNNING"), _state(job)
+        time.sleep(0.5)
+    # What SLURM sends before a time limit or preemption (--signal=USR1@90), to the job's processes.
+    subprocess.run(["scancel", "--signal=USR1", job], check=True)
+    deadline = time.monotonic() + 300
+    while _state(job) == "RUNNING":  # the job checkpoints, requeues itself and stops
+        assert time.monotonic() < deadline
+        time.sleep(1)
+    requeued = torch.load(run / "checkpoints" / "last_requeue.ckpt", weights_only=True)["global_step"]
+    assert 3 <= requeued < 30
+    assert not (run / "metrics.json").exists()
+    subprocess.run(["scontrol", "update", f"jobid={job}", "StartTime=now"], check=True)  # no BeginTime delay
+    assert _wait(job) == "COMPLETED", (tmp_path / "logs" / "slurm" / f"{job}.out").read_text()[-3000:]
+
+    log = (run / "train.log").read_text()
+    assert "requeued SLURM job" in log and f"resuming from {run / 'checkpoints'}" in log
+    last = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+    assert last["global_step"] == 30  # the step count continued from the checkpoint, not from 0
+    assert "test/acc" in json.loads((run / "metrics.json").read_text())
+    runs = sorted((run / "wandb").glob("offline-run-*"))
+    assert len(runs) == 2 and len({r.name.rsplit("-", 1)[1] for r in runs}) == 1  # one wandb run id
+    assert runs[0].name.endswith((run / "wandb_id").read_text().strip())
+    out = (tmp_path / "logs" / "slurm" / f"{job}.out").read_text()
+    assert "(restart 0)" in out and "(restart 1)" in out
+
+
+def test_two_process_gloo_ddp_through_srun_reports_the_single_process_metrics(slurm_cluster, tmp_path):
+    args = ["+experiment=shapes", "encoder=[clip_tiny]", *TINY, "trainer.max_epochs=1", "trainer.accelerator=cpu"]
+    single = _sbatch(tmp_path, ["--cpus-per-task=1", str(ROOT / "slurm" / "train.sbatch"), *args])
+    ddp = _sbatch(tmp_path, ["--ntasks-per-node=2", "--cpus-per-task=1", str(ROOT / "slurm" / "train.sbatch"),
+                             *args, "+trainer.strategy=ddp"])
+    for job in (single, ddp):
+        assert _wait(job) == "COMPLETED", (tmp_path / "logs" / "slurm" / f"{job}.out").read_text()[-3000:]
+    runs = tmp_path / "logs" / "train" / "slurm"
+    one = json.loads((runs / single / "metrics.json").read_text())
+    two = json.loads((runs / ddp / "metrics.json").read_text())
+    assert set(two) == set(one) and "test/acc" in two
+    out = (tmp_path / "logs" / "slurm" / f"{ddp}.out").read_text()
+    assert "world_size: 2" in out or "Initializing distributed: GLOBAL_RANK: 1, MEMBER: 2/2" in out, out[-3000:]
+
+
+@pytest.fixture(autouse=True)
+def _no_leftover_jobs(slurm_cluster):
+    yield
+    mine = subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True).stdout.split()
+    for job in mine:  # this test's jobs only: the cluster is the tests' own
+        subprocess.run(["scancel", job])
