@@ -1,0 +1,51 @@
+"""The zoo through train.py, as a user runs it: pretrain all three towers, then the subset study on them."""
+
+import csv
+import json
+
+import pytest
+from entrypoints import FAST, run
+from omegaconf import OmegaConf
+
+from fusion.zoo.entry import use_zoo_weights
+
+RECIPES = ["clip_tiny", "dino_tiny", "vit_tiny"]
+SHORT = [
+    "logger=csv",
+    "zoo.report_scenes.num_train=32",
+    "zoo.report_scenes.num_test=16",
+    *(f"zoo.recipe.{n}.{k}" for n in RECIPES for k in (
+        "trainer.max_steps=2", "trainer.val_check_interval=2", "data.batch_size=4", "data.num_val=4",
+        "data.num_workers=0",
+    )),
+]
+
+
+def test_zoo_all_then_complementarity(tmp_path):
+    zoo = run("train.py", ["+experiment=zoo/all", *SHORT], tmp_path)
+    assert zoo.returncode == 0, zoo.stderr[-3000:]
+    for name in RECIPES:
+        assert (tmp_path / "zoo" / f"{name}.safetensors").is_file()
+    report = json.loads((tmp_path / "zoo" / "report.json").read_text())
+    assert set(report["probe"]) == {*RECIPES, *(f"{n}@init" for n in RECIPES)}
+    assert "clip_tiny|dino_tiny" in report["cka"]
+
+    task = ["task.num_train=16", "task.num_val=8", "task.num_test=8", "trainer.max_epochs=1"]
+    fast = [a for a in FAST if not a.startswith("encoder=")]
+    study = run("train.py", ["+experiment=zoo/complementarity", *fast, *task], tmp_path)
+    assert study.returncode == 0, study.stderr[-3000:]
+    (table,) = (tmp_path / "logs" / "train" / "multiruns").glob("*/subsets.csv")
+    rows = list(csv.DictReader(table.open()))
+    assert len(rows) == 7 and rows[-1]["subset"] == "clip_tiny+dino_tiny+vit_tiny"
+    resolved = OmegaConf.load(table.parent / "0" / "config_resolved.yaml")
+    assert resolved.encoder.clip_tiny.weights.endswith("zoo/clip_tiny.safetensors")
+    assert (table.parent / "subsets.png").is_file() and (table.parent / "summary.json").is_file()
+
+
+def test_missing_zoo_weights_say_how_to_build_them(tmp_path):
+    cfg = OmegaConf.create({"encoder": {"clip_tiny": {"weights": None}}, "zoo": {"weights": {"clip_tiny": "nope.st"}}})
+    with pytest.raises(FileNotFoundError, match=r"'nope\.st'.*\+experiment=zoo/all"):
+        use_zoo_weights(cfg)
+    cfg.zoo.weights = {"vit_tiny": "x"}
+    with pytest.raises(ValueError, match="no file for encoder 'clip_tiny'"):
+        use_zoo_weights(cfg)
