@@ -4,6 +4,7 @@ in the same run folder and wandb run, and 2-process CPU DDP through srun."""
 import csv
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -58,8 +59,8 @@ def test_subset_sweep_is_one_job_array_and_collects_to_seven_rows(slurm_cluster,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     (sweep,) = (logs / "train" / "multiruns").iterdir()
-    arrays = {p.name.split("_")[0] for p in (sweep / ".submitit").iterdir() if "_" in p.name}
-    assert len(arrays) == 1 and len(list((sweep / ".submitit").glob("*_*"))) == 7  # one array of 7 elements
+    tasks = [p.name.split("_") for p in (sweep / ".submitit").iterdir() if re.fullmatch(r"\d+_\d+", p.name)]
+    assert len({a for a, _ in tasks}) == 1 and sorted(int(i) for _, i in tasks) == list(range(7))  # one array of 7
     proc = subprocess.run([sys.executable, str(ROOT / "eval.py"), "mode=collect", f"sweep_dir={sweep}"],
                           cwd=tmp_path, env=_env(tmp_path), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
