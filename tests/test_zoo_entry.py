@@ -21,6 +21,7 @@ SHORT = [
 ]
 
 
+@pytest.mark.slow
 def test_zoo_all_then_complementarity(tmp_path):
     zoo = run("train.py", ["+experiment=zoo/all", *SHORT], tmp_path)
     assert zoo.returncode == 0, zoo.stderr[-3000:]
