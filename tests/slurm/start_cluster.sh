@@ -25,8 +25,9 @@ install -d -o munge -g munge -m 0755 /run/munge
 if ! munge -n 2>/dev/null | unmunge >/dev/null 2>&1; then
   runuser -u munge -- /usr/sbin/munged
   for _ in $(seq 20); do munge -n 2>/dev/null | unmunge >/dev/null 2>&1 && break; sleep 0.5; done
+  # munged daemonizes: its own pid file names the daemon (pgrep may catch the exiting parent).
+  cat /run/munge/munged.pid > "$STATE/munged.pid" 2>/dev/null || pgrep -u munge -x munged > "$STATE/munged.pid" || true
 fi
-pgrep -u munge -x munged > "$STATE/munged.pid" || true
 
 install -d -o slurm -g slurm /var/lib/slurm /var/lib/slurm/slurmctld /var/lib/slurm/slurmd /var/log/slurm
 NODE=$(slurmd -C | head -1)
