@@ -17,6 +17,7 @@ damaged cache fails loudly instead of being read.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -62,9 +63,13 @@ def read_header(path: Path) -> tuple[tuple[int, ...], np.dtype, int]:
 class FeatureCache:
     """Read-only view of one published cache: image keys -> ``(B, T, D)`` feature tensors.
 
-    Opening validates the files and reads the metadata and the index, never the array: the array is
-    memory-mapped lazily, once per process, on the first read. Pickling drops the mapping, so the
-    object can go to DataLoader workers (fork or spawn) and each worker maps the file itself.
+    Opening validates the files and reads the metadata and the index, never the array. :meth:`get`
+    reads only the requested rows, with positioned reads (``os.preadv``) straight into the batch's
+    array: no mapping, so the rows read never stay resident in the process (a memory map keeps every
+    page it touched in the reader's RSS until unmapped, so an epoch over a 100k-image cache would hold
+    the whole file there). The file is opened lazily, once per process; pickling drops the descriptor,
+    so the object can go to DataLoader workers (fork or spawn) and each worker opens the file itself.
+    :meth:`array` still maps the whole file, for bulk copies (merging shards) and inspection.
     """
 
     def __init__(self, path: str | os.PathLike, fingerprint: dict[str, Any] | None = None) -> None:
@@ -79,8 +84,11 @@ class FeatureCache:
         self.dtype = np.dtype(self.meta["dtype"])
         self.index: dict[str, int] = _read_index(self.path, self.shape[0])
         self._offset = _check_array(self.path, self.shape, self.dtype)
+        self._row_bytes = self.shape[1] * self.shape[2] * self.dtype.itemsize
+        self._fd: int | None = None
+        self._pid: int | None = None  # the process that opened ``_fd``
         self._array: np.ndarray | None = None
-        self._pid: int | None = None
+        self._array_pid: int | None = None
 
     @property
     def fingerprint(self) -> dict[str, Any]:
@@ -101,12 +109,34 @@ class FeatureCache:
         return f"FeatureCache({str(self.path)!r}, shape={self.shape}, dtype={self.dtype.name})"
 
     def array(self) -> np.ndarray:
-        """The read-only ``(N, T, D)`` memory map, opened on first use in this process."""
-        if self._array is None or self._pid != os.getpid():
+        """The read-only ``(N, T, D)`` memory map of the whole file, mapped on first use in this process.
+
+        For bulk, sequential copies; batches are read with :meth:`get`, which does not map the file.
+        """
+        if self._array is None or self._array_pid != os.getpid():
             # A mapping inherited through fork is not reused: each process maps the file itself.
             mm = np.memmap(self.path / DATA, dtype=self.dtype, mode="r", offset=self._offset, shape=self.shape)
-            self._array, self._pid = mm.view(np.ndarray), os.getpid()
+            self._array, self._array_pid = mm.view(np.ndarray), os.getpid()
         return self._array
+
+    def _file(self) -> int:
+        """This process's read-only descriptor of the data file, opened on first use."""
+        if self._fd is None or self._pid != os.getpid():
+            # A descriptor inherited through fork is left alone (it is the parent's to close): positioned
+            # reads would be safe on it, but each process opens its own, as it does after spawn.
+            self._fd, self._pid = os.open(self.path / DATA, os.O_RDONLY | os.O_CLOEXEC), os.getpid()
+        return self._fd
+
+    def close(self) -> None:
+        """Close this process's descriptor and mapping (reopened by the next read)."""
+        if self._fd is not None and self._pid == os.getpid():
+            os.close(self._fd)
+        self._fd = self._pid = None
+        self._array = self._array_pid = None
+
+    def __del__(self) -> None:
+        with contextlib.suppress(Exception):
+            self.close()
 
     def rows(self, keys: Sequence[str]) -> np.ndarray:
         """Row of each key, ``(B,)`` int64; an unknown key raises :class:`CacheKeyError` naming it."""
@@ -122,18 +152,36 @@ class FeatureCache:
     def get(self, keys: Sequence[str], dtype: torch.dtype | None = None) -> Tensor:
         """Features of ``keys`` as one ``(B, T, D)`` tensor (the cache's dtype unless ``dtype``).
 
-        One gather from the memory map into a fresh array, which the tensor then shares (no second
-        copy); a cast to ``dtype`` is better left to the device the model runs on.
+        The rows are read from the file straight into one fresh array, which the tensor then shares
+        (one copy, from the page cache; runs of consecutive rows in one read); a cast to ``dtype`` is
+        better left to the device the model runs on.
         """
-        out = torch.from_numpy(np.take(self.array(), self.rows(keys), axis=0))
-        return out if dtype is None else out.to(dtype)
+        rows = self.rows(keys)
+        out = np.empty((len(rows), *self.shape[1:]), dtype=self.dtype)
+        if len(rows):
+            buf, size, fd = memoryview(out.reshape(-1)).cast("B"), self._row_bytes, self._file()
+            starts = np.flatnonzero(np.diff(rows) != 1) + 1
+            for lo, hi in zip([0, *starts.tolist()], [*starts.tolist(), len(rows)], strict=True):
+                self._read_into(fd, buf[lo * size : hi * size], self._offset + int(rows[lo]) * size)
+        tensor = torch.from_numpy(out)
+        return tensor if dtype is None else tensor.to(dtype)
+
+    def _read_into(self, fd: int, view: memoryview, pos: int) -> None:
+        while view:  # a positioned read may return less than asked
+            n = os.preadv(fd, [view], pos)
+            if n == 0:
+                raise CacheCorruptError(
+                    f"feature cache {self.path}: {DATA} ended at byte {pos} while reading; it was truncated after "
+                    "it was opened"
+                )
+            view, pos = view[n:], pos + n
 
     def __getitem__(self, key: str) -> Tensor:
         """``(T, D)`` features of one image."""
         return self.get([key])[0]
 
     def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_array": None, "_pid": None}
+        return {**self.__dict__, "_fd": None, "_pid": None, "_array": None, "_array_pid": None}
 
 
 def _read_meta(path: Path) -> dict[str, Any]:
