@@ -1,0 +1,184 @@
+"""Cached samples/s delivered by the DataLoader vs the model's training-step rate on the same batches.
+
+    python bench/loader.py                  # tiny encoders (shapes experiment), 100 batches of 64, 2 workers
+    python bench/loader.py --base           # + base-size CLIP/DINO/ViT caches (random init), batches of 8
+    python bench/loader.py --workers 1 --batches 50 fusion=resampler
+
+With ``cache.enabled=true`` the training loader of the real :class:`fusion.data.FusionDataModule`
+(``--workers`` persistent workers; each batch: tokenize the questions, gather every encoder's cached
+rows in one read per batch) is drained for ``--batches`` batches with nothing else running: the rate it
+can deliver. The first pass also keeps those batches in memory; the training step of
+:class:`fusion.lit.FusionLitModule` (``training_step`` + backward + gradient clipping + foreach AdamW,
+as ``conf/trainer`` and ``configure_optimizers`` set them up) then runs over exactly those batches,
+with no loading: the rate the model consumes them. The loader must deliver at least 5x what the step
+consumes, so it is never the bottleneck. Loader and step passes alternate ``--repeats`` times; medians.
+
+``--readers pread memmap`` also drains the loader with the previous reader (``np.take`` from an
+``np.memmap`` of the whole file) patched into :meth:`FeatureCache.get`, for comparison.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import os
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from hydra import compose, initialize_config_dir
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from fusion.cache.store import FeatureCache  # noqa: E402
+from fusion.run import build  # noqa: E402
+
+TINY = ["clip_tiny", "dino_tiny", "vit_tiny"]
+BASE = ["clip", "dino", "vit"]
+
+
+@contextlib.contextmanager
+def reader(name: str) -> Iterator[None]:
+    """``pread``: the package's reader; ``memmap``: the previous one, patched in for the duration."""
+    if name == "pread":
+        yield
+        return
+    original = FeatureCache.get
+
+    def get(self: FeatureCache, keys, dtype=None):  # noqa: ANN001
+        out = torch.from_numpy(np.take(self.array(), self.rows(keys), axis=0))
+        return out if dtype is None else out.to(dtype)
+
+    FeatureCache.get = get
+    try:
+        yield
+    finally:
+        FeatureCache.get = original
+
+
+def config(encoders: list[str], args: argparse.Namespace, out: Path, base: bool):
+    overrides = [
+        "+experiment=shapes",
+        f"encoder=[{','.join(encoders)}]",
+        f"paths.root_dir={ROOT}",
+        f"paths.output_dir={out}",
+        "cache.enabled=true",
+        f"cache.dir={args.cache_dir}",
+        f"data.num_workers={args.workers}",
+    ]
+    if base:
+        overrides += [f"encoder.{n}.pretrained=false" for n in encoders]
+        overrides += [f"task.num_train={args.base_images}", "task.num_val=8", "task.num_test=8",
+                      f"data.batch_size={args.base_batch_size}"]
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        return compose("train", overrides=[*overrides, *args.overrides])
+
+
+def drain(loader, batches: int, keep: bool = False) -> tuple[float, list]:
+    """Samples/s of the first ``batches`` batches of a fresh pass over ``loader`` (and the batches if ``keep``)."""
+    kept, samples = [], 0
+    start = time.perf_counter()
+    for i, batch in enumerate(loader):
+        samples += int(batch["labels"].shape[0])
+        if keep:
+            kept.append(batch)
+        if i + 1 == batches:
+            break
+    return samples / (time.perf_counter() - start), kept
+
+
+def step_rate(model, batches: list, clip: float | None, warmup: int = 3) -> float:
+    """Samples/s of full training steps (forward, loss, backward, clipping, AdamW) over ``batches``."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-4, foreach=True)
+
+    def step(i: int, batch) -> None:  # noqa: ANN001
+        loss = model.training_step(batch, i)
+        loss.backward()
+        if clip:
+            torch.nn.utils.clip_grad_norm_(params, clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    model.train()
+    for i, batch in enumerate(batches[:warmup]):
+        step(i, batch)
+    start = time.perf_counter()
+    for i, batch in enumerate(batches):
+        step(i, batch)
+    return sum(int(b["labels"].shape[0]) for b in batches) / (time.perf_counter() - start)
+
+
+def run(name: str, encoders: list[str], args: argparse.Namespace, base: bool, out: Path) -> None:
+    batches = args.batches or (12 if base else 100)
+    cfg = config(encoders, args, out, base)
+    pl.seed_everything(cfg.seed, workers=True, verbose=False)
+    datamodule, model = build(cfg)
+    datamodule.prepare_data()  # builds the caches on first use, outside the timing
+    datamodule.setup("fit")
+    clip = cfg.trainer.get("gradient_clip_val")
+    loaders = {r: None for r in args.readers}
+    steps, delivered = [], {r: [] for r in args.readers}
+    kept: list = []
+    for _ in range(args.repeats):
+        for r in args.readers:
+            with reader(r):
+                if loaders[r] is None:  # workers fork (with the reader in place) at the first pass
+                    loaders[r] = datamodule.train_dataloader()
+                    _, first = drain(loaders[r], batches, keep=not kept)  # warm-up pass
+                    kept = kept or first
+                delivered[r].append(drain(loaders[r], batches)[0])
+        steps.append(step_rate(model, kept, clip))
+    step = statistics.median(steps)
+    tokens = " + ".join(str(e.num_tokens) for e in model.encoders.values())
+    for r in args.readers:
+        rate = statistics.median(delivered[r])
+        ratio = rate / step
+        print(f"{name:<5} {tokens:>15} {cfg.data.batch_size:>5} {len(kept):>7} {r:>6} {rate:>13.0f} {step:>11.0f} "
+              f"{ratio:>11.1f}  {'ok (>= 5x)' if ratio >= 5 else 'LOADER TOO SLOW (< 5x)'}   per repeat "
+              f"{' '.join(f'{d / s:.1f}' for d, s in zip(delivered[r], steps, strict=True))}", flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--batches", type=int, default=None, help="batches per pass (default 100 tiny, 12 base)")
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--readers", nargs="+", default=["pread"], choices=["pread", "memmap"])
+    parser.add_argument("--base", action="store_true", help="also the base-size clip, dino, vit (random init)")
+    parser.add_argument("--only-base", action="store_true")
+    parser.add_argument("--base-images", type=int, default=24, help="shapes training images of the base runs")
+    parser.add_argument("--base-batch-size", type=int, default=8)
+    parser.add_argument("--cache-dir", type=Path, default=ROOT / "cache" / "bench" / "features")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads of the training process (default: torch's, one per core)")
+    parser.add_argument("overrides", nargs="*", help="extra Hydra overrides")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    warnings.filterwarnings("ignore")  # training_step's self.log() outside a Trainer warns and does nothing
+    logging.getLogger("pytorch_lightning").setLevel("ERROR")
+
+    print(f"{args.workers} loader workers, torch threads {torch.get_num_threads()}, {os.cpu_count()} CPUs, "
+          f"repeats {args.repeats} (medians), load average {os.getloadavg()[0]:.2f} at start")
+    print(f"{'size':<5} {'tokens':>15} {'batch':>5} {'batches':>7} {'reader':>6} {'loader smp/s':>13} "
+          f"{'step smp/s':>11} {'loader/step':>11}")
+    with tempfile.TemporaryDirectory() as out:
+        if not args.only_base:
+            run("tiny", TINY, args, False, Path(out))
+        if args.base or args.only_base:
+            run("base", BASE, args, True, Path(out))
+    print(f"load average {os.getloadavg()[0]:.2f} at end")
+
+
+if __name__ == "__main__":
+    main()
