@@ -11,6 +11,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import os
+import sys
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -135,7 +136,15 @@ class TimmEncoder(VisionEncoder):
                 raise FileNotFoundError(f"encoder {name!r}: weights file {str(path)!r} does not exist")
             # timm marks npz-only tags (augreg) custom_load; a torch state dict needs the plain loader.
             overlay = dict(file=str(path), custom_load=path.suffix == ".npz")
-            model = timm.create_model(model_name, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs)
+            try:
+                model = timm.create_model(model_name, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs)
+            except RuntimeError as e:  # strict loading: missing / unexpected keys or shapes
+                raise ValueError(
+                    f"encoder {name!r}: weights file {str(path)!r} lacks tensors of timm model {model_name!r} or "
+                    f"has other shapes; is it a state dict of this architecture (and of these model_kwargs)? {e}"
+                ) from e
+            if path.suffix != ".npz":
+                _check_weights_cover(model, path, name, model_name)
         elif pretrained:
             try:
                 model = timm.create_model(model_name, pretrained=True, **kwargs)
@@ -299,3 +308,23 @@ def _plain(kwargs: Mapping[str, Any] | None) -> dict[str, Any]:
     if OmegaConf.is_config(kwargs):
         return OmegaConf.to_container(kwargs, resolve=True)
     return dict(kwargs)
+
+
+def _check_weights_cover(model: nn.Module, path: Path, name: str, model_name: str) -> None:
+    """Fail unless ``path`` provides every tensor of ``model`` (after timm's own key conversion).
+
+    timm loads non-strictly whenever it drops a classifier (our towers have ``num_classes=0``), so a file
+    with other key names would otherwise leave the encoder silently at its random init.
+    """
+    state = timm.models.load_state_dict(str(path))
+    convert = getattr(sys.modules[type(model).__module__], "checkpoint_filter_fn", None)
+    if convert is not None:
+        state = convert(state, model)
+    expected = list(model.state_dict())
+    missing = [k for k in expected if k not in state]
+    if missing:
+        raise ValueError(
+            f"encoder {name!r}: weights file {str(path)!r} lacks {len(missing)} of the {len(expected)} tensors of "
+            f"timm model {model_name!r} (first missing: {missing[:3]}; the file has e.g. {list(state)[:3]}); "
+            "is it a state dict of this architecture (and of these model_kwargs)?"
+        )

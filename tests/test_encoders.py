@@ -80,6 +80,17 @@ def test_local_weights_file_loads_through_timm_pretrained_path(tmp_path, name, s
     assert loaded.fingerprint()["sha256"] != _build(name, init_seed=0).fingerprint()["sha256"]
 
 
+@pytest.mark.parametrize("name", TINY)
+def test_weights_file_of_other_key_names_is_refused_not_silently_ignored(tmp_path, name):
+    # timm loads non-strictly when it drops a classifier (clip and vit configs): without the check, these
+    # towers would keep their random init.
+    state = {f"renamed.{k}": v for k, v in _build(name, init_seed=5).model.state_dict().items()}
+    path = tmp_path / "renamed.pth"
+    torch.save(state, path)
+    with pytest.raises(ValueError, match=rf"encoder '{name}': weights file .*renamed.pth' lacks (\d+ of the|tensors)"):
+        _build(name, pretrained=True, weights=str(path))
+
+
 def test_eval_mode_survives_train_with_dropout_configured():
     kwargs = {**_cfg("clip_tiny")["model_kwargs"], "drop_rate": 0.5, "drop_path_rate": 0.5, "attn_drop_rate": 0.5}
     enc = _build("clip_tiny", model_kwargs=kwargs)
