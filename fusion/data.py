@@ -70,8 +70,9 @@ class VLCollator:
     ``input_ids`` / ``attention_mask`` (B, L); ``labels`` (B,);
     ``targets`` (B,) or (B, C) (what the task's loss trains towards); ``answer_types`` (B,);
     ``question_ids`` and ``image_keys`` lists of str (of I-tuples of str with I images per example).
-    With feature caches, ``features[name]`` (B, T_e, D_e) or (B, I, T_e, D_e) in the cache's dtype, one
-    gather from the memory map per batch, for each cached encoder (which then has no ``images`` entry).
+    With feature caches, ``features[name]`` (B, T_e, D_e) or (B, I, T_e, D_e) in the cache's dtype, read
+    from the cache file once per batch (into shared memory in a worker), for each cached encoder (which
+    then has no ``images`` entry).
     """
 
     def __init__(self, tokenizer: Any, max_length: int, caches: Mapping[str, FeatureCache] | None = None) -> None:

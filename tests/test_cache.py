@@ -149,6 +149,19 @@ def test_reader_is_picklable_and_maps_per_worker(enc, images, tmp_path):
     assert len(worker_pids) >= 1 and cache._pid not in worker_pids  # each worker mapped the file itself
 
 
+def test_worker_batches_are_read_straight_into_shared_memory(enc, images, tmp_path):
+    cache = ensure_cache(enc, images, tmp_path / "cache", dtype="float16", **FAST)
+    keys = sorted(images)
+    assert not cache.get(keys).is_shared()  # in the main process: ordinary memory
+    # In a worker the batch is allocated in shared memory before it is filled, so handing it to the training
+    # process does not copy it again (torch would move ordinary memory into shared memory first).
+    loader = DataLoader(keys, batch_size=3, num_workers=2, collate_fn=lambda batch: (cache.get(batch),
+                        cache.get(batch).is_shared()))
+    batches = list(loader)
+    assert all(shared for _, shared in batches)
+    assert torch.equal(torch.cat([b for b, _ in batches]), cache.get(keys))
+
+
 def test_sharded_build_and_merge_equal_unsharded(enc, images, tmp_path):
     whole = build_cache(enc, images, tmp_path / "whole", dtype="float32", **FAST)
     root = tmp_path / "sharded"

@@ -1,4 +1,4 @@
-"""Frozen-feature cache: each (encoder, image) feature computed once, memory-mapped everywhere after.
+"""Frozen-feature cache: each (encoder, image) feature computed once, read by rows everywhere after.
 
 - :func:`ensure_cache` (build on first use) / :func:`build_cache` (one cache or one shard of it) /
   :func:`merge_shards` write caches; :class:`FeatureCache` reads one: ``cache.get(image_keys)`` ->

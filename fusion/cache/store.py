@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -28,6 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor
+from torch.utils.data import get_worker_info
 
 from fusion.cache.errors import CacheCorruptError, CacheKeyError, CacheNotFoundError, FingerprintMismatchError
 from fusion.cache.fingerprint import describe_diff
@@ -157,13 +159,13 @@ class FeatureCache:
         better left to the device the model runs on.
         """
         rows = self.rows(keys)
-        out = np.empty((len(rows), *self.shape[1:]), dtype=self.dtype)
+        tensor = _empty((len(rows), *self.shape[1:]), _TORCH_DTYPES[self.dtype.name])
+        out = tensor.numpy()
         if len(rows):
             buf, size, fd = memoryview(out.reshape(-1)).cast("B"), self._row_bytes, self._file()
             starts = np.flatnonzero(np.diff(rows) != 1) + 1
             for lo, hi in zip([0, *starts.tolist()], [*starts.tolist(), len(rows)], strict=True):
                 self._read_into(fd, buf[lo * size : hi * size], self._offset + int(rows[lo]) * size)
-        tensor = torch.from_numpy(out)
         return tensor if dtype is None else tensor.to(dtype)
 
     def _read_into(self, fd: int, view: memoryview, pos: int) -> None:
@@ -182,6 +184,19 @@ class FeatureCache:
 
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "_fd": None, "_pid": None, "_array": None, "_array_pid": None}
+
+
+_TORCH_DTYPES = {"float16": torch.float16, "float32": torch.float32}
+
+
+def _empty(shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
+    """An uninitialised tensor; in a DataLoader worker, in shared memory from the start (as torch's own
+    collate allocates), so the batch reaches the training process without being copied again."""
+    if get_worker_info() is None:
+        return torch.empty(shape, dtype=dtype)
+    numel = math.prod(shape)
+    storage = torch.empty(0, dtype=dtype)._typed_storage()._new_shared(numel)
+    return torch.empty(0, dtype=dtype).set_(storage).view(shape)
 
 
 def _read_meta(path: Path) -> dict[str, Any]:
