@@ -28,8 +28,14 @@ def partitions() -> list[str] | None:
     return sorted({line.strip().rstrip("*") for line in out.stdout.splitlines() if line.strip()})
 
 
-def launcher_errors(launcher: DictConfig | dict) -> list[str]:
-    """What is wrong with a submitit launcher config, one message per value."""
+_ASK_SINFO = object()
+
+
+def launcher_errors(launcher: DictConfig | dict, known_partitions: Any = _ASK_SINFO) -> list[str]:
+    """What is wrong with a submitit launcher config, one message per value.
+
+    ``known_partitions``: the partitions a SLURM launcher may name (default: ask ``sinfo``; None: any).
+    """
     errors = []
     for key in POSITIVE:
         value = launcher.get(key)
@@ -40,7 +46,7 @@ def launcher_errors(launcher: DictConfig | dict) -> list[str]:
         errors.append(f"hydra.launcher.signal_delay_s={delay!r} must be >= 0")
     partition = launcher.get("partition")
     if partition is not None and str(launcher.get("_target_", "")).endswith("SlurmLauncher"):
-        known = partitions()
+        known = partitions() if known_partitions is _ASK_SINFO else known_partitions
         if known is not None and str(partition) not in known:
             errors.append(
                 f"hydra.launcher.partition={partition!r} is not a partition of this cluster: {', '.join(known)}"

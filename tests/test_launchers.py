@@ -31,7 +31,12 @@ def test_slurm_launcher_values_are_overridable():
     assert (launcher.partition, launcher.timeout_min, launcher.gpus_per_node, launcher.nodes) == ("gpu", 240, 4, 2)
     assert (launcher.mem_gb, launcher.array_parallelism, list(launcher.setup)) == (64, 3, ["module load cuda"])
     assert launcher.qos == "high" and launcher.max_num_timeout == 0 and launcher.signal_delay_s == 90
-    assert launcher_errors(launcher) == []
+    assert launcher_errors(launcher, known_partitions=["debug", "gpu"]) == []
+    # The partition is checked against the cluster's own list (sinfo), whatever cluster this runs on.
+    assert launcher_errors(launcher, known_partitions=["debug"]) == [
+        "hydra.launcher.partition='gpu' is not a partition of this cluster: debug"
+    ]
+    assert launcher_errors(launcher, known_partitions=None) == []  # no cluster to ask: not checked
     assert _launcher(["hydra/launcher=local"])._target_.endswith("LocalLauncher")
 
 
