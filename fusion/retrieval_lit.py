@@ -9,13 +9,14 @@ as the loader delivers them; at the epoch's end the first stage ranks all pairs,
 each query (both directions) are re-scored by the fusion model's ITM log-odds, and
 :class:`~fusion.ranking.RetrievalRecall` reports R@1/5/10 both ways and their sum (``<stage>/rsum``),
 and the same for the first stage alone (``<stage>/first_rsum``, ``<stage>/first_t2i_r1``...).
-Runs in one process: under DDP each process would hold only its share of the candidates.
+Under DDP each process collects its share of the split; the shares are gathered (each image and caption
+once) and every process ranks the whole split.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -67,6 +68,44 @@ class Gallery:
         self.text_states.append(states)
         self.text_masks.append(mask)
         self.text_embeds.append(embeds)
+
+    def to(self, device: torch.device | str) -> Gallery:
+        """The same gallery with every tensor on ``device``."""
+        def moved(tensors: list[Tensor]) -> list[Tensor]:
+            return [t.to(device) for t in tensors]
+
+        return replace(
+            self, features={n: moved(f) for n, f in self.features.items()}, image_embeds=moved(self.image_embeds),
+            text_states=moved(self.text_states), text_masks=moved(self.text_masks), text_embeds=moved(self.text_embeds),
+        )
+
+    @staticmethod
+    def merge(parts: list[Gallery]) -> Gallery:
+        """One gallery from the galleries of several processes, each image and caption once (a distributed
+        sampler hands some examples to two processes to even out the split)."""
+        out = Gallery()
+        seen: set[str] = set()
+        for part in parts:
+            if not part.caption_ids:
+                continue
+            features, image_emb, states, masks, text_emb = part.stacked()
+            new = [i for i, key in enumerate(part.image_keys) if key not in out.image_index]
+            if new:
+                at = torch.tensor(new)
+                keys = [part.image_keys[i] for i in new]
+                out.add_images(keys, {n: f[at] for n, f in features.items()}, image_emb[at])
+            keep = []
+            for t, caption in enumerate(part.caption_ids):
+                if caption not in seen:
+                    seen.add(caption)
+                    keep.append(t)
+            if keep:
+                at = torch.tensor(keep)
+                out.add_texts(
+                    [part.caption_ids[t] for t in keep], [part.image_keys[part.caption_image[t]] for t in keep],
+                    states[at], masks[at], text_emb[at],
+                )
+        return out
 
     def stacked(self) -> tuple[dict[str, Tensor], Tensor, Tensor, Tensor, Tensor]:
         """``features`` {name: (I, N_e, D_e)}, image embeds (I, E), text states (T, L, D_t) padded to the
@@ -202,14 +241,15 @@ class RetrievalLitModule(FusionLitModule):
 
     # ---- evaluation ----------------------------------------------------------------------------
     def _start_eval(self, stage: str) -> None:
-        if self.trainer.world_size > 1:
-            raise RuntimeError(
-                f"retrieval evaluation ranks every image against every caption in one process, but this run has "
-                f"{self.trainer.world_size} processes. Train under DDP without validation "
-                "(trainer.limit_val_batches=0 test=false), then evaluate in one process: "
-                "python eval.py +experiment=<task> ckpt_path=<run>/checkpoints/last.ckpt split=test trainer.devices=1"
-            )
         self._galleries[stage] = Gallery()
+
+    def _gather(self, gallery: Gallery) -> Gallery:
+        """Every process's gallery, merged (each process then ranks the whole split); as is in one process."""
+        if self.trainer.world_size == 1:
+            return gallery
+        parts: list[Gallery | None] = [None] * self.trainer.world_size
+        torch.distributed.all_gather_object(parts, gallery.to("cpu"))
+        return Gallery.merge([p for p in parts if p is not None]).to(self.device)
 
     def on_validation_epoch_start(self) -> None:
         self._start_eval("val")
@@ -246,7 +286,10 @@ class RetrievalLitModule(FusionLitModule):
 
     def _end_eval(self, stage: str) -> None:
         gallery = self._galleries.pop(stage, None)
-        if gallery is None or not gallery.caption_ids:
+        if gallery is None:
+            return
+        gallery = self._gather(gallery)
+        if not gallery.caption_ids:
             return
         features, image_emb, states, masks, text_emb = gallery.stacked()
         first = text_emb.float() @ image_emb.float().T  # (T, I) cosine similarity

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import pytest
 import pytorch_lightning as pl
 import torch
@@ -15,7 +13,7 @@ from fusion.heads import ClassifierHead
 from fusion.images import load_image
 from fusion.model import FusionModel
 from fusion.ranking import pessimistic_rank
-from fusion.retrieval_lit import RetrievalLitModule
+from fusion.retrieval_lit import Gallery, RetrievalLitModule
 from fusion.tasks.flickr30k import Flickr30kTask
 from fusion.tasks.shapes import ShapesTask
 from fusion.text import TextEncoder, build_tiny_bert
@@ -114,11 +112,41 @@ def test_rerank_k_at_least_the_candidate_count_equals_exhaustive_itm_scoring(par
         assert got[key] == pytest.approx(value, abs=1e-6), key
 
 
-def test_module_refuses_a_classification_task_and_ddp_evaluation(parts, tmp_path):
-    text, task = parts
+def test_module_refuses_a_classification_task(parts, tmp_path):
+    text, _ = parts
     with pytest.raises(ValueError, match="2-class matching head, but task 'shapes' has"):
         _module(text, ShapesTask(tmp_path / "shapes", num_train=2, num_val=2, num_test=2))
-    module = _module(text, task)
-    module._trainer = SimpleNamespace(world_size=2)
-    with pytest.raises(RuntimeError, match=r"2 processes.*trainer.limit_val_batches=0 test=false.*trainer.devices=1"):
-        module.on_validation_epoch_start()
+
+
+def test_evaluation_in_two_ddp_processes_equals_one_process(parts):
+    text, task = parts
+    single = _test_metrics(_module(text, task, rerank_k=20), task)
+    module = _module(text, task, rerank_k=20)
+    trainer = pl.Trainer(
+        accelerator="cpu", devices=2, strategy="ddp_spawn", logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False,
+    )
+    # Each process sees half the captions; the galleries are gathered so both rank the whole split.
+    got = trainer.test(module, datamodule=_datamodule(module, task), verbose=False)[0]
+    assert set(got) == set(single)
+    for key, value in single.items():
+        assert got[key] == pytest.approx(value, abs=1e-6), key
+
+
+def test_merged_galleries_hold_each_image_and_caption_once():
+    def gallery(keys, captions):
+        g = Gallery()
+        g.add_images(keys, {"a": torch.tensor([[[float(k[-1])]] for k in keys])}, torch.ones(len(keys), 2))
+        ids = [c for c, _ in captions]
+        states = torch.tensor([[[float(c[-1])]] for c in ids])
+        g.add_texts(ids, [k for _, k in captions], states, torch.ones(len(ids), 1, dtype=torch.bool),
+                    torch.ones(len(ids), 2))
+        return g
+
+    # The second process got image k1 and caption c1 too (a distributed sampler pads the split).
+    merged = Gallery.merge([gallery(["k1", "k2"], [("c1", "k1"), ("c2", "k2")]),
+                            gallery(["k3", "k1"], [("c3", "k3"), ("c1", "k1")])])
+    features, _, states, _, _ = merged.stacked()
+    assert merged.image_keys == ["k1", "k2", "k3"] and features["a"].flatten().tolist() == [1.0, 2.0, 3.0]
+    assert merged.caption_ids == ["c1", "c2", "c3"] and states.flatten().tolist() == [1.0, 2.0, 3.0]
+    assert [merged.image_keys[i] for i in merged.caption_image] == ["k1", "k2", "k3"]
