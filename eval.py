@@ -1,7 +1,8 @@
 """Evaluate a checkpoint: python eval.py +experiment=shapes ckpt_path=.../last.ckpt split=val.
 
 Other modes: ``mode=extract`` builds the feature caches of the configured encoders (see conf/cache/);
-``mode=collect sweep_dir=<multirun folder>`` gathers a sweep's metrics.json into one table (fusion/collect.py).
+``mode=collect sweep_dir=<multirun folder>`` gathers a sweep's metrics.json into one table (fusion/collect.py);
+the analysis modes (``mode=encoder_ablation`` ..., fusion/analysis/) write a report folder about a checkpoint.
 """
 
 from pathlib import Path
@@ -9,11 +10,12 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
+from fusion.analysis import MODES as ANALYSIS_MODES
 from fusion.cli import check_choices
 from fusion.collect import collect_from_config
 from fusion.run import evaluate, extract
 
-MODES = {"eval": evaluate, "extract": extract, "collect": collect_from_config}
+MODES = {"eval": evaluate, "extract": extract, "collect": collect_from_config, **ANALYSIS_MODES}
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="eval")

@@ -1,0 +1,390 @@
+"""What every analysis mode shares: loading a checkpoint, the evaluation loop, input ablations, the report.
+
+An analysis runs on the model :func:`fusion.run.build` makes from the run's config, with the checkpoint's
+weights loaded through the module's own ``on_load_checkpoint`` (encoder fingerprints and answer vocabulary
+are checked as in ``eval.py``). The loop :func:`evaluate` feeds the split's batches through
+``FusionLitModule.forward`` (the attention read-out is the model's own ``output_attentions``) and scores
+them with the task's loss and metric, as ``FusionLitModule._eval_step`` does; modes change what goes in
+(which encoders are kept, which features or tokens) through the batch or the VE-dropout module, never
+through a second copy of the model.
+
+Every mode writes a report folder (``analysis.dir``, default ``<run folder>/<mode>``) through
+:class:`Report`: ``results.json`` (every number a figure shows), CSV tables, PNG figures, ``report.md``
+embedding the figures, and the same tables and images into wandb when a wandb logger is configured.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import itertools
+import logging
+from collections import Counter, defaultdict
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.loggers import Logger, WandbLogger
+from torch import nn
+
+from fusion.data import FusionDataModule
+from fusion.dropout import EncoderDropout
+from fusion.lit import FusionLitModule
+from fusion.model import FusionOutput
+from fusion.run import _finish, _loggers, build, write_json_atomic
+from fusion.stats import save_figure
+from fusion.tasks.base import VLTask, write_atomic
+
+log = logging.getLogger(__name__)
+
+Batch = dict[str, Any]
+
+
+@dataclass
+class AnalysisContext:
+    """A loaded checkpoint and the split a mode analyses; ``settings`` is the mode's part of ``cfg.analysis``."""
+
+    cfg: DictConfig
+    mode: str
+    model: FusionLitModule
+    datamodule: FusionDataModule
+    split: str
+    out_dir: Path
+    loggers: list[Logger]
+    settings: DictConfig
+
+    @property
+    def task(self) -> VLTask:
+        return self.model.task
+
+    @property
+    def encoder_names(self) -> list[str]:
+        return list(self.model.encoder_names)
+
+    def batches(self, split: str | None = None, max_batches: int | None = None) -> Iterator[Batch]:
+        """The batches of ``split`` (default: the analysed one), at most ``analysis.max_batches`` of them."""
+        self.datamodule.val_split = split or self.split
+        limit = max_batches if max_batches is not None else self.cfg.analysis.get("max_batches")
+        loader = self.datamodule.val_dataloader()
+        return itertools.islice(iter(loader), limit)
+
+
+def load_weights(model: FusionLitModule, ckpt_path: str | Path) -> None:
+    """Load a training checkpoint into ``model`` the way Lightning does (``on_load_checkpoint``, then the state)."""
+    checkpoint = torch.load(str(ckpt_path), map_location="cpu", weights_only=True)
+    model.on_load_checkpoint(checkpoint)
+    model.load_state_dict(checkpoint["state_dict"])
+
+
+@contextlib.contextmanager
+def open_analysis(cfg: DictConfig, mode: str) -> Iterator[AnalysisContext]:
+    """Seed, build data and model from ``cfg``, load ``cfg.ckpt_path``, and close the loggers afterwards."""
+    if cfg.get("ckpt_path") is None:
+        raise ValueError(f"eval.py mode={mode} needs ckpt_path=<a checkpoint>, e.g. <run>/checkpoints/last.ckpt")
+    ckpt = Path(str(cfg.ckpt_path)).expanduser()
+    if not ckpt.is_file():
+        raise FileNotFoundError(f"ckpt_path={cfg.ckpt_path!r} is not a checkpoint file")
+    pl.seed_everything(cfg.seed, workers=True)
+    output_dir = Path(cfg.paths.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / "config_resolved.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    datamodule, model = build(cfg)
+    load_weights(model, ckpt)
+    # Evaluation behaviour everywhere: dropout off, VE-dropout only through what a mode sets.
+    model.eval()
+    split = str(cfg.split)
+    model.task.check_split(split)
+    datamodule.prepare_data()
+    datamodule.setup("validate")
+    analysis = cfg.get("analysis") or OmegaConf.create({})
+    out_dir = Path(str(analysis.get("dir") or output_dir / mode))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    loggers = _loggers(cfg)
+    settings = analysis.get(mode) or OmegaConf.create({})
+    try:
+        with torch.no_grad():
+            yield AnalysisContext(cfg, mode, model, datamodule, split, out_dir, loggers, settings)
+    finally:
+        _finish(loggers)
+
+
+# ---- which encoders the model sees --------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def keep_only(model: FusionLitModule, kept: Sequence[str]) -> Iterator[None]:
+    """Evaluate with only the encoders ``kept``: VE-dropout's ``drop_encoders`` names the others for every sample."""
+    dropped = [n for n in model.encoder_names if n not in kept]
+    saved = model.ve_dropout
+    model.ve_dropout = EncoderDropout(model.encoder_names, drop_encoders=dropped).to(model.device).eval()
+    try:
+        yield
+    finally:
+        model.ve_dropout = saved
+
+
+class _RandomKeep(nn.Module):
+    """A VE-dropout stand-in giving each sample a random non-empty subset, uniformly; ``last`` (B, n) holds it."""
+
+    def __init__(self, num_encoders: int, generator: torch.Generator) -> None:
+        super().__init__()
+        self.num_encoders, self.generator = num_encoders, generator
+        self.last: torch.Tensor | None = None
+
+    def forward(self, batch_size: int) -> torch.Tensor:
+        # Subset codes 1..2^n-1, one bit per encoder: every non-empty subset equally likely.
+        codes = torch.randint(1, 2**self.num_encoders, (batch_size,), generator=self.generator)
+        self.last = (codes[:, None] >> torch.arange(self.num_encoders)) & 1 == 1
+        return self.last
+
+
+@contextlib.contextmanager
+def random_subsets(model: FusionLitModule, seed: int = 0) -> Iterator[_RandomKeep]:
+    """Each sample sees a random non-empty subset of the encoders; the yielded module's ``last`` says which."""
+    saved = model.ve_dropout
+    model.ve_dropout = _RandomKeep(len(model.encoder_names), torch.Generator().manual_seed(seed))
+    try:
+        yield model.ve_dropout
+    finally:
+        model.ve_dropout = saved
+
+
+def subsets(names: Sequence[str]) -> list[tuple[str, ...]]:
+    """All non-empty subsets of ``names``, smallest first, each in ``names`` order."""
+    return [c for r in range(1, len(names) + 1) for c in itertools.combinations(names, r)]
+
+
+# ---- input ablations --------------------------------------------------------------------------------
+
+
+def with_features(model: FusionLitModule, batch: Batch, replace: Mapping[str, torch.Tensor]) -> Batch:
+    """``batch`` with the features of the encoders in ``replace`` set to the given token (D_e,) at every position.
+
+    The model reads ``batch["features"]`` before running an encoder (the feature-cache path of
+    ``encode_images``), so the other encoders still run on the pixels, and the sequence keeps its layout.
+    """
+    features = dict(batch.get("features") or {})
+    size = batch["input_ids"].shape[0]
+    images = model.task.images_per_example
+    for name, token in replace.items():
+        encoder = model.encoders[name]
+        shape = (size, encoder.num_tokens, encoder.embed_dim)
+        if images > 1:
+            shape = (size, images, encoder.num_tokens, encoder.embed_dim)
+        features[name] = token.to(device=model.device, dtype=model.dtype).expand(shape).contiguous()
+    return {**batch, "features": features}
+
+
+def mean_tokens(ctx: AnalysisContext) -> dict[str, torch.Tensor]:
+    """Each encoder's dataset-mean token (D_e,) over every token of every image of the analysed split."""
+    sums: dict[str, torch.Tensor] = {}
+    count: dict[str, int] = defaultdict(int)
+    for batch in ctx.batches():
+        for name, f in ctx.model.encode_images(batch).items():
+            flat = f.reshape(-1, f.shape[-1]).double()
+            sums[name] = sums.get(name, 0) + flat.sum(0)
+            count[name] += flat.shape[0]
+    return {name: (s / count[name]).float() for name, s in sums.items()}
+
+
+def mask_text(batch: Batch, mask_id: int, special_ids: Sequence[int]) -> Batch:
+    """``batch`` with every real text token except the special ones ([CLS], [SEP]) replaced by ``mask_id``."""
+    ids = batch["input_ids"]
+    real = batch["attention_mask"].bool() & ~torch.isin(ids, torch.tensor(list(special_ids), dtype=ids.dtype))
+    return {**batch, "input_ids": torch.where(real, torch.full_like(ids, mask_id), ids)}
+
+
+# ---- the evaluation loop ------------------------------------------------------------------------------
+
+
+def metric_values(task: VLTask, computed: Mapping[str, torch.Tensor]) -> dict[str, float]:
+    """``task.metric().compute()`` as ``{"acc": ..., "acc_color": ...}`` (headline named by ``task.metric_name``)."""
+    name = task.metric_name
+    return {name + (f"_{k}" if k else ""): float(v) for k, v in computed.items()}
+
+
+def evaluate(
+    ctx: AnalysisContext,
+    transform: Callable[[Batch], Batch] | None = None,
+    on_output: Callable[[Batch, torch.Tensor, FusionOutput], None] | None = None,
+    output_attentions: bool = False,
+    split: str | None = None,
+) -> dict[str, float]:
+    """The task metric and mean loss of the model on a split, as ``FusionLitModule._eval_step`` scores it.
+
+    ``transform`` changes each batch before the forward pass (an ablation); ``on_output(batch, logits
+    (B, C), out)`` sees every forward pass (statistics). Returns the metric values plus ``loss`` (mean over
+    labelled examples) and ``n`` (examples).
+    """
+    model, task = ctx.model, ctx.task
+    metric = task.metric()
+    loss_sum, labelled, n = 0.0, 0, 0
+    for batch in ctx.batches(split):
+        if transform is not None:
+            batch = transform(batch)
+        logits, out = model(batch, output_attentions=output_attentions)
+        task.update_metric(metric, logits, batch)
+        # The task's loss is a batch mean over labelled examples; weight it back into a split mean.
+        size = int((batch["labels"] >= 0).sum())
+        if size:
+            loss_sum += float(task.loss(logits, batch)) * size
+        labelled += size
+        n += logits.shape[0]
+        if on_output is not None:
+            on_output(batch, logits, out)
+    values = metric_values(task, metric.compute())
+    values["loss"] = loss_sum / max(labelled, 1)
+    values["n"] = float(n)
+    return values
+
+
+def question_prior_accuracy(task: VLTask, split: str) -> float | None:
+    """Accuracy of a text-only baseline that never looks at the image: each question's most frequent training
+    answer (a question not seen in training: its answer type's, else the overall most frequent answer)."""
+    train = [e for e in task.examples(task.train_split) if e.label >= 0]
+    target = [e for e in task.examples(split) if e.label >= 0]
+    if not train or not target:
+        return None
+    by_question: dict[str, Counter[int]] = defaultdict(Counter)
+    by_type: dict[str, Counter[int]] = defaultdict(Counter)
+    for e in train:
+        by_question[e.question][e.label] += 1
+        by_type[e.answer_type][e.label] += 1
+    overall = Counter(e.label for e in train).most_common(1)[0][0]
+
+    def guess(question: str, answer_type: str) -> int:
+        for counts in (by_question.get(question), by_type.get(answer_type)):
+            if counts:
+                return counts.most_common(1)[0][0]
+        return overall
+
+    return sum(guess(e.question, e.answer_type) == e.label for e in target) / len(target)
+
+
+# ---- the report folder --------------------------------------------------------------------------------
+
+
+def markdown_table(columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """A GitHub markdown table; floats with 4 decimals."""
+
+    def cell(v: Any) -> str:
+        return f"{v:.4f}" if isinstance(v, float) else str(v)
+
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+@dataclass
+class Report:
+    """Collects one mode's numbers, tables and figures, then writes them and logs them to wandb."""
+
+    out_dir: Path
+    title: str
+    loggers: Sequence[Logger] = ()
+    key: str = "analysis"
+    results: dict[str, Any] = field(default_factory=dict)
+    sections: list[str] = field(default_factory=list)
+    files: list[Path] = field(default_factory=list)
+
+    def text(self, markdown: str) -> None:
+        self.sections.append(markdown.strip())
+
+    def table(self, name: str, columns: Sequence[str], rows: Sequence[Sequence[Any]], show: bool = True) -> Path:
+        """``<name>.csv``, a wandb table, and (``show``) a markdown table in report.md."""
+        buffer = io.StringIO()
+        writer = csv.writer(buffer, lineterminator="\n")
+        writer.writerow(columns)
+        writer.writerows(rows)
+        path = self.out_dir / f"{name}.csv"
+        write_atomic(path, buffer.getvalue())
+        self.files.append(path)
+        for logger in self.loggers:
+            if isinstance(logger, WandbLogger):
+                logger.log_table(key=f"{self.key}/{name}", columns=list(columns), data=[list(r) for r in rows])
+        if show:
+            self.sections.append(markdown_table(columns, rows))
+        return path
+
+    def figure(self, name: str, fig: Any, caption: str) -> Path:
+        """Save a matplotlib ``Figure`` as ``<name>.png``, embed it in report.md and log it as a wandb image."""
+        path = self.out_dir / f"{name}.png"
+        save_figure(fig, path)
+        self.files.append(path)
+        self.sections.append(f"![{caption}]({path.name})\n\n*{caption}*")
+        for logger in self.loggers:
+            if isinstance(logger, WandbLogger):
+                logger.log_image(key=f"{self.key}/{name}", images=[str(path)], caption=[caption])
+        return path
+
+    def write(self) -> dict[str, Any]:
+        """``results.json`` and ``report.md``; returns the results."""
+        write_json_atomic(self.out_dir / "results.json", self.results)
+        body = "\n\n".join([f"# {self.title}", *self.sections])
+        write_atomic(self.out_dir / "report.md", body + "\n")
+        log.info("%s: report in %s", self.title, self.out_dir)
+        return self.results
+
+
+def new_report(ctx: AnalysisContext, title: str) -> Report:
+    """A report for ``ctx``'s mode, headed with what was analysed."""
+    report = Report(ctx.out_dir, title, ctx.loggers, key=f"analysis/{ctx.mode}")
+    report.results.update(
+        {
+            "mode": ctx.mode,
+            "ckpt_path": str(ctx.cfg.ckpt_path),
+            "split": ctx.split,
+            "task": ctx.task.name,
+            "metric": ctx.task.metric_name,
+            "encoders": ctx.encoder_names,
+        }
+    )
+    report.text(
+        f"Checkpoint `{ctx.cfg.ckpt_path}`, task `{ctx.task.name}`, split `{ctx.split}`, encoders "
+        + ", ".join(f"`{n}`" for n in ctx.encoder_names)
+        + "."
+    )
+    return report
+
+
+def heatmap(
+    values: torch.Tensor,
+    rows: Sequence[str],
+    columns: Sequence[str],
+    title: str,
+    xlabel: str,
+    ylabel: str,
+    colorbar: str,
+    vmin: float | None = 0.0,
+    vmax: float | None = None,
+    cmap: str = "viridis",
+) -> Any:
+    """A labelled heatmap of ``values`` (R, C) with a colour bar; cells annotated while they stay legible."""
+    from matplotlib.figure import Figure
+
+    values = values.detach().float().cpu()
+    n_rows, n_cols = values.shape
+    fig = Figure(figsize=(2.5 + min(0.7 * n_cols, 16), 1.6 + min(0.4 * n_rows, 12)), layout="constrained")
+    ax = fig.add_subplot()
+    image = ax.imshow(values.numpy(), vmin=vmin, vmax=vmax, cmap=cmap, aspect="auto")
+    if n_rows * n_cols <= 150:
+        lo, hi = image.get_clim()
+        for r in range(n_rows):
+            for c in range(n_cols):
+                v = float(values[r, c])
+                # Light text on the dark end of the colour map, dark text on the bright end.
+                dark = (v - lo) < 0.6 * (hi - lo) if cmap == "viridis" else abs(v - (lo + hi) / 2) > 0.3 * (hi - lo)
+                ax.text(c, r, f"{v:.2f}", ha="center", va="center", fontsize=7, color="white" if dark else "black")
+    tilt = n_cols > 4
+    ax.set_xticks(range(n_cols), list(columns), rotation=45 if tilt else 0, ha="right" if tilt else "center")
+    ax.set_yticks(range(n_rows), list(rows))
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    fig.colorbar(image, ax=ax, label=colorbar)
+    return fig
