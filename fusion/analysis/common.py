@@ -380,9 +380,12 @@ def heatmap(
                 # Light text on the dark end of the colour map, dark text on the bright end.
                 dark = (v - lo) < 0.6 * (hi - lo) if cmap == "viridis" else abs(v - (lo + hi) / 2) > 0.3 * (hi - lo)
                 ax.text(c, r, f"{v:.2f}", ha="center", va="center", fontsize=7, color="white" if dark else "black")
-    tilt = n_cols > 4
+    tilt = n_cols > 4 or max(len(str(c)) for c in columns) > 8
     ax.set_xticks(range(n_cols), list(columns), rotation=45 if tilt else 0, ha="right" if tilt else "center")
     ax.set_yticks(range(n_rows), list(rows))
+    # Long position axes (causal tracing) stay legible with smaller tick labels.
+    ax.tick_params(axis="x", labelsize=10 if n_cols <= 30 else 6)
+    ax.tick_params(axis="y", labelsize=10 if n_rows <= 30 else 6)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title)

@@ -1,0 +1,212 @@
+"""``eval.py mode=attention``: attention-over-encoder statistics over a whole split, ranked and split by type.
+
+One pass over the split with the model's own attention read-out (``output_attentions=True``), every
+encoder visible. The per-layer/per-head masses are :class:`fusion.stats.AttentionOverEncoders`, the same
+statistic training logs: for the [CLS] query and the mean over each sample's real text queries, the share
+of attention that goes to each encoder's tokens (``fused`` for tokens that mix encoders), to the text and
+to [CLS]. The report adds
+
+- heatmaps layers x groups and (layer, head) x groups for both query kinds,
+- heads ranked by cross-modal mass: the text queries' mass on image tokens (all encoders and ``fused``),
+  i.e. which heads read the image for the words and which stay within the text,
+- the same statistics per answer type (``analysis.attention.split_by: answer_type``) or per gold label
+  (``label``); ``auto`` takes answer types when the task has them, else labels.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from omegaconf import DictConfig
+
+from fusion.analysis.common import AnalysisContext, Batch, evaluate, heatmap, new_report, open_analysis
+from fusion.model import FusionOutput
+from fusion.stats import QUERY_KINDS, AttentionOverEncoders, stats_rows
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    """Entry point of ``eval.py mode=attention``; returns what ``results.json`` holds."""
+    with open_analysis(cfg, "attention") as ctx:
+        return attention(ctx)
+
+
+def _new_stats(ctx: AnalysisContext) -> AttentionOverEncoders:
+    fusion = ctx.model.fusion
+    return AttentionOverEncoders(ctx.encoder_names, fusion.depth, fusion.num_heads, mixed=fusion.mixes_encoders)
+
+
+def split_key(ctx: AnalysisContext) -> str | None:
+    """What the statistics are split by: ``answer_type``, ``label`` or None (``analysis.attention.split_by``)."""
+    choice = str(ctx.settings.get("split_by", "auto"))
+    if choice == "auto":
+        return "answer_type" if ctx.task.answer_types else "label"
+    if choice in ("none", "null", "None"):
+        return None
+    if choice not in ("answer_type", "label"):
+        raise ValueError(f"analysis.attention.split_by={choice!r}; allowed: auto, answer_type, label, none")
+    if choice == "answer_type" and not ctx.task.answer_types:
+        raise ValueError(f"task {ctx.task.name!r} has no answer types; use analysis.attention.split_by=label")
+    return choice
+
+
+def collect(
+    ctx: AnalysisContext, by: str | None
+) -> tuple[AttentionOverEncoders, dict[str, AttentionOverEncoders], dict[str, float]]:
+    """One pass over the split: overall statistics, statistics per value of ``by``, and the task metric."""
+    overall = _new_stats(ctx)
+    parts: dict[str, AttentionOverEncoders] = {}
+    types = ctx.task.answer_types
+
+    def name_of(index: int) -> str:
+        if by == "answer_type":
+            return types[index] if index < len(types) else str(index)
+        return ctx.task.answers[index] if 0 <= index < ctx.task.num_classes else "unlabelled"
+
+    def update(batch: Batch, logits: torch.Tensor, out: FusionOutput) -> None:
+        assert out.attentions is not None
+        overall.update(out.attentions, out.key_groups, out.text_query_mask)
+        if by is None:
+            return
+        values = batch["answer_types"] if by == "answer_type" else batch["labels"]
+        for value in values.unique().tolist():
+            rows = values == value  # (B,) the samples of this answer type / label
+            part = parts.setdefault(name_of(int(value)), _new_stats(ctx))
+            part.update([a[rows] for a in out.attentions], out.key_groups, out.text_query_mask[rows])
+
+    metrics = evaluate(ctx, on_output=update, output_attentions=True)
+    return overall, dict(sorted(parts.items())), metrics
+
+
+def image_groups(groups: list[str], encoder_names: list[str]) -> list[int]:
+    """Indices of the groups that are image tokens: every encoder, and ``fused``."""
+    return [i for i, g in enumerate(groups) if g in encoder_names or g == "fused"]
+
+
+def rank_heads(stats: torch.Tensor, groups: list[str], encoder_names: list[str]) -> list[dict[str, Any]]:
+    """Per (layer, head) the image / text / [CLS] mass of both query kinds, ranked by the text queries' image
+    mass (cross-modal), highest first. ``stats`` (2, L, H, G)."""
+    image = image_groups(groups, encoder_names)
+    text, cls = groups.index("text"), groups.index("cls")
+    rows = []
+    for layer in range(stats.shape[1]):
+        for head in range(stats.shape[2]):
+            row: dict[str, Any] = {"layer": layer, "head": head}
+            for qi, query in enumerate(QUERY_KINDS):
+                mass = stats[qi, layer, head]
+                row[f"{query}_to_image"] = float(mass[image].sum())
+                row[f"{query}_to_text"] = float(mass[text])
+                row[f"{query}_to_cls"] = float(mass[cls])
+            rows.append(row)
+    rows.sort(key=lambda r: -r["text_to_image"])
+    for rank, row in enumerate(rows):
+        row["rank"] = rank + 1
+    return rows
+
+
+def attention(ctx: AnalysisContext) -> dict[str, Any]:
+    """Collect the statistics, write the report, return the results."""
+    by = split_key(ctx)
+    overall, parts, metrics = collect(ctx, by)
+    groups = overall.group_names
+    stats = overall.compute()  # (2, L, H, G)
+    L, H = stats.shape[1], stats.shape[2]
+    heads = rank_heads(stats, groups, ctx.encoder_names)
+    by_part = {name: (part.compute(), int(part.cls_count)) for name, part in parts.items()}
+
+    report = new_report(ctx, f"Attention over encoders ({ctx.task.name}, {ctx.split})")
+    report.results.update(
+        {
+            "groups": groups,
+            "num_layers": L,
+            "num_heads": H,
+            "metrics": metrics,
+            **{query: stats[qi].tolist() for qi, query in enumerate(QUERY_KINDS)},
+            "heads": heads,
+            "split_by": by,
+            "by": {
+                name: {"n": n, **{q: s[qi].tolist() for qi, q in enumerate(QUERY_KINDS)}}
+                for name, (s, n) in by_part.items()
+            },
+        }
+    )
+    report.text(
+        f"Mean attention mass over {int(metrics['n'])} examples (every encoder visible; {ctx.task.metric_name} "
+        f"{metrics[ctx.task.metric_name]:.4f}) from the [CLS] query and from the text queries (mean over each "
+        "sample's real tokens) to each encoder's tokens, the text and [CLS]; each (query, layer, head) row sums "
+        "to 1. `results.json` holds `cls` and `text` as [layer][head][group] with `groups` in order."
+    )
+    for qi, query in enumerate(QUERY_KINDS):
+        report.figure(
+            f"{query}_layers",
+            heatmap(stats[qi].mean(1), [f"layer {i}" for i in range(L)], groups,
+                    f"Attention mass from {_label(query)} per layer (mean over heads)", "key group", "layer",
+                    "attention mass"),
+            f"{_label(query)}: attention mass per layer and key group",
+        )
+        report.figure(
+            f"{query}_heads",
+            heatmap(stats[qi].flatten(0, 1), [f"L{i} H{h}" for i in range(L) for h in range(H)], groups,
+                    f"Attention mass from {_label(query)} per head", "key group", "layer, head", "attention mass"),
+            f"{_label(query)}: attention mass per head and key group",
+        )
+    rows = stats_rows(stats, groups)
+    report.table("attention", list(rows[0]), [list(r.values()) for r in rows], show=False)
+
+    top = int(ctx.settings.get("top_heads", 5))
+    columns = ["rank", "layer", "head", *(f"{q}_to_{g}" for q in QUERY_KINDS for g in ("image", "text", "cls"))]
+    report.text(
+        "Heads ranked by cross-modal mass: the text queries' attention to image tokens (all encoders). "
+        f"Top {top} and bottom {top} below; all of them in `heads.csv`."
+    )
+    report.table("heads", columns, [[r[c] for c in columns] for r in heads], show=False)
+    shown = heads if len(heads) <= 2 * top else heads[:top] + heads[-top:]
+    report.text(_markdown_rows(columns, shown))
+    report.figure("heads_ranked", _heads_chart(heads), "Heads ranked by the text queries' mass on image tokens")
+
+    if by_part:
+        names = list(by_part)
+        report.text(f"Split by {by.replace('_', ' ')} (`by` in results.json; n = examples per value).")
+        part_rows = []
+        for name, (s, n) in by_part.items():
+            for qi, query in enumerate(QUERY_KINDS):
+                part_rows.append([name, n, query, *(float(v) for v in s[qi].mean((0, 1)))])
+        report.table(f"by_{by}", [by, "n", "query", *groups], part_rows)
+        for qi, query in enumerate(QUERY_KINDS):
+            values = torch.stack([by_part[n][0][qi].mean((0, 1)) for n in names])  # (parts, G)
+            report.figure(
+                f"{query}_by_{by}",
+                heatmap(values, names, groups, f"Attention mass from {_label(query)} by {by.replace('_', ' ')} "
+                        "(mean over layers and heads)", "key group", by.replace("_", " "), "attention mass"),
+                f"{_label(query)}: attention mass by {by.replace('_', ' ')}",
+            )
+    return report.write()
+
+
+def _label(query: str) -> str:
+    return "[CLS]" if query == "cls" else "the text tokens"
+
+
+def _markdown_rows(columns: list[str], rows: list[dict[str, Any]]) -> str:
+    from fusion.analysis.common import markdown_table
+
+    return markdown_table(columns, [[r[c] for c in columns] for r in rows])
+
+
+def _heads_chart(heads: list[dict[str, Any]]) -> Any:
+    """Bars per head (ranked): the image mass of the text queries and of [CLS]."""
+    from matplotlib.figure import Figure
+
+    labels = [f"L{r['layer']} H{r['head']}" for r in heads]
+    fig = Figure(figsize=(2.5 + 0.45 * len(heads), 4.0), layout="constrained")
+    ax = fig.add_subplot()
+    xs = range(len(heads))
+    ax.bar([x - 0.2 for x in xs], [r["text_to_image"] for r in heads], 0.4, label="text queries -> image")
+    ax.bar([x + 0.2 for x in xs], [r["cls_to_image"] for r in heads], 0.4, label="[CLS] -> image")
+    ax.set_xticks(list(xs), labels, rotation=45, ha="right")
+    ax.set_ylim(0, 1)
+    ax.set_xlabel("head (layer, head), ranked by text -> image mass")
+    ax.set_ylabel("attention mass on image tokens")
+    ax.set_title("Cross-modal heads: attention mass on image tokens (all encoders)")
+    ax.legend(fontsize=8)
+    return fig

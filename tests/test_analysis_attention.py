@@ -1,0 +1,78 @@
+"""eval.py mode=attention on a tiny trained checkpoint: masses over a whole split, ranked heads, split by type."""
+
+
+import pytest
+import torch
+
+from fusion.analysis.attention import rank_heads
+from tests.analysis_helpers import ENCODERS, run_mode, tiny_checkpoint
+
+GROUPS = [*ENCODERS, "text", "cls"]
+
+
+@pytest.fixture(scope="module")
+def attention(tmp_path_factory):
+    ckpt, workdir = tiny_checkpoint(tmp_path_factory)
+    # With a wandb logger too: the tables and figures go there as well (offline run in the run folder).
+    results = run_mode("attention", ckpt, workdir, "logger=wandb")
+    return results, workdir / "eval_attention"
+
+
+def test_masses_are_in_unit_range_and_sum_to_one(attention):
+    results, _ = attention
+    assert results["groups"] == GROUPS and results["num_layers"] == 2 and results["num_heads"] == 2
+    parts = [results] + list(results["by"].values())
+    for part in parts:
+        for query in ("cls", "text"):
+            mass = torch.tensor(part[query])  # (L, H, G)
+            assert mass.shape == (2, 2, len(GROUPS))
+            assert bool(((mass >= 0) & (mass <= 1)).all())
+            assert torch.allclose(mass.sum(-1), torch.ones(2, 2), atol=1e-5)
+
+
+def test_split_by_answer_type_covers_every_example(attention):
+    results, _ = attention
+    assert results["split_by"] == "answer_type"
+    assert set(results["by"]) == {"color", "shape", "count", "position"}
+    assert sum(p["n"] for p in results["by"].values()) == results["metrics"]["n"] == 300
+    # The split's overall [CLS] mass is the example-weighted mean of the per-type masses.
+    overall = torch.tensor(results["cls"])
+    weighted = sum(torch.tensor(p["cls"]) * p["n"] for p in results["by"].values()) / 300
+    assert torch.allclose(overall, weighted, atol=1e-5)
+
+
+def test_heads_are_ranked_by_the_text_queries_image_mass(attention):
+    results, _ = attention
+    heads = results["heads"]
+    assert len(heads) == 4 and [h["rank"] for h in heads] == [1, 2, 3, 4]
+    image = [h["text_to_image"] for h in heads]
+    assert image == sorted(image, reverse=True)
+    text = torch.tensor(results["text"])
+    top = heads[0]
+    assert top["text_to_image"] == pytest.approx(float(text[top["layer"], top["head"], :2].sum()), abs=1e-6)
+    for h in heads:
+        assert h["text_to_image"] + h["text_to_text"] + h["text_to_cls"] == pytest.approx(1, abs=1e-5)
+
+
+def test_report_files_and_wandb(attention):
+    _, run_dir = attention
+    folder = run_dir / "attention"
+    report = (folder / "report.md").read_text()
+    for name in ("cls_layers", "text_heads", "heads_ranked", "cls_by_answer_type"):
+        assert (folder / f"{name}.png").stat().st_size > 5_000 and f"]({name}.png)" in report
+    assert (folder / "heads.csv").read_text().count("\n") == 1 + 4
+    offline = list((run_dir / "wandb").glob("offline-run-*"))
+    assert len(offline) == 1
+    media = offline[0] / "files" / "media"
+    assert list(media.glob("images/analysis/attention/*.png")) and list(media.glob("table/analysis/attention/*"))
+
+
+def test_rank_heads_counts_fused_tokens_as_image():
+    stats = torch.zeros(2, 1, 2, 5)  # groups: a, b, fused, text, cls
+    stats[:, 0, 0] = torch.tensor([0.1, 0.1, 0.5, 0.2, 0.1])
+    stats[:, 0, 1] = torch.tensor([0.0, 0.0, 0.1, 0.8, 0.1])
+    heads = rank_heads(stats, ["a", "b", "fused", "text", "cls"], ["a", "b"])
+    assert (heads[0]["head"], heads[0]["text_to_image"]) == (0, pytest.approx(0.7))
+    assert heads[1]["text_to_text"] == pytest.approx(0.8)
+
+
