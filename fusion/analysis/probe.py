@@ -1,0 +1,244 @@
+"""``eval.py mode=probe``: what each layer's representation encodes, by linear probes (after VALUE, Cao et al. 2020).
+
+The model runs over a fitting split (``analysis.probe.fit_split``, default the task's training split, at most
+``max_fit`` examples) and the analysed split; forward hooks on the multimodal transformer's blocks read, at
+every depth (``input`` = the embedded sequence, ``layer i`` = block i's output, ``final`` = after the last
+norm, what the head reads), the [CLS] state and the mean over the visible tokens. A multinomial logistic
+regression (L-BFGS, standardised features) is fitted per (property, depth, representation) on the fitting
+split and scored on the analysed split (held out), against the majority class of the fitting split.
+
+Properties: the answer type and the answer (label) where the task has them; which encoders the sample saw
+(``random_subsets: true``, default: every sample sees a random non-empty subset of the encoders, as VE-dropout
+would give it, so the property exists; all other probes then read such representations too); for the
+shapes task the number of shapes and the colour in the top-left cell, read from the image's pixels.
+
+Also each head's modality importance (VALUE): the attention mass the [CLS] and text queries give image
+tokens vs text, from the same pass (the model's attention read-out, ``fusion.stats.AttentionOverEncoders``).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig
+
+from fusion.analysis.attention import rank_heads
+from fusion.analysis.common import AnalysisContext, Batch, heatmap, new_report, open_analysis, random_subsets
+from fusion.images import load_image
+from fusion.model import FusionOutput
+from fusion.stats import AttentionOverEncoders
+from fusion.tasks.base import Example
+from fusion.tasks.shapes import COLORS, GRID, ShapesTask, cell_bounds
+
+REPRESENTATIONS = ("cls", "mean")
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    """Entry point of ``eval.py mode=probe``; returns what ``results.json`` holds."""
+    with open_analysis(cfg, "probe") as ctx:
+        return probe(ctx)
+
+
+def shapes_properties(example: Example) -> dict[str, str]:
+    """The number of shapes and the top-left cell's colour of a shapes image, from its pixels (exact palette
+    colours, no anti-aliasing; a cell holds at most one shape)."""
+    image = load_image(example.image_path).convert("RGB")
+    palette = {rgb: name for name, rgb in COLORS.items()}
+    colours = []
+    for cell in range(GRID * GRID):
+        counts = Counter(image.crop(cell_bounds(cell, image.width)).getdata())
+        found = [(n, palette[rgb]) for rgb, n in counts.items() if rgb in palette]
+        colours.append(max(found)[1] if found else "empty")
+    return {"num_shapes": str(sum(c != "empty" for c in colours)), "top_left_color": colours[0]}
+
+
+class Collector:
+    """Forward hooks on the fusion blocks: per depth the [CLS] state and the visible-token mean (B, D)."""
+
+    def __init__(self, ctx: AnalysisContext) -> None:
+        self.blocks = list(ctx.model.fusion.blocks)
+        self.depths = ["input", *(f"layer {i}" for i in range(len(self.blocks) - 1)), "final"]
+        self.states: list[torch.Tensor] = []
+        self.handles = [self.blocks[0].register_forward_pre_hook(lambda m, args: self._keep(args[0]))]
+        # The last block's output is normed before the head reads it; ``final`` comes from FusionOutput.hidden.
+        self.handles += [b.register_forward_hook(lambda m, args, out: self._keep(out[0])) for b in self.blocks[:-1]]
+        self.rows: dict[str, list[torch.Tensor]] = {f"{d}/{r}": [] for d in self.depths for r in REPRESENTATIONS}
+
+    def _keep(self, x: torch.Tensor) -> None:
+        self.states.append(x.detach())
+
+    def take(self, out: FusionOutput) -> None:
+        """Store the batch's hooked states plus the final one; ``out.key_mask`` (B, S) weights the mean."""
+        visible = out.key_mask.float()[..., None]  # (B, S, 1)
+        for depth, x in zip(self.depths, [*self.states, out.hidden], strict=True):
+            self.rows[f"{depth}/cls"].append(x[:, 0].float().cpu())
+            self.rows[f"{depth}/mean"].append(((x * visible).sum(1) / visible.sum(1)).float().cpu())
+        self.states = []
+
+    def close(self) -> dict[str, torch.Tensor]:
+        for handle in self.handles:
+            handle.remove()
+        return {k: torch.cat(v) for k, v in self.rows.items()}
+
+
+def collect(ctx: AnalysisContext, split: str, limit: int | None, stats: AttentionOverEncoders | None) -> tuple:
+    """Representations ``{depth/rep: (N, D)}`` and properties ``{name: [N values]}`` of up to ``limit`` examples."""
+    model, task = ctx.model, ctx.task
+    by_id = {e.question_id: e for e in task.examples(split)}
+    collector = Collector(ctx)
+    props: dict[str, list[str]] = {}
+    seen = 0
+    seed = int(ctx.cfg.seed) + (0 if split == ctx.split else 1)
+    random = bool(ctx.settings.get("random_subsets", True))
+    try:
+        with random_subsets(model, seed=seed) if random else _nothing() as keep:
+            max_batches = ctx.cfg.analysis.get("max_batches") if split == ctx.split else None
+            for batch in ctx.batches(split, max_batches=max_batches):
+                if limit is not None and seen >= limit:
+                    break
+                _, out = model(batch, output_attentions=stats is not None)
+                collector.take(out)
+                if stats is not None:
+                    stats.update(out.attentions, out.key_groups, out.text_query_mask)
+                _properties(ctx, batch, by_id, keep.last if random else None, props)
+                seen += len(batch["question_ids"])
+    finally:
+        features = collector.close()
+    return features, props
+
+
+class _nothing:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+def _properties(ctx: AnalysisContext, batch: Batch, by_id: dict, keep: torch.Tensor | None, props: dict) -> None:
+    task = ctx.task
+    for i, qid in enumerate(batch["question_ids"]):
+        example = by_id[qid]
+        row: dict[str, str] = {}
+        if task.answer_types:
+            row["answer_type"] = example.answer_type
+        if example.label >= 0:
+            row["answer"] = task.answers[example.label]
+        if keep is not None:
+            row["encoders"] = "+".join(n for n, k in zip(ctx.encoder_names, keep[i].tolist(), strict=True) if k)
+        if isinstance(task, ShapesTask):
+            row.update(shapes_properties(example))
+        for name, value in row.items():
+            props.setdefault(name, []).append(value)
+
+
+def fit_probe(x: torch.Tensor, y: torch.Tensor, num_classes: int, steps: int = 100, l2: float = 1e-3) -> torch.Tensor:
+    """Multinomial logistic regression on standardised ``x`` (N, D) with labels ``y`` (N,); returns the
+    weights (D + 1, C), the last row the bias. Full-batch L-BFGS: deterministic and quick at this size."""
+    with torch.enable_grad():
+        w = torch.zeros(x.shape[1] + 1, num_classes, requires_grad=True)
+        xb = torch.cat([x, torch.ones(len(x), 1)], 1)
+        opt = torch.optim.LBFGS([w], max_iter=steps, line_search_fn="strong_wolfe")
+
+        def closure() -> torch.Tensor:
+            opt.zero_grad()
+            loss = F.cross_entropy(xb @ w, y) + l2 * w[:-1].pow(2).sum()
+            loss.backward()
+            return loss
+
+        opt.step(closure)
+    return w.detach()
+
+
+def probe_accuracy(fit_x: torch.Tensor, fit_y: list[str], test_x: torch.Tensor, test_y: list[str], steps: int) -> dict:
+    """Held-out accuracy of a linear probe and of the fitting split's majority class."""
+    classes = sorted(set(fit_y))
+    index = {c: i for i, c in enumerate(classes)}
+    mean, std = fit_x.mean(0), fit_x.std(0).clamp_min(1e-6)
+    w = fit_probe((fit_x - mean) / std, torch.tensor([index[v] for v in fit_y]), len(classes), steps)
+    xb = torch.cat([(test_x - mean) / std, torch.ones(len(test_x), 1)], 1)
+    predicted = [classes[i] for i in (xb @ w).argmax(1).tolist()]
+    majority = Counter(fit_y).most_common(1)[0][0]
+    n = len(test_y)
+    return {
+        "accuracy": sum(p == t for p, t in zip(predicted, test_y, strict=True)) / n,
+        "majority": sum(t == majority for t in test_y) / n,
+        "classes": len(classes),
+    }
+
+
+def probe(ctx: AnalysisContext) -> dict[str, Any]:
+    """Collect, fit every probe, write the report, return the results."""
+    fit_split = str(ctx.settings.get("fit_split") or ctx.task.train_split)
+    max_fit = ctx.settings.get("max_fit", 3000)
+    steps = int(ctx.settings.get("steps", 100))
+    fusion = ctx.model.fusion
+    stats = AttentionOverEncoders(ctx.encoder_names, fusion.depth, fusion.num_heads, mixed=fusion.mixes_encoders)
+    fit_x, fit_p = collect(ctx, fit_split, max_fit, None)
+    test_x, test_p = collect(ctx, ctx.split, None, stats)
+    collector_depths = ["input", *(f"layer {i}" for i in range(fusion.depth - 1)), "final"]
+    results: dict[str, dict[str, dict[str, dict]]] = {}
+    for prop in fit_p:
+        results[prop] = {
+            rep: {d: probe_accuracy(fit_x[f"{d}/{rep}"], fit_p[prop], test_x[f"{d}/{rep}"], test_p[prop], steps)
+                  for d in collector_depths}
+            for rep in REPRESENTATIONS
+        }
+    heads = rank_heads(stats.compute(), stats.group_names, ctx.encoder_names)
+
+    report = new_report(ctx, f"Layer probes ({ctx.task.name}, {ctx.split})")
+    report.results.update({"fit_split": fit_split, "fit_examples": len(next(iter(fit_x.values()))),
+                           "test_examples": len(next(iter(test_x.values()))), "depths": collector_depths,
+                           "probes": results, "modality_importance": heads})
+    report.text(
+        f"Linear probes fitted on {report.results['fit_examples']} examples of `{fit_split}` and scored on "
+        f"{report.results['test_examples']} of `{ctx.split}` (held out), per depth of the fusion transformer, on "
+        "the [CLS] state (`cls`) and the mean over visible tokens (`mean`). `final` is what the task head reads. "
+        + ("Every sample saw a random non-empty subset of the encoders (property `encoders`). "
+           if ctx.settings.get("random_subsets", True) else "")
+    )
+    rows = [[prop, rep, d, r["accuracy"], r["majority"], r["classes"]]
+            for prop, by_rep in results.items() for rep, by_depth in by_rep.items() for d, r in by_depth.items()]
+    report.table("probes", ["property", "representation", "depth", "accuracy", "majority", "classes"], rows)
+    report.figure("probe_curves", _curves(results, collector_depths), "Held-out probe accuracy per depth")
+    columns = ["cls_to_image", "cls_to_text", "text_to_image", "text_to_text"]
+    ordered = sorted(heads, key=lambda h: (h["layer"], h["head"]))
+    report.text("Modality importance per head (VALUE): attention mass on image tokens vs on the text.")
+    report.table("modality_importance", ["layer", "head", *columns],
+                 [[h["layer"], h["head"], *(h[c] for c in columns)] for h in ordered], show=False)
+    values = torch.tensor([[h[c] for c in columns] for h in ordered])
+    report.figure(
+        "modality_importance",
+        heatmap(values, [f"L{h['layer']} H{h['head']}" for h in ordered],
+                ["[CLS] -> image", "[CLS] -> text", "text -> image", "text -> text"],
+                "Modality importance per head: attention mass by query and key modality", "query -> key modality",
+                "layer, head", "attention mass", vmin=0.0, vmax=1.0),
+        "Modality importance of each head",
+    )
+    return report.write()
+
+
+def _curves(results: dict, depths: list[str]) -> Any:
+    """One panel per representation: accuracy per depth, one line per property, its majority dotted."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(11, 4.2), layout="constrained")
+    axes = fig.subplots(1, len(REPRESENTATIONS), sharey=True)
+    colors = [f"C{i}" for i in range(10)]
+    for ax, rep in zip(axes, REPRESENTATIONS, strict=True):
+        for i, (prop, by_rep) in enumerate(results.items()):
+            acc = [by_rep[rep][d]["accuracy"] for d in depths]
+            ax.plot(range(len(depths)), acc, marker="o", color=colors[i % 10], label=prop)
+            ax.axhline(by_rep[rep][depths[0]]["majority"], color=colors[i % 10], linestyle=":", linewidth=1)
+        ax.set_xticks(range(len(depths)), depths)
+        ax.set_ylim(0, 1.02)
+        ax.set_xlabel("depth in the fusion transformer")
+        ax.set_title("[CLS] state" if rep == "cls" else "mean over visible tokens")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("held-out probe accuracy")
+    axes[-1].legend(fontsize=8, loc="lower right", title="property (dotted: majority)")
+    fig.suptitle("Linear probes per layer")
+    return fig
