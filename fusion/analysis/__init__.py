@@ -26,5 +26,5 @@ def _lazy(module: str) -> Callable[[DictConfig], Any]:
 
 
 MODES: dict[str, Callable[[DictConfig], Any]] = {
-    name: _lazy(name) for name in ("encoder_ablation", "attention", "cross_modal_ablation", "probe")
+    name: _lazy(name) for name in ("encoder_ablation", "attention", "cross_modal_ablation", "probe", "causal_trace")
 }

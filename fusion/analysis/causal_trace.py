@@ -1,0 +1,360 @@
+"""``eval.py mode=causal_trace``: activation patching between clean and corrupted inputs (causal tracing).
+
+As Meng et al. (2022) for language models and Quantmeyer et al. (2024) for CLIP: a *pair* is a clean input
+and a corrupted one that differ in one element; the score is the softmax probability of the answer the
+model gives on the clean input. The corrupted input runs again with one hidden state restored from the
+clean run, and the score that comes back says how much that state carries the difference:
+
+- per (layer, position): block ``l``'s output at one sequence position ([CLS], a text token, one visual
+  token of one encoder) replaced by the clean run's;
+- per (layer, head): one head's output (its slice of the attention output before the projection) at every
+  position replaced by the clean run's.
+
+Recovery = ``(patched - corrupted) / (clean - corrupted)`` of the mean scores over pairs: 1 = the state
+alone restores the clean answer. Restoring every position of a layer gives the clean score exactly (the
+rest of the network then sees the clean state); restoring none gives the corrupted one; both are recorded.
+
+Corruptions (``analysis.causal_trace.corrupt``):
+
+- ``text``: one word of the question swapped for another of its group (``swaps``: colours, shapes, top/
+  bottom, left/right by default, the shapes task's words), kept only when the word piece count is unchanged
+  so both inputs have the same layout; or, with ``pairs=<file.json>``, a list of ``{"question_id",
+  "corrupted_question"}`` for any task;
+- ``encoder:<name>``: that encoder's features taken from another image of the batch (the other encoders
+  and the question unchanged).
+
+Pairs whose corruption lowers the score by less than ``min_effect`` are left out (nothing to recover).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig
+
+from fusion.analysis.common import AnalysisContext, Batch, heatmap, new_report, open_analysis
+from fusion.model import CLS_GROUP, TEXT_GROUP
+
+DEFAULT_SWAPS = [
+    ["red", "green", "blue", "yellow", "purple"],
+    ["circle", "square", "triangle"],
+    ["top", "bottom"],
+    ["left", "right"],
+]
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    """Entry point of ``eval.py mode=causal_trace``; returns what ``results.json`` holds."""
+    with open_analysis(cfg, "causal_trace") as ctx:
+        return causal_trace(ctx)
+
+
+def select(batch: Batch, rows: torch.Tensor) -> Batch:
+    """The rows ``rows`` (long indices) of every per-example entry of a collated batch."""
+    out: Batch = {}
+    for key, value in batch.items():
+        if isinstance(value, torch.Tensor):
+            out[key] = value[rows]
+        elif isinstance(value, dict):
+            out[key] = {k: v[rows] for k, v in value.items()}
+        elif isinstance(value, list):
+            out[key] = [value[i] for i in rows.tolist()]
+        else:
+            out[key] = value
+    return out
+
+
+def swap_word(question: str, swaps: Sequence[Sequence[str]]) -> str | None:
+    """``question`` with its first swappable word replaced by the next word of its group; None if none."""
+    words = question.split(" ")
+    for i, word in enumerate(words):
+        core = word.rstrip("?.,!s") if word.rstrip("?.,!") not in sum(map(list, swaps), []) else word.rstrip("?.,!")
+        for group in swaps:
+            if core in group:
+                replacement = group[(group.index(core) + 1) % len(group)]
+                return " ".join([*words[:i], word.replace(core, replacement, 1), *words[i + 1 :]])
+    return None
+
+
+def corrupt_text(ctx: AnalysisContext, batch: Batch, corrupted: list[str | None]) -> tuple[Batch, torch.Tensor]:
+    """The batch with the given questions (None: no pair) and the rows whose token layout is unchanged."""
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    questions = [q if q is not None else "" for q in corrupted]
+    tok = ctx.model.text.tokenizer(questions, padding="max_length", truncation=True, max_length=ids.shape[1],
+                                   return_tensors="pt")
+    same = (tok["attention_mask"] == mask).all(1) & torch.tensor([q is not None for q in corrupted])
+    same &= (tok["input_ids"] != ids).any(1)
+    return {**batch, "input_ids": tok["input_ids"].to(ids.dtype)}, same
+
+
+def make_pairs(ctx: AnalysisContext, batch: Batch) -> tuple[Batch, Batch, torch.Tensor]:
+    """Clean batch (encoder features computed once, in ``features``), corrupted batch, rows that are pairs."""
+    model = ctx.model
+    clean = {**batch, "features": model.encode_images(batch)}
+    corrupt = str(ctx.settings.get("corrupt", "text"))
+    if corrupt == "text":
+        pair_file = ctx.settings.get("pairs")
+        if pair_file:
+            table = _pair_table(Path(str(pair_file)))
+            corrupted = [table.get(qid) for qid in batch["question_ids"]]
+        else:
+            swaps = [list(g) for g in (ctx.settings.get("swaps") or DEFAULT_SWAPS)]
+            corrupted = [swap_word(q, swaps) for q in _questions(ctx, batch)]
+        other, rows = corrupt_text(ctx, clean, corrupted)
+        return clean, other, rows
+    if corrupt.startswith("encoder:"):
+        name = corrupt.split(":", 1)[1]
+        if name not in model.encoder_names:
+            raise ValueError(
+                f"analysis.causal_trace.corrupt={corrupt!r}: no encoder {name!r}; have {model.encoder_names}"
+            )
+        keys = [str(k) for k in batch["image_keys"]]
+        n = len(keys)
+        # Each row takes the features of the next row that shows another image.
+        source = [next((j % n for j in range(i + 1, i + n) if keys[j % n] != keys[i]), i) for i in range(n)]
+        features = dict(clean["features"])
+        features[name] = features[name][torch.tensor(source)]
+        return clean, {**clean, "features": features}, torch.tensor([s != i for i, s in enumerate(source)])
+    raise ValueError(f"analysis.causal_trace.corrupt={corrupt!r}; allowed: text, encoder:<name>")
+
+
+def _questions(ctx: AnalysisContext, batch: Batch) -> list[str]:
+    by_id = getattr(ctx, "_questions", None)
+    if by_id is None:
+        by_id = {e.question_id: e.question for e in ctx.task.examples(ctx.split)}
+        ctx._questions = by_id  # type: ignore[attr-defined]
+    return [by_id[q] for q in batch["question_ids"]]
+
+
+def _pair_table(path: Path) -> dict[str, str]:
+    rows = json.loads(path.read_text())
+    return {str(r["question_id"]): str(r["corrupted_question"]) for r in rows}
+
+
+class Patcher:
+    """Forward hooks that record the clean run's states and write them into the corrupted run.
+
+    With ``recording`` set, a forward pass keeps every block's output (B, S, D) and every attention's
+    pre-projection output (B, S, D, heads side by side). ``action`` arms the replacement of later passes:
+    ``("positions", l, [p, ...])`` restores block ``l``'s output at those positions (all of them, or none),
+    ``("head", l, h)`` head ``h`` of layer ``l`` at every position.
+    """
+
+    def __init__(self, ctx: AnalysisContext) -> None:
+        self.blocks = list(ctx.model.fusion.blocks)
+        self.head_dim = ctx.model.fusion.width // ctx.model.fusion.num_heads
+        self.clean_out: list[torch.Tensor | None] = [None] * len(self.blocks)
+        self.clean_heads: list[torch.Tensor | None] = [None] * len(self.blocks)
+        self.recording = False
+        self.action: tuple[str, int, Any] | None = None
+        self.handles = []
+        for i, block in enumerate(self.blocks):
+            self.handles.append(block.register_forward_hook(self._block_hook(i)))
+            self.handles.append(block.attn.proj.register_forward_pre_hook(self._head_hook(i)))
+
+    def _block_hook(self, layer: int) -> Callable:
+        def hook(module: Any, args: Any, out: tuple[torch.Tensor, Any]) -> Any:
+            x, probs = out
+            if self.recording:
+                self.clean_out[layer] = x.detach().clone()
+            elif self.action and self.action[0] == "positions" and self.action[1] == layer:
+                positions = list(self.action[2])
+                x = x.clone()
+                x[:, positions] = self.clean_out[layer][:, positions]
+                return x, probs
+            return None
+
+        return hook
+
+    def _head_hook(self, layer: int) -> Callable:
+        def hook(module: Any, args: tuple[torch.Tensor]) -> Any:
+            (x,) = args
+            if self.recording:
+                self.clean_heads[layer] = x.detach().clone()
+            elif self.action and self.action[0] == "head" and self.action[1] == layer:
+                lo = self.action[2] * self.head_dim
+                x = x.clone()
+                x[..., lo : lo + self.head_dim] = self.clean_heads[layer][..., lo : lo + self.head_dim]
+                return (x,)
+            return None
+
+        return hook
+
+    def close(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
+def scores(ctx: AnalysisContext, batch: Batch, answer: torch.Tensor) -> tuple[torch.Tensor, Any]:
+    """Softmax probability (B,) of ``answer`` (B,) and the fusion output."""
+    logits, out = ctx.model(batch)
+    return logits.float().softmax(-1).gather(1, answer[:, None]).squeeze(1), out
+
+
+def position_labels(key_groups: torch.Tensor, encoder_names: Sequence[str]) -> list[str]:
+    """One label per sequence position: ``[CLS]``, ``text <i>``, ``<encoder>[<i>]`` (``fused[<i>]``)."""
+    labels, seen = [], {}
+    for g in key_groups.tolist():
+        if g == CLS_GROUP:
+            labels.append("[CLS]")
+            continue
+        name = "text" if g == TEXT_GROUP else encoder_names[g] if g >= 0 else "fused"
+        i = seen.get(name, 0)
+        seen[name] = i + 1
+        labels.append(f"text {i}" if name == "text" else f"{name}[{i}]")
+    return labels
+
+
+def causal_trace(ctx: AnalysisContext) -> dict[str, Any]:
+    """Trace every pair, write the report, return the results."""
+    model, fusion = ctx.model, ctx.model.fusion
+    max_pairs = int(ctx.settings.get("max_pairs", 64))
+    min_effect = float(ctx.settings.get("min_effect", 0.02))
+    layers, heads = fusion.depth, fusion.num_heads
+    patcher = Patcher(ctx)
+    # label -> (4, layers): sums over the pairs where the position is real (not padding) of the patched,
+    # clean and corrupted scores, and their count; positions differ in how many pairs have them.
+    pos_sum: dict[str, torch.Tensor] = {}
+    head_sum = torch.zeros(layers, heads, dtype=torch.float64)
+    layer_all = torch.zeros(layers, dtype=torch.float64)
+    layer_none = torch.zeros(layers, dtype=torch.float64)
+    exact = {"all": True, "none": True}
+    clean_sum = corrupt_sum = 0.0
+    pairs: list[dict[str, Any]] = []
+    try:
+        for batch in ctx.batches():
+            if len(pairs) >= max_pairs:
+                break
+            clean, corrupted, rows = make_pairs(ctx, batch)
+            if bool(rows.any()):
+                answer = model(clean)[0].argmax(-1)
+                s_clean, _ = scores(ctx, clean, answer)
+                s_corr, _ = scores(ctx, corrupted, answer)
+                rows &= (s_clean - s_corr) > min_effect
+            rows = rows.nonzero().flatten()[: max_pairs - len(pairs)]
+            if len(rows) == 0:
+                continue
+            clean, corrupted = select(clean, rows), select(corrupted, rows)
+            # Clean run on exactly these rows (same batch shape as the patched runs): recorded states.
+            answer = model(clean)[0].argmax(-1)
+            patcher.recording = True
+            s_clean, out = scores(ctx, clean, answer)
+            patcher.recording = False
+            s_corr, _ = scores(ctx, corrupted, answer)
+            visible = out.key_mask  # (B, S): pads are no position of the pair
+            labels = position_labels(out.key_groups, ctx.encoder_names)
+            for layer in range(layers):
+                patcher.action = ("positions", layer, range(len(labels)))
+                restored, _ = scores(ctx, corrupted, answer)
+                exact["all"] &= bool(torch.equal(restored, s_clean))
+                layer_all[layer] += float(restored.sum())
+                patcher.action = ("positions", layer, [])
+                restored, _ = scores(ctx, corrupted, answer)
+                exact["none"] &= bool(torch.equal(restored, s_corr))
+                layer_none[layer] += float(restored.sum())
+                for p, label in enumerate(labels):
+                    patcher.action = ("positions", layer, [p])
+                    s, _ = scores(ctx, corrupted, answer)
+                    real = visible[:, p].double()
+                    sums = pos_sum.setdefault(label, torch.zeros(4, layers, dtype=torch.float64))
+                    sums[:, layer] += torch.stack([s, s_clean, s_corr, torch.ones_like(s)]).double() @ real
+
+                for h in range(heads):
+                    patcher.action = ("head", layer, h)
+                    s, _ = scores(ctx, corrupted, answer)
+                    head_sum[layer, h] += float(s.sum())
+                patcher.action = None
+            clean_sum += float(s_clean.sum())
+            corrupt_sum += float(s_corr.sum())
+            questions = _questions(ctx, clean)
+            for i in range(len(rows)):
+                pairs.append({"question_id": clean["question_ids"][i], "question": questions[i],
+                              "answer": ctx.task.answers[int(answer[i])], "clean_score": float(s_clean[i]),
+                              "corrupted_score": float(s_corr[i])})
+    finally:
+        patcher.close()
+    n = len(pairs)
+    if n == 0:
+        raise ValueError("no pair found whose corruption lowers the clean answer's score by more than "
+                         f"min_effect={min_effect}; check analysis.causal_trace.corrupt / pairs / swaps")
+    restored = {"all": (layer_all / n).tolist(), "none": (layer_none / n).tolist()}
+    return _report(ctx, pairs, clean_sum / n, corrupt_sum / n, restored, exact, pos_sum, head_sum / n)
+
+
+def _order(labels: Sequence[str], encoder_names: Sequence[str]) -> list[str]:
+    """[CLS], text positions in order, then each encoder's (and fused) tokens in order."""
+    groups = ["[CLS]", "text", *encoder_names, "fused"]
+
+    def key(label: str) -> tuple[int, int]:
+        if label == "[CLS]":
+            return 0, 0
+        if label.startswith("text "):
+            return 1, int(label.split(" ")[1])
+        name, index = label[:-1].split("[")
+        return groups.index(name), int(index)
+
+    return sorted(labels, key=key)
+
+
+def _report(ctx: AnalysisContext, pairs: list[dict], clean: float, corrupted: float, restored: dict[str, list],
+            exact: dict[str, bool], pos_sum: dict[str, torch.Tensor], heads: torch.Tensor) -> dict[str, Any]:
+    layers = heads.shape[0]
+    labels = _order(list(pos_sum), ctx.encoder_names)
+    sums = torch.stack([pos_sum[k] for k in labels], 2)  # (4, layers, positions): patched, clean, corrupted, n
+    mean = sums[0] / sums[3].clamp_min(1)  # mean patched score over the pairs that have the position
+    # Each position's recovery over its own pairs (a late text position exists in long questions only).
+    position_recovery = (sums[0] - sums[2]) / (sums[1] - sums[2])
+
+    def recovery(x: torch.Tensor) -> torch.Tensor:
+        return (x - corrupted) / (clean - corrupted)
+
+    top_k = int(ctx.settings.get("top_positions", 10))
+    flat = position_recovery.flatten()
+    top = [{"layer": int(i) // len(labels), "position": labels[int(i) % len(labels)], "recovery": float(flat[i])}
+           for i in flat.argsort(descending=True)[:top_k]]
+    report = new_report(ctx, f"Causal tracing ({ctx.task.name}, {ctx.split})")
+    report.results.update({
+        "corrupt": str(ctx.settings.get("corrupt", "text")), "pairs": pairs, "num_pairs": len(pairs),
+        "clean_score": clean, "corrupted_score": corrupted, "restore_all_score": restored["all"],
+        "restore_none_score": restored["none"], "restore_all_exact": exact["all"],
+        "restore_none_exact": exact["none"], "positions": labels,
+        "position_score": mean.tolist(), "position_recovery": position_recovery.tolist(),
+        "head_score": heads.tolist(), "head_recovery": recovery(heads).tolist(), "top_positions": top,
+    })
+    report.text(
+        f"{len(pairs)} pairs (corruption `{report.results['corrupt']}`); score = probability of the clean "
+        f"answer: clean {clean:.4f}, corrupted {corrupted:.4f}. Restoring every position of a layer gives "
+        f"{', '.join(f'{v:.4f}' for v in restored['all'])} per layer (equal to the clean scores bitwise: "
+        f"{exact['all']}), restoring none {', '.join(f'{v:.4f}' for v in restored['none'])} (equal to the "
+        f"corrupted scores bitwise: {exact['none']}). "
+        "Recovery = (patched - corrupted) / (clean - corrupted)."
+    )
+    rows = [f"layer {i}" for i in range(layers)]
+    # Positions down the side: a sequence of ~70 tokens does not fit across a page.
+    lo, hi = min(0.0, float(position_recovery.min())), max(1.0, float(position_recovery.max()))
+    report.figure(
+        "positions",
+        heatmap(position_recovery.T, labels, rows, "Recovery when one position of one layer is restored",
+                "block output", "sequence position", "recovery of the clean score", vmin=lo, vmax=hi),
+        "Recovery per position and layer",
+    )
+    report.table("positions", ["layer", "position", "score", "recovery"],
+                 [[i, p, float(mean[i, j]), float(position_recovery[i, j])] for i in range(layers)
+                  for j, p in enumerate(labels)], show=False)
+    report.text("Top positions:\n\n" + "\n".join(
+        f"- layer {t['layer']}, {t['position']}: recovery {t['recovery']:.3f}" for t in top))
+    head_recovery = recovery(heads)
+    report.figure(
+        "heads",
+        heatmap(head_recovery, rows, [f"head {h}" for h in range(heads.shape[1])],
+                "Recovery when one head's output (all positions) is restored", "head", "layer",
+                "recovery of the clean score", vmin=min(0.0, float(head_recovery.min())),
+                vmax=max(1.0, float(head_recovery.max()))),
+        "Recovery per layer and head",
+    )
+    report.table("pairs", list(pairs[0]), [list(p.values()) for p in pairs], show=False)
+    return report.write()
