@@ -21,6 +21,7 @@ def attention(tmp_path_factory):
 def test_masses_are_in_unit_range_and_sum_to_one(attention):
     results, _ = attention
     assert results["groups"] == GROUPS and results["num_layers"] == 2 and results["num_heads"] == 2
+    assert results["tokens_per_image"] == {"clip_tiny": 17, "dino_tiny": 37}
     parts = [results] + list(results["by"].values())
     for part in parts:
         for query in ("cls", "text"):

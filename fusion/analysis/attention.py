@@ -130,6 +130,16 @@ def attention(ctx: AnalysisContext) -> dict[str, Any]:
             },
         }
     )
+    # Mass grows with a group's token count: say how many tokens each encoder contributes per image.
+    token_encoder = ctx.model.fusion.fuser.token_encoder.cpu()
+    tokens = {n: int((token_encoder == i).sum()) for i, n in enumerate(ctx.encoder_names)}
+    report.results["tokens_per_image"] = tokens
+    report.text(
+        "Visual tokens per image (a group's mass grows with its token count): "
+        + ", ".join(f"`{n}` {t}" for n, t in tokens.items())
+        + (f", `fused` {int((token_encoder < 0).sum())}" if ctx.model.fusion.mixes_encoders else "")
+        + "."
+    )
     report.text(
         f"Mean attention mass over {int(metrics['n'])} examples (every encoder visible; {ctx.task.metric_name} "
         f"{metrics[ctx.task.metric_name]:.4f}) from the [CLS] query and from the text queries (mean over each "

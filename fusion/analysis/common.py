@@ -89,6 +89,11 @@ def open_analysis(cfg: DictConfig, mode: str) -> Iterator[AnalysisContext]:
     ckpt = Path(str(cfg.ckpt_path)).expanduser()
     if not ckpt.is_file():
         raise FileNotFoundError(f"ckpt_path={cfg.ckpt_path!r} is not a checkpoint file")
+    analysis = cfg.get("analysis") or OmegaConf.create({})
+    if analysis.get("num_threads"):
+        # Many small forward passes (causal tracing runs ~150 per batch): on a busy CPU every op of a
+        # multi-threaded pass waits for a descheduled thread.
+        torch.set_num_threads(int(analysis.num_threads))
     pl.seed_everything(cfg.seed, workers=True)
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -101,7 +106,6 @@ def open_analysis(cfg: DictConfig, mode: str) -> Iterator[AnalysisContext]:
     model.task.check_split(split)
     datamodule.prepare_data()
     datamodule.setup("validate")
-    analysis = cfg.get("analysis") or OmegaConf.create({})
     out_dir = Path(str(analysis.get("dir") or output_dir / mode))
     out_dir.mkdir(parents=True, exist_ok=True)
     loggers = _loggers(cfg)

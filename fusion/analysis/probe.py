@@ -107,6 +107,9 @@ def collect(ctx: AnalysisContext, split: str, limit: int | None, stats: Attentio
                 seen += len(batch["question_ids"])
     finally:
         features = collector.close()
+    if limit is not None:  # the last batch may run past the limit
+        features = {k: v[:limit] for k, v in features.items()}
+        props = {k: v[:limit] for k, v in props.items()}
     return features, props
 
 
