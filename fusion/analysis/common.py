@@ -99,6 +99,11 @@ def open_analysis(cfg: DictConfig, mode: str) -> Iterator[AnalysisContext]:
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / "config_resolved.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     datamodule, model = build(cfg)
+    from fusion.retrieval_lit import RetrievalLitModule  # here: only this check needs the retrieval code
+
+    if isinstance(model, RetrievalLitModule):
+        raise ValueError(f"eval.py mode={mode} analyses classification tasks; retrieval ({model.task.name}) is not "
+                         "supported (its scores are rankings over a gallery, not a head's answer)")
     load_weights(model, ckpt)
     # Evaluation behaviour everywhere: dropout off, VE-dropout only through what a mode sets.
     model.eval()
