@@ -4,11 +4,14 @@
     python bench/extract.py --base --images 64    # + base-size CLIP / DINO / ViT towers (random init)
 
 For each encoder, in one process: (a) a bare loop of ``model.forward_features`` over pixel batches that
-were decoded and preprocessed beforehand (the encoder's own cost and nothing else), (b) a full
-:func:`fusion.cache.build_cache` over the same image files and batch size (decode + preprocess in
-DataLoader workers, encoder, fp16 conversion, writes, publish). Each is run ``--repeats`` times and the
-best is kept. Printed: images/s of both and their ratio (build / bare; 1.0 = the cache costs nothing on
-top of the encoder). Images are random JPEGs of ``--image-size`` px, like COCO photos in cost to decode.
+were decoded and preprocessed beforehand (the encoder's own cost and nothing else), (b) the same bare loop
+fed by the same DataLoader the build uses (decode + preprocess in ``--workers`` workers: everything a
+build must do except storing), (c) a full :func:`fusion.cache.build_cache` over the same image files and
+batch size (that loader, encoder, fp16 conversion, writes, publish). Each is run ``--repeats`` times and
+the best is kept. Printed: images/s of the three, ``build/bare`` (1.0 = the cache costs nothing on top of
+the encoder; decoding dominates for tiny encoders) and ``build/loop`` (what storing costs on top of
+reading and encoding: the cache's own overhead). Images are random JPEGs of ``--image-size`` px, like COCO
+photos in cost to decode.
 """
 
 from __future__ import annotations
@@ -28,7 +31,10 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from torch.utils.data import DataLoader  # noqa: E402
+
 from fusion.cache import build_cache  # noqa: E402
+from fusion.cache.build import ImageFiles  # noqa: E402
 from fusion.encoders import TimmEncoder  # noqa: E402
 from fusion.images import load_image  # noqa: E402
 
@@ -61,6 +67,17 @@ def bare_loop(enc: TimmEncoder, pixels: torch.Tensor, batch_size: int) -> float:
         return time.perf_counter() - start
 
 
+def loader_loop(enc: TimmEncoder, images: dict[str, Path], batch_size: int, workers: int) -> float:
+    """Seconds for ``model.forward_features`` fed by the build's own DataLoader (decode + preprocess)."""
+    loader = DataLoader(ImageFiles(list(images.items()), enc.preprocess.transform()), batch_size=batch_size,
+                        num_workers=workers)
+    with torch.inference_mode():
+        start = time.perf_counter()
+        for pixels in loader:
+            enc.model.forward_features(pixels)
+        return time.perf_counter() - start
+
+
 def cache_build(enc: TimmEncoder, images: dict[str, Path], root: Path, batch_size: int, workers: int) -> float:
     start = time.perf_counter()
     build_cache(enc, images, root, batch_size=batch_size, num_workers=workers, force=True, progress=False)
@@ -83,7 +100,8 @@ def main() -> None:
     print(f"{args.images} images {args.image_size}px JPEG, batch {args.batch_size}, build workers {args.workers}, "
           f"torch threads {torch.get_num_threads()}, {os.cpu_count()} CPUs, best of {args.repeats}, "
           f"load average {os.getloadavg()[0]:.2f} at start")
-    print(f"{'encoder':<10} {'tokens x dim':>13} {'bare img/s':>11} {'build img/s':>12} {'build/bare':>11}")
+    print(f"{'encoder':<10} {'tokens x dim':>13} {'bare img/s':>11} {'loop img/s':>11} {'build img/s':>12} "
+          f"{'build/bare':>11} {'build/loop':>11}")
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "img"
         folder.mkdir()
@@ -93,13 +111,14 @@ def main() -> None:
             tf = enc.preprocess.transform()
             pixels = torch.stack([tf(load_image(p)) for p in images.values()])  # outside the bare timing
             bare_loop(enc, pixels, args.batch_size)  # warm-up: the first passes of a fresh model are slow
-            bare, build = float("inf"), float("inf")
-            for _ in range(args.repeats):  # interleaved, so a burst of load elsewhere hits both alike
+            bare, loop, build = float("inf"), float("inf"), float("inf")
+            for _ in range(args.repeats):  # interleaved, so a burst of load elsewhere hits all alike
                 bare = min(bare, bare_loop(enc, pixels, args.batch_size))
+                loop = min(loop, loader_loop(enc, images, args.batch_size, args.workers))
                 build = min(build, cache_build(enc, images, Path(tmp) / "cache", args.batch_size, args.workers))
             n = len(images)
-            print(f"{name:<10} {f'{enc.num_tokens} x {enc.embed_dim}':>13} {n / bare:>11.1f} {n / build:>12.1f} "
-                  f"{bare / build:>11.2f}", flush=True)
+            print(f"{name:<10} {f'{enc.num_tokens} x {enc.embed_dim}':>13} {n / bare:>11.1f} {n / loop:>11.1f} "
+                  f"{n / build:>12.1f} {bare / build:>11.2f} {loop / build:>11.2f}", flush=True)
 
 
 if __name__ == "__main__":
