@@ -91,8 +91,10 @@ def corrupt_text(ctx: AnalysisContext, batch: Batch, corrupted: list[str | None]
     return {**batch, "input_ids": tok["input_ids"].to(ids.dtype)}, same
 
 
-def make_pairs(ctx: AnalysisContext, batch: Batch) -> tuple[Batch, Batch, torch.Tensor]:
-    """Clean batch (encoder features computed once, in ``features``), corrupted batch, rows that are pairs."""
+def make_pairs(ctx: AnalysisContext, batch: Batch, questions: dict[str, str]) -> tuple[Batch, Batch, torch.Tensor]:
+    """Clean batch (encoder features computed once, in ``features``), corrupted batch, rows that are pairs.
+
+    ``questions``: question id -> question text of the analysed split (batches carry token ids only)."""
     model = ctx.model
     clean = {**batch, "features": model.encode_images(batch)}
     corrupt = str(ctx.settings.get("corrupt", "text"))
@@ -103,7 +105,7 @@ def make_pairs(ctx: AnalysisContext, batch: Batch) -> tuple[Batch, Batch, torch.
             corrupted = [table.get(qid) for qid in batch["question_ids"]]
         else:
             swaps = [list(g) for g in (ctx.settings.get("swaps") or DEFAULT_SWAPS)]
-            corrupted = [swap_word(q, swaps) for q in _questions(ctx, batch)]
+            corrupted = [swap_word(questions[q], swaps) for q in batch["question_ids"]]
         other, rows = corrupt_text(ctx, clean, corrupted)
         return clean, other, rows
     if corrupt.startswith("encoder:"):
@@ -120,14 +122,6 @@ def make_pairs(ctx: AnalysisContext, batch: Batch) -> tuple[Batch, Batch, torch.
         features[name] = features[name][torch.tensor(source)]
         return clean, {**clean, "features": features}, torch.tensor([s != i for i, s in enumerate(source)])
     raise ValueError(f"analysis.causal_trace.corrupt={corrupt!r}; allowed: text, encoder:<name>")
-
-
-def _questions(ctx: AnalysisContext, batch: Batch) -> list[str]:
-    by_id = getattr(ctx, "_questions", None)
-    if by_id is None:
-        by_id = {e.question_id: e.question for e in ctx.task.examples(ctx.split)}
-        ctx._questions = by_id  # type: ignore[attr-defined]
-    return [by_id[q] for q in batch["question_ids"]]
 
 
 def _pair_table(path: Path) -> dict[str, str]:
@@ -225,11 +219,12 @@ def causal_trace(ctx: AnalysisContext) -> dict[str, Any]:
     exact = {"all": True, "none": True}
     clean_sum = corrupt_sum = 0.0
     pairs: list[dict[str, Any]] = []
+    questions = {e.question_id: e.question for e in ctx.task.examples(ctx.split)}
     try:
         for batch in ctx.batches():
             if len(pairs) >= max_pairs:
                 break
-            clean, corrupted, rows = make_pairs(ctx, batch)
+            clean, corrupted, rows = make_pairs(ctx, batch, questions)
             if bool(rows.any()):
                 answer = model(clean)[0].argmax(-1)
                 s_clean, _ = scores(ctx, clean, answer)
@@ -270,9 +265,8 @@ def causal_trace(ctx: AnalysisContext) -> dict[str, Any]:
                 patcher.action = None
             clean_sum += float(s_clean.sum())
             corrupt_sum += float(s_corr.sum())
-            questions = _questions(ctx, clean)
-            for i in range(len(rows)):
-                pairs.append({"question_id": clean["question_ids"][i], "question": questions[i],
+            for i, qid in enumerate(clean["question_ids"]):
+                pairs.append({"question_id": qid, "question": questions[qid],
                               "answer": ctx.task.answers[int(answer[i])], "clean_score": float(s_clean[i]),
                               "corrupted_score": float(s_corr[i])})
     finally:
