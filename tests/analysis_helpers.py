@@ -11,8 +11,7 @@ import json
 from pathlib import Path
 
 import pytest
-
-from tests.entrypoints import run
+from entrypoints import run
 
 ENCODERS = ["clip_tiny", "dino_tiny"]
 # Shared by training and every analysis run: the same data, encoders and model shape.

@@ -3,9 +3,9 @@
 
 import pytest
 import torch
+from analysis_helpers import ENCODERS, run_mode, tiny_checkpoint
 
 from fusion.analysis.attention import rank_heads
-from tests.analysis_helpers import ENCODERS, run_mode, tiny_checkpoint
 
 GROUPS = [*ENCODERS, "text", "cls"]
 

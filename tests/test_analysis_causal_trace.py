@@ -5,10 +5,10 @@ import json
 
 import pytest
 import torch
+from analysis_helpers import ENCODERS, run_mode, tiny_checkpoint
 
 from fusion.analysis.causal_trace import DEFAULT_SWAPS, position_labels, select, swap_word
 from fusion.model import CLS_GROUP, TEXT_GROUP
-from tests.analysis_helpers import ENCODERS, run_mode, tiny_checkpoint
 
 
 @pytest.fixture(scope="module")

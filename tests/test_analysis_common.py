@@ -6,11 +6,11 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from entrypoints import run
 
 from fusion.analysis.common import Report, keep_only, markdown_table, question_prior_accuracy, subsets, with_features
 from fusion.dropout import EncoderDropout
 from fusion.tasks.base import Example
-from tests.entrypoints import run
 
 MODES = ["encoder_ablation", "attention", "cross_modal_ablation", "probe", "causal_trace"]
 

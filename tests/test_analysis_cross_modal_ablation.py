@@ -4,9 +4,9 @@ import csv
 
 import pytest
 import torch
+from analysis_helpers import ENCODERS, run_mode, tiny_checkpoint
 
 from fusion.analysis.common import mask_text
-from tests.analysis_helpers import ENCODERS, run_mode, tiny_checkpoint
 
 
 @pytest.fixture(scope="module")

@@ -4,9 +4,9 @@ import csv
 import math
 
 import pytest
+from analysis_helpers import ENCODERS, run_mode, tiny_checkpoint
 
 from fusion.analysis.encoder_ablation import NONE, marginal_contributions
-from tests.analysis_helpers import ENCODERS, run_mode, tiny_checkpoint
 
 
 @pytest.fixture(scope="module")

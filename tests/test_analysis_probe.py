@@ -2,11 +2,11 @@
 
 import pytest
 import torch
+from analysis_helpers import run_mode, tiny_checkpoint
 
 from fusion.analysis.probe import fit_probe, probe_accuracy, shapes_properties
 from fusion.tasks.base import Example
 from fusion.tasks.shapes import SceneObject, render_scene
-from tests.analysis_helpers import run_mode, tiny_checkpoint
 
 DEPTHS = ["input", "layer 0", "final"]
 
