@@ -80,7 +80,8 @@ def _logger(cfg: DictConfig, output_dir: Path) -> Logger:
     return instantiate(cfg)
 
 
-def _loggers(cfg: DictConfig) -> list[Logger]:
+def make_loggers(cfg: DictConfig) -> list[Logger]:
+    """The run's loggers from ``cfg.logger`` (a wandb run resumes its id file), with the config logged."""
     output_dir = Path(cfg.paths.output_dir)
     loggers = [_logger(c, output_dir) for c in (cfg.get("logger") or {}).values() if c is not None]
     resolved = OmegaConf.to_container(cfg, resolve=True)
@@ -94,7 +95,8 @@ def _trainer(cfg: DictConfig, loggers: list[Logger]) -> pl.Trainer:
     return instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
 
 
-def _finish(loggers: list[Logger]) -> None:
+def finish_loggers(loggers: list[Logger]) -> None:
+    """Close the loggers' runs."""
     # A multirun executes its jobs in one process: close the wandb run so the next job gets its own.
     for logger in loggers:
         if isinstance(logger, WandbLogger):
@@ -122,7 +124,7 @@ def _setup(cfg: DictConfig) -> tuple[Path, FusionDataModule, FusionLitModule, li
     output_dir = Path(cfg.paths.output_dir)
     _save_config(cfg, output_dir)
     datamodule, model = build(cfg)
-    loggers = _loggers(cfg)
+    loggers = make_loggers(cfg)
     return output_dir, datamodule, model, loggers, _trainer(cfg, loggers)
 
 
@@ -166,7 +168,7 @@ def _train(cfg: DictConfig) -> dict[str, float]:
         if trainer.is_global_zero:
             write_json_atomic(output_dir / "metrics.json", metrics)
     finally:
-        _finish(loggers)
+        finish_loggers(loggers)
     return metrics
 
 
@@ -194,7 +196,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         if trainer.is_global_zero:
             write_json_atomic(output_dir / "metrics.json", metrics)
     finally:
-        _finish(loggers)
+        finish_loggers(loggers)
     return metrics
 
 

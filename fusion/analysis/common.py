@@ -36,7 +36,7 @@ from fusion.data import FusionDataModule
 from fusion.dropout import EncoderDropout
 from fusion.lit import FusionLitModule
 from fusion.model import FusionOutput
-from fusion.run import _finish, _loggers, build, write_json_atomic
+from fusion.run import build, finish_loggers, make_loggers, write_json_atomic
 from fusion.stats import save_figure
 from fusion.tasks.base import VLTask, write_atomic
 
@@ -113,13 +113,13 @@ def open_analysis(cfg: DictConfig, mode: str) -> Iterator[AnalysisContext]:
     datamodule.setup("validate")
     out_dir = Path(str(analysis.get("dir") or output_dir / mode))
     out_dir.mkdir(parents=True, exist_ok=True)
-    loggers = _loggers(cfg)
+    loggers = make_loggers(cfg)
     settings = analysis.get(mode) or OmegaConf.create({})
     try:
         with torch.no_grad():
             yield AnalysisContext(cfg, mode, model, datamodule, split, out_dir, loggers, settings)
     finally:
-        _finish(loggers)
+        finish_loggers(loggers)
 
 
 # ---- which encoders the model sees --------------------------------------------------------------------
