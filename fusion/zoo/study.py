@@ -1,10 +1,21 @@
 """The encoder-subset study: one table and one plot from a multirun's jobs (does fusing beat one encoder?).
 
-:class:`SubsetTable` is a Hydra callback: when the sweep of ``+experiment=zoo/complementarity`` ends it
-reads every job's ``metrics.json`` and ``config_resolved.yaml`` and writes, into the sweep folder,
-``subsets.csv`` / ``subsets.md`` (one row per encoder subset), ``subsets.png`` (the metric per subset,
-the best single encoder as a line) and ``summary.json``. ``python -m fusion.zoo.study <sweep dir>`` does
-the same for a finished sweep.
+:class:`SubsetTable` is a Hydra callback: when the sweep of ``+experiment=zoo/complementarity`` (encoder
+subsets x seeds) ends it reads every job's ``metrics.json`` and ``config_resolved.yaml`` and writes, into
+the sweep folder:
+
+- ``jobs.csv``: one row per finished job (subset, seed, job folder, every metric);
+- ``subsets.csv`` / ``subsets.md``: one row per encoder subset, every metric as its mean over the jobs
+  (seeds), ``n`` jobs, the seeds, and for the study metric its sample standard deviation (``ddof=1``;
+  empty for one job), min and max (the csv also has every metric's std);
+- ``subsets.png``: the metric's mean per subset (a diamond), error bars from min to max over seeds, one dot
+  per seed, the best single encoder's mean as a line (and the majority answer, if on the zoomed axis);
+- ``summary.json``: best single encoder vs best fused subset vs all encoders (subsets picked by their mean),
+  each with mean, std, min, max, n and the value per seed, and the gains of best-fused and all over the best
+  single **paired by seed** (the fused subset's seed-s run minus the best single's seed-s run), with their
+  mean, std, min, max and how many seeds gained, beside the pooled seed noise of one subset.
+
+``python -m fusion.zoo.study <sweep dir>`` does the same for a finished or stopped sweep.
 """
 
 from __future__ import annotations
@@ -12,6 +23,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -22,11 +34,19 @@ import matplotlib.pyplot as plt  # noqa: E402
 from hydra.experimental.callback import Callback  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
-__all__ = ["SubsetTable", "collect", "summarize", "write_study"]
+__all__ = ["SubsetTable", "aggregate", "collect", "spread", "summarize", "write_study"]
+
+# Columns that describe a job or a subset, not a metric.
+KEYS = ("subset", "size", "seed", "job")
+# Suffixes of the spread columns of subsets.csv (a metric name never contains ':').
+STD, MIN, MAX = ":std", ":min", ":max"
 
 
 def collect(sweep_dir: str | Path) -> list[dict[str, Any]]:
-    """One row per finished job below ``sweep_dir``: ``subset`` ("a+b"), ``size``, ``job`` and its metrics."""
+    """One row per finished job below ``sweep_dir``: ``subset`` ("a+b"), ``size``, ``seed``, ``job``, metrics.
+
+    ``seed`` is the job's resolved ``seed`` (None if its config has none).
+    """
     sweep_dir = Path(sweep_dir)
     rows = []
     for metrics_path in sorted(sweep_dir.glob("*/metrics.json")):
@@ -34,79 +54,211 @@ def collect(sweep_dir: str | Path) -> list[dict[str, Any]]:
         config_path = job / "config_resolved.yaml"
         if not config_path.is_file():
             raise FileNotFoundError(f"study: {str(job)!r} has metrics.json but no config_resolved.yaml")
-        encoders = list(OmegaConf.load(config_path).get("encoder") or {})
+        config = OmegaConf.load(config_path)
+        encoders = list(config.get("encoder") or {})
         metrics = json.loads(metrics_path.read_text())
-        rows.append({"subset": "+".join(encoders), "size": len(encoders), "job": job.name, **metrics})
-    # Singles first, then pairs, then the triple; alphabetical within a size.
-    return sorted(rows, key=lambda r: (r["size"], r["subset"]))
+        rows.append(
+            {"subset": "+".join(encoders), "size": len(encoders), "seed": config.get("seed"), "job": job.name,
+             **metrics}
+        )
+    # Singles first, then pairs, then the triple; alphabetical within a size; then by seed.
+    return sorted(rows, key=lambda r: (r["size"], r["subset"], _seed_key(r["seed"]), _job_key(r["job"])))
+
+
+def spread(values: list[float]) -> dict[str, Any]:
+    """``mean``, sample ``std`` (ddof=1; None for one value), ``min``, ``max`` and ``n`` of ``values``."""
+    n = len(values)
+    mean = sum(values) / n
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else None
+    return {"mean": mean, "std": std, "min": min(values), "max": max(values), "n": n}
+
+
+def aggregate(rows: list[dict[str, Any]], metric: str = "test/acc") -> list[dict[str, Any]]:
+    """One row per subset: every numeric metric's mean over its jobs, ``n``, ``seeds`` and the spread columns.
+
+    Every metric gets ``<metric>:std``; ``metric`` (the study's) also ``:min`` and ``:max``.
+    """
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for r in rows:
+        groups.setdefault(r["subset"], []).append(r)
+    out = []
+    for subset, jobs in groups.items():
+        row: dict[str, Any] = {
+            "subset": subset, "size": jobs[0]["size"], "n": len(jobs),
+            "seeds": ",".join(str(s) for s in sorted({j["seed"] for j in jobs}, key=_seed_key)),
+        }
+        names = sorted({k for j in jobs for k, v in j.items() if k not in KEYS and _is_number(v)})
+        for name in names:
+            stats = spread([j[name] for j in jobs if _is_number(j.get(name))])
+            row[name], row[name + STD] = stats["mean"], stats["std"]
+            if name == metric:
+                row[name + MIN], row[name + MAX] = stats["min"], stats["max"]
+        out.append(row)
+    return sorted(out, key=lambda r: (r["size"], r["subset"]))
 
 
 def summarize(rows: list[dict[str, Any]], metric: str) -> dict[str, Any]:
-    """Best single encoder vs the best and the full fusion on ``metric``."""
-    scored = [r for r in rows if metric in r]
+    """Best single encoder vs the best fused subset and all encoders on ``metric``, over seeds.
+
+    ``rows`` are :func:`collect`'s (one per job). Subsets are ranked by their mean. ``<best_fused|all>_gain``
+    is the mean of the per-seed differences to the best single encoder over the seeds both ran (equal to the
+    difference of the means when both ran the same seeds); ``..._gain_per_seed`` lists them.
+    """
+    scored = [r for r in rows if _is_number(r.get(metric))]
     if not scored:
         raise ValueError(f"study: no job reports {metric!r}; reported: {sorted({k for r in rows for k in r})}")
-    singles = [r for r in scored if r["size"] == 1]
-    fused = [r for r in scored if r["size"] > 1]
-    best = lambda rs: max(rs, key=lambda r: r[metric]) if rs else None  # noqa: E731
-    out: dict[str, Any] = {"metric": metric}
-    for key, row in (("best_single", best(singles)), ("best_fused", best(fused))):
-        out[key] = {"subset": row["subset"], metric: row[metric]} if row else None
-    full = max(scored, key=lambda r: r["size"])
-    out["all"] = {"subset": full["subset"], metric: full[metric]}
+    per_subset: dict[str, dict[str, Any]] = {}
+    for r in scored:
+        entry = per_subset.setdefault(r["subset"], {"subset": r["subset"], "size": r["size"], "by_seed": {}})
+        entry["by_seed"].setdefault(r["seed"], []).append(r[metric])
+
+    def describe(entry: dict[str, Any] | None) -> dict[str, Any] | None:
+        if entry is None:
+            return None
+        stats = spread([v for vs in entry["by_seed"].values() for v in vs])
+        by_seed = sorted(entry["by_seed"].items(), key=lambda item: _seed_key(item[0]))
+        return {
+            "subset": entry["subset"], metric: stats["mean"], "std": stats["std"], "min": stats["min"],
+            "max": stats["max"], "n": stats["n"], "per_seed": {_seed_name(s): _mean(vs) for s, vs in by_seed},
+        }
+
+    def mean_of(entry: dict[str, Any]) -> float:
+        return _mean([v for vs in entry["by_seed"].values() for v in vs])
+
+    best = lambda es: max(es, key=mean_of) if es else None  # noqa: E731
+    singles = [e for e in per_subset.values() if e["size"] == 1]
+    fused = [e for e in per_subset.values() if e["size"] > 1]
+    full = max(per_subset.values(), key=lambda e: (e["size"], mean_of(e)))
+    seeds = sorted({r["seed"] for r in scored}, key=_seed_key)
+    out: dict[str, Any] = {
+        "metric": metric,
+        "seeds": seeds,
+        "error_bars": "std: sample standard deviation over seeds (ddof=1, null for one seed); plot: min..max",
+        "best_single": describe(best(singles)),
+        "best_fused": describe(best(fused)),
+        "all": describe(full),
+    }
+    # Seed noise of one subset: the pooled sample std over every subset with two or more seeds.
+    variances = [(len(vs) - 1, spread(vs)["std"] ** 2) for e in per_subset.values()
+                 if len(vs := [v for x in e["by_seed"].values() for v in x]) > 1]
+    dof = sum(d for d, _ in variances)
+    out["seed_std_pooled"] = math.sqrt(sum(d * v for d, v in variances) / dof) if dof else None
     if out["best_single"] and out["best_fused"]:
-        out["fused_gain"] = out["best_fused"][metric] - out["best_single"][metric]
-        out["all_gain"] = full[metric] - out["best_single"][metric]
+        single = best(singles)["by_seed"]
+        for key, entry in (("fused", best(fused)), ("all", full)):
+            shared = [s for s in seeds if s in single and s in entry["by_seed"]]
+            gains = {_seed_name(s): _mean(entry["by_seed"][s]) - _mean(single[s]) for s in shared}
+            stats = spread(list(gains.values())) if gains else None
+            out[f"{key}_gain"] = stats["mean"] if stats else None
+            out[f"{key}_gain_per_seed"] = gains
+            out[f"{key}_gain_std"] = stats["std"] if stats else None
+            out[f"{key}_gain_min"] = stats["min"] if stats else None
+            out[f"{key}_gain_max"] = stats["max"] if stats else None
+            out[f"{key}_gain_positive"] = f"{sum(g > 0 for g in gains.values())} of {len(gains)} seeds"
     return out
 
 
 def write_study(sweep_dir: str | Path, metric: str = "test/acc") -> dict[str, Any]:
-    """Write subsets.csv, subsets.md, subsets.png and summary.json into ``sweep_dir``; returns the summary."""
+    """Write jobs.csv, subsets.csv, subsets.md, subsets.png and summary.json into ``sweep_dir``; returns the summary."""
     sweep_dir = Path(sweep_dir)
     rows = collect(sweep_dir)
     if not rows:
         raise FileNotFoundError(f"study: no <job>/metrics.json below {str(sweep_dir)!r}; did every job fail?")
     summary = summarize(rows, metric)
-    columns = ["subset", "size", "job"] + sorted({k for r in rows for k in r} - {"subset", "size", "job"})
-    with (sweep_dir / "subsets.csv").open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(rows)
-    shown = ["subset"] + [c for c in columns if c.startswith("test/acc") or c == "val/acc"]
-    lines = ["| " + " | ".join(shown) + " |", "|" + "---|" * len(shown)]
-    for r in rows:
-        lines.append("| " + " | ".join(_cell(r.get(c)) for c in shown) + " |")
-    (sweep_dir / "subsets.md").write_text("\n".join(lines) + "\n")
-    _plot(rows, metric, summary, sweep_dir / "subsets.png")
+    _write_csv(sweep_dir / "jobs.csv", rows, list(KEYS))
+    table = aggregate(rows, metric)
+    _write_csv(sweep_dir / "subsets.csv", table, ["subset", "size", "n", "seeds"])
+    (sweep_dir / "subsets.md").write_text(_markdown(table, metric))
+    _plot(rows, table, metric, summary, sweep_dir / "subsets.png")
     (sweep_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     print((sweep_dir / "subsets.md").read_text() + json.dumps(summary, indent=2))
     return summary
+
+
+def _write_csv(path: Path, rows: list[dict[str, Any]], first: list[str]) -> None:
+    rest = sorted({k for r in rows for k in r} - set(first))
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=first + rest)
+        writer.writeheader()
+        writer.writerows([{k: ("" if v is None else v) for k, v in r.items()} for r in rows])
+
+
+def _markdown(table: list[dict[str, Any]], metric: str) -> str:
+    """The metric as mean ± std, its min..max, then the other metrics of its stage as means."""
+    stage, _, name = metric.partition("/")
+    others = sorted({k for r in table for k in r if k.startswith(f"{stage}/{name}_") and ":" not in k})
+    val = [f"val/{name}"] if any(f"val/{name}" in r for r in table) and stage != "val" else []
+    header = ["subset", "n", f"{metric} (mean ± std)", "min..max", *(k + " (mean)" for k in others + val)]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for r in table:
+        std = r.get(metric + STD)
+        head = f"{_cell(r.get(metric))} ± {_cell(std)}" if std is not None else _cell(r.get(metric))
+        span = f"{_cell(r.get(metric + MIN))}..{_cell(r.get(metric + MAX))}" if metric in r else ""
+        lines.append("| " + " | ".join([r["subset"], str(r["n"]), head, span, *(_cell(r.get(k)) for k in others + val)])
+                     + " |")
+    return "\n".join(lines) + "\n"
 
 
 def _cell(value: Any) -> str:
     return f"{value:.3f}" if isinstance(value, float) else str(value if value is not None else "")
 
 
-def _plot(rows: list[dict[str, Any]], metric: str, summary: dict[str, Any], path: Path) -> None:
-    rows = [r for r in rows if metric in r]
+def _plot(rows: list[dict[str, Any]], table: list[dict[str, Any]], metric: str, summary: dict[str, Any],
+          path: Path) -> None:
+    table = [r for r in table if metric in r]
     colors = {1: "tab:gray", 2: "tab:blue", 3: "tab:green"}
-    fig, ax = plt.subplots(figsize=(1.2 * len(rows) + 2, 4))
-    ax.bar(range(len(rows)), [r[metric] for r in rows], color=[colors.get(r["size"], "tab:purple") for r in rows])
-    ax.set_xticks(range(len(rows)), [r["subset"].replace("+", "\n+") for r in rows], fontsize=8)
+    fig, ax = plt.subplots(figsize=(1.2 * len(table) + 2, 4))
+    x = range(len(table))
+    means = [r[metric] for r in table]
+    # max(0, .): a mean of equal values can round a hair past them.
+    low = [max(0.0, r[metric] - r[metric + MIN]) for r in table]
+    high = [max(0.0, r[metric + MAX] - r[metric]) for r in table]
+    # Means as big markers (not bars from 0, which would hide differences of a point on a 0.8 accuracy).
+    ax.errorbar(x, means, yerr=[low, high], fmt="none", ecolor="black", capsize=4, label="min..max over seeds")
+    ax.scatter(x, means, s=80, marker="D", zorder=3, color=[colors.get(r["size"], "tab:purple") for r in table],
+               label="mean over seeds")
+    for i, r in enumerate(table):
+        values = [j[metric] for j in rows if j["subset"] == r["subset"] and _is_number(j.get(metric))]
+        ax.scatter([i] * len(values), values, s=12, color="black", zorder=4)
+    ax.set_xticks(list(x), [f"{r['subset'].replace('+', chr(10) + '+')}\nn={r['n']}" for r in table], fontsize=8)
+    ax.set_xlim(-0.6, len(table) - 0.4)
     if summary["best_single"]:
-        ax.axhline(summary["best_single"][metric], color="black", linestyle="--", label="best single encoder")
+        ax.axhline(summary["best_single"][metric], color="black", linestyle="--", label="best single encoder (mean)")
     # run.train writes the majority-answer baseline as <stage>/majority_<metric name>.
     stage, _, name = metric.partition("/")
-    majority = rows[0].get(f"{stage}/majority_{name}")
+    majority = next((r[f"{stage}/majority_{name}"] for r in rows if f"{stage}/majority_{name}" in r), None)
     if majority is not None:
-        ax.axhline(majority, color="tab:red", linestyle=":", label="majority answer")
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(loc="lower right")
-    ax.set_ylabel(metric)
-    ax.set_title("encoder subsets (gray: one, blue: two, green: three)")
+        bottom, top = ax.get_ylim()
+        if bottom <= majority <= top:
+            ax.axhline(majority, color="tab:red", linestyle=":", label="majority answer")
+        else:  # far below the subsets: named, not drawn, so the axis stays zoomed on them
+            ax.plot([], [], " ", label=f"majority answer {majority:.3f} (off axis)")
+    ax.legend(loc="best", fontsize=7)
+    ax.set_ylabel(f"{metric} (mean over seeds)")
+    ax.set_title("encoder subsets (gray: one, blue: two, green: three); small dots: one seed each")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values)
+
+
+def _seed_key(seed: Any) -> tuple[int, Any]:
+    return (0, seed) if isinstance(seed, int) else (1, str(seed))
+
+
+def _seed_name(seed: Any) -> str:
+    return str(seed)
+
+
+def _job_key(job: str) -> tuple[int, Any]:
+    return (0, int(job)) if job.isdigit() else (1, job)
 
 
 class SubsetTable(Callback):
