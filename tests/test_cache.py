@@ -92,11 +92,44 @@ def test_missing_key_names_key_and_folder(enc, images, tmp_path):
         cache.get(["set/000", "set/nope"])
 
 
-def test_cache_lacking_requested_images_is_rebuilt_or_refused(enc, images, tmp_path):
-    ensure_cache(enc, dict(list(images.items())[:3]), tmp_path / "cache", **FAST)
+def test_cache_lacking_requested_images_is_extended_or_refused(enc, images, tmp_path):
+    first = dict(list(images.items())[:3])
+    old = ensure_cache(enc, first, tmp_path / "cache", dtype="float32", **FAST)
+    old_rows = old.get(sorted(first)).clone()
     with pytest.raises(CacheKeyError, match="lacks 4 of the 7 requested images"):
-        ensure_cache(enc, images, tmp_path / "cache", rebuild=False, **FAST)
-    assert len(ensure_cache(enc, images, tmp_path / "cache", **FAST)) == len(images)
+        ensure_cache(enc, images, tmp_path / "cache", dtype="float32", rebuild=False, **FAST)
+    encoded = []
+    grown = ensure_cache(enc, images, tmp_path / "cache", dtype="float32", on_batch=encoded.append, **FAST)
+    # Only the 4 new images went through the encoder (batches of 3: rows 3 -> 6 -> 7); the old rows were copied.
+    assert encoded == [6, 7] and len(grown) == len(images) and grown.path == old.path
+    assert torch.equal(grown.get(sorted(first)), old_rows)
+    keys = sorted(images)
+    torch.testing.assert_close(grown.get(keys), online(enc, images, keys), rtol=0, atol=0)
+    # The grown cache serves both image sets without encoding anything.
+    for wanted in (first, images):
+        assert ensure_cache(enc, wanted, tmp_path / "cache", dtype="float32", on_batch=encoded.append, **FAST)
+    assert encoded == [6, 7]
+
+
+def test_interrupted_build_never_resumes_into_another_row_order(enc, images, tmp_path):
+    """A cache of 3 images, then a forced full (sorted) build of all 7 interrupted, then an extension of the
+    3-image cache to the same 7: same image set, other row order, so it must not resume the full build."""
+    root = tmp_path / "cache"
+    late = sorted(images)[-3:]  # cached first: the extension's rows start with these, then the other 4
+    build_cache(enc, {k: images[k] for k in late}, root, dtype="float32", **FAST)
+
+    class Stop(Exception):
+        pass
+
+    def stop_after_first(rows: int) -> None:
+        raise Stop
+
+    with pytest.raises(Stop):  # leaves a partial build of all 7 with its first batch (sorted order) done
+        build_cache(enc, images, root, dtype="float32", force=True, sync_every=0, on_batch=stop_after_first, **FAST)
+    cache = ensure_cache(enc, images, root, dtype="float32", **FAST)
+    assert cache.keys[:3] == late
+    keys = sorted(images)
+    torch.testing.assert_close(cache.get(keys), online(enc, images, keys), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize(

@@ -96,7 +96,8 @@ def build_cache(
 
     With ``shard``/``num_shards`` only that shard of the sorted keys is built, into its own folder
     (merge with :func:`~fusion.cache.merge.merge_shards`). A matching complete cache holding every key
-    is reused unless ``force``; an interrupted build of the same cache resumes. ``sync_every`` seconds
+    is reused unless ``force``; one lacking some keys is extended by them (its rows copied, only the new
+    images encoded; unsharded builds); an interrupted build of the same cache resumes. ``sync_every`` seconds
     between progress records; ``on_batch(rows_done)`` is called after each batch (progress hooks, tests).
     """
     fp = cache_fingerprint(encoder, dtype)
@@ -106,10 +107,15 @@ def build_cache(
     path = cache_path(root, fp, shard, num_shards)
     check_writable(root)
     with FileLock(lock_path(path)):
-        if not force:
-            cache = _open_covering(path, fp, keys)
-            if cache is not None:  # built by another process while we waited for the lock
-                return cache
+        previous = None if force else _open_matching(path, fp)
+        if previous is not None:
+            if _missing_keys_error(previous, keys) is None:  # built by another process while we waited
+                return previous
+            if num_shards is None:
+                # Extend it: its rows are kept as they are, and only the images it lacks are encoded.
+                known = set(previous.index)
+                keys = previous.keys + [k for k in keys if k not in known]
+                all_keys = keys
         meta: dict[str, Any] = {
             "fingerprint": fp,
             "shape": [len(keys), int(encoder.num_tokens), int(encoder.embed_dim)],
@@ -126,6 +132,9 @@ def build_cache(
                 done = partial.open(resume=not force)
                 if done:
                     log.info("feature cache %s: resuming after %d of %d images", path, done, len(keys))
+                elif previous is not None and num_shards is None:
+                    done = _copy_rows(previous, partial)
+                    log.info("feature cache %s: extending %d cached images by %d", path, done, len(keys) - done)
                 _encode_into(partial, encoder, [(k, images[k]) for k in keys[done:]], done, batch_size,
                              num_workers, progress, sync_every, on_batch)
                 partial.finish()
@@ -154,8 +163,9 @@ def ensure_cache(
     """The cache of ``encoder`` under ``root`` holding every key of ``images``, built on first use.
 
     A complete matching cache is opened as is (no lock, no encoder run). Finished shards of it are
-    merged. A damaged cache, one lacking some keys, or (in its place) caches only of other
-    configurations of this encoder are rebuilt with ``rebuild=True``; with ``rebuild=False`` they raise
+    merged. With ``rebuild=True`` a cache lacking some keys is extended by the missing images (the
+    cached ones are not encoded again), and a damaged cache, or (in its place) caches only of other
+    configurations of this encoder, are rebuilt; with ``rebuild=False`` they raise
     :class:`~fusion.cache.errors.CacheError` naming what differs. No cache at all is always built.
     """
     fp = cache_fingerprint(encoder, normalize_dtype(dtype))
@@ -182,17 +192,29 @@ def ensure_cache(
     if problem is not None and not rebuild:
         raise type(problem)(f"{problem}; pass rebuild=True (cache.rebuild=true) to build a new cache") from problem
     if problem is not None:
-        log.warning("feature cache %s: %s; rebuilding", path, problem)
-    return build_cache(encoder, images, root, dtype=dtype, force=isinstance(problem, CacheKeyError), **build_kwargs)
+        action = "extending it" if isinstance(problem, CacheKeyError) else "rebuilding"
+        log.warning("feature cache %s: %s; %s", path, problem, action)
+    # A cache lacking some images is extended by them (build_cache keeps its rows); damaged ones are rebuilt.
+    return build_cache(encoder, images, root, dtype=dtype, **build_kwargs)
 
 
-def _open_covering(path: Path, fp: dict[str, Any], keys: Sequence[str]) -> FeatureCache | None:
-    """The cache at ``path`` if it is complete, matches ``fp`` and holds all ``keys``; else None."""
+def _open_matching(path: Path, fp: dict[str, Any]) -> FeatureCache | None:
+    """The cache at ``path`` if it is complete and matches ``fp``; else None."""
     try:
-        cache = FeatureCache(path, fp)
+        return FeatureCache(path, fp)
     except CacheError:
         return None
-    return cache if _missing_keys_error(cache, keys) is None else None
+
+
+def _copy_rows(previous: FeatureCache, partial: PartialCache, chunk: int = 1024) -> int:
+    """Copy every row of ``previous`` into the first rows of ``partial`` (same keys, same order)."""
+    keys = previous.keys
+    if partial.keys[: len(keys)] != keys:
+        raise RuntimeError(f"feature cache {partial.final}: extension does not start with the cached keys")
+    for start in range(0, len(keys), chunk):
+        partial.write(start, previous.get(keys[start : start + chunk]).numpy())
+    partial.checkpoint(len(keys))
+    return len(keys)
 
 
 def _missing_keys_error(cache: FeatureCache, keys: Sequence[str]) -> CacheKeyError | None:

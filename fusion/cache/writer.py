@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import json
 import os
 import shutil
@@ -185,7 +186,10 @@ class PartialCache:
             os.ftruncate(self._fd, total)
 
     def _progress_state(self, done: int) -> dict[str, Any]:
-        return {"meta": self.meta, "rows_done": done}
+        # The row order too: an extended cache keeps its old rows first, so the same image set can come in
+        # another order than a fresh (sorted) build of it, and rows must never be resumed into wrong places.
+        order = hashlib.sha256("\n".join(self.keys).encode()).hexdigest()
+        return {"meta": self.meta, "rows_done": done, "row_order": order}
 
     def _save_progress(self, done: int) -> None:
         _write_json(self.tmp / PROGRESS, self._progress_state(done))
@@ -199,7 +203,9 @@ class PartialCache:
         except (OSError, ValueError):
             return None
         done = state.get("rows_done")
-        same = state.get("meta") == self.meta and shape == self.shape and dtype == self.dtype
+        expected = self._progress_state(done)
+        same = all(state.get(k) == expected[k] for k in ("meta", "row_order")) and shape == self.shape
+        same = same and dtype == self.dtype
         if not same or not isinstance(done, int) or not 0 <= done <= self.shape[0] or size != offset + self.nbytes:
             return None
         return done
