@@ -12,6 +12,7 @@ from pytorch_lightning.loggers import WandbLogger
 from torch import nn
 from transformers import get_cosine_schedule_with_warmup
 
+from fusion.distributed import gather_prediction_rows
 from fusion.dropout import EncoderDropout
 from fusion.encoders import VisionEncoder
 from fusion.fuser_weights import FuserWeights, fuser_scalars, save_fuser_weights
@@ -154,8 +155,11 @@ class FusionLitModule(pl.LightningModule):
         self._end_eval("test")
 
     def _end_eval(self, stage: str) -> None:
-        if self.predictions_path is not None and not self.trainer.sanity_checking and self.trainer.is_global_zero:
-            self.task.write_predictions(self._prediction_rows, self.predictions_path)
+        if self.predictions_path is not None and not self.trainer.sanity_checking:
+            # Under DDP each rank holds its share of the rows: all ranks gather, rank 0 writes.
+            rows = gather_prediction_rows(self.trainer, stage, self._prediction_rows)
+            if self.trainer.is_global_zero:
+                self.task.write_predictions(rows, self.predictions_path)
         self._prediction_rows = []
         metric = self.metrics[stage]
         name = self.task.metric_name

@@ -16,6 +16,7 @@ from pytorch_lightning.loggers import Logger, WandbLogger
 
 from fusion.cache import build_cache, ensure_cache, images_of
 from fusion.data import CacheSettings, FusionDataModule
+from fusion.distributed import is_rank_zero
 from fusion.encoders import VisionEncoder
 from fusion.lit import FusionLitModule
 from fusion.resume import check_compatible, resume_path
@@ -75,7 +76,8 @@ def _wandb_run_id(output_dir: Path) -> str:
 
 
 def _logger(cfg: DictConfig, output_dir: Path) -> Logger:
-    if cfg.get("_target_", "").endswith("WandbLogger") and cfg.get("id") is None:
+    # Only rank 0 keeps the id file (the other DDP ranks' wandb loggers never start a run).
+    if cfg.get("_target_", "").endswith("WandbLogger") and cfg.get("id") is None and is_rank_zero():
         return instantiate(cfg, id=_wandb_run_id(output_dir), resume="allow")
     return instantiate(cfg)
 
@@ -115,7 +117,8 @@ def _flat_metrics(results: list[dict[str, Any]]) -> dict[str, float]:
 
 def _save_config(cfg: DictConfig, output_dir: Path) -> None:
     output_dir.mkdir(parents=True, exist_ok=True)
-    (output_dir / "config_resolved.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    if is_rank_zero():
+        write_atomic(output_dir / "config_resolved.yaml", OmegaConf.to_yaml(cfg, resolve=True))
 
 
 def _setup(cfg: DictConfig) -> tuple[Path, FusionDataModule, FusionLitModule, list[Logger], pl.Trainer]:

@@ -1,0 +1,73 @@
+"""What DDP needs beyond Lightning: rank 0 before the trainer exists, and the prediction rows of all ranks.
+
+Under DDP (``srun`` on SLURM, ``torchrun``) every process runs the whole entry point. Lightning's loggers
+and checkpoints already write from global rank 0 only, and the torchmetrics states (task metrics,
+attention and fuser statistics) are summed across ranks when computed. What is left:
+
+- files written before the trainer exists (the wandb run id, the resolved config): :func:`is_rank_zero`;
+- the prediction file: each rank holds the rows of its own share of the split, so
+  :func:`gather_prediction_rows` puts them back together, in the split's order, for rank 0 to write.
+
+Lightning gives evaluation loaders a ``DistributedSampler(shuffle=False)``: rank ``r`` of ``W`` takes
+examples ``r, r + W, r + 2W, ...``, and a split whose size is not a multiple of ``W`` is padded with its
+first examples so that every rank gets as many. The metrics then count those examples twice (a warning
+says how many); the prediction file does not.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import pytorch_lightning as pl
+import torch.distributed as dist
+from pytorch_lightning.utilities import rank_zero_only
+from torch.utils.data import DataLoader, DistributedSampler
+
+log = logging.getLogger(__name__)
+
+
+def is_rank_zero() -> bool:
+    """Whether this process is global rank 0, from the launcher's environment (``RANK``, ``LOCAL_RANK``,
+    ``SLURM_PROCID``); usable before the trainer exists. A single process is rank 0."""
+    return (getattr(rank_zero_only, "rank", 0) or 0) == 0
+
+
+def _eval_loader(trainer: pl.Trainer, stage: str) -> DataLoader | None:
+    loaders = trainer.test_dataloaders if stage == "test" else trainer.val_dataloaders
+    if isinstance(loaders, Sequence):
+        loaders = loaders[0] if loaders else None
+    return loaders if isinstance(loaders, DataLoader) else None
+
+
+def interleave(per_rank: Sequence[Sequence[Any]], total: int) -> list[Any]:
+    """Rows in the split's order from each rank's rows of a ``DistributedSampler(shuffle=False)``: rank ``r``
+    held examples ``r, r + W, ...``; the padding (the first examples again, at the end) is cut at ``total``."""
+    longest = max((len(rows) for rows in per_rank), default=0)
+    merged = [rows[i] for i in range(longest) for rows in per_rank if i < len(rows)]
+    return merged[:total]
+
+
+def gather_prediction_rows(trainer: pl.Trainer, stage: str, rows: list[Any]) -> list[Any]:
+    """All ranks' prediction rows of this evaluation, in the split's order (every rank must call this).
+
+    In a single process, or when the loader was not split across ranks, ``rows`` as they are.
+    """
+    if trainer.world_size <= 1 or not (dist.is_available() and dist.is_initialized()):
+        return rows
+    loader = _eval_loader(trainer, stage)
+    if loader is None or not isinstance(loader.sampler, DistributedSampler):
+        return rows  # every rank saw the whole split
+    total = len(loader.dataset)
+    padded = loader.sampler.total_size - total
+    if padded and trainer.is_global_zero:
+        log.warning(
+            "%s split of %d examples over %d processes: Lightning's DistributedSampler repeats its first %d, "
+            "which the %s metrics count twice (the prediction file does not); evaluate with one process, or a "
+            "split size divisible by %d, for exact numbers", stage, total, trainer.world_size, padded, stage,
+            trainer.world_size,
+        )
+    per_rank: list[list[Any] | None] = [None] * trainer.world_size
+    dist.all_gather_object(per_rank, rows)
+    return interleave([r or [] for r in per_rank], total)
