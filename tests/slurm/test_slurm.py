@@ -124,8 +124,40 @@ def test_two_process_gloo_ddp_through_srun_reports_the_single_process_metrics(sl
     runs = tmp_path / "logs" / "train" / "slurm"
     one = json.loads((runs / single / "metrics.json").read_text())
     two = json.loads((runs / ddp / "metrics.json").read_text())
+    # Training with 2 processes doubles the effective batch, so its values differ: the names must not.
     assert set(two) == set(one) and "test/acc" in two
-    out = (tmp_path / "logs" / "slurm" / f"{ddp}.out").read_text()
+    _assert_two_ranks(tmp_path, ddp)
+    # Rank 0 alone wrote the DDP run's files: one metrics.json, one csv logger folder, two checkpoints.
+    assert [p.relative_to(runs / ddp) for p in (runs / ddp).rglob("metrics.json")] == [Path("metrics.json")]
+    assert [p.name for p in (runs / ddp / "csv").iterdir()] == ["version_0"]
+    assert len(list((runs / ddp / "checkpoints").iterdir())) == 2
+
+    # Values: the single-process run's best checkpoint evaluated by 1 and by 2 srun tasks gives the same
+    # metrics and attention statistics. 4 test images, 3 questions each: 12 questions, 6 per rank, so
+    # Lightning's DistributedSampler adds no padding (duplicated examples) to either rank's share.
+    (best,) = (runs / single / "checkpoints").glob("epoch_*.ckpt")
+    evals = ["+experiment=shapes", "encoder=[clip_tiny]", *[a for a in TINY if not a.startswith("callbacks.")],
+             "model.attention_stats=true", "trainer.accelerator=cpu", "split=test", f"ckpt_path={best}"]
+    eval_one = _sbatch(tmp_path, ["--cpus-per-task=1", str(ROOT / "slurm" / "eval.sbatch"), *evals])
+    eval_two = _sbatch(tmp_path, ["--ntasks-per-node=2", "--cpus-per-task=1", str(ROOT / "slurm" / "eval.sbatch"),
+                                  *evals, "+trainer.strategy=ddp"])
+    for job in (eval_one, eval_two):
+        assert _wait(job) == "COMPLETED", (tmp_path / "logs" / "slurm" / f"{job}.out").read_text()[-3000:]
+    _assert_two_ranks(tmp_path, eval_two)
+    folders = [tmp_path / "logs" / "eval" / "slurm" / job for job in (eval_one, eval_two)]
+    m1, m2 = (json.loads((f / "metrics.json").read_text()) for f in folders)
+    assert set(m1) == set(m2) and "test/acc" in m1
+    for key in m1:
+        assert m2[key] == pytest.approx(m1[key], rel=1e-5, abs=1e-6), key
+    a1, a2 = (json.loads((f / "attention" / "test" / "attention.json").read_text()) for f in folders)
+    for query in ("cls", "text"):
+        torch.testing.assert_close(torch.tensor(a2[query]), torch.tensor(a1[query]), rtol=1e-5, atol=1e-6)
+    p1, p2 = (json.loads((f / "predictions.json").read_text()) for f in folders)
+    assert len(p1) == 12 and p2 == p1  # every rank's rows, once each, in the split's order
+
+
+def _assert_two_ranks(tmp_path: Path, job: str) -> None:
+    out = (tmp_path / "logs" / "slurm" / f"{job}.out").read_text()
     assert "world_size: 2" in out or "Initializing distributed: GLOBAL_RANK: 1, MEMBER: 2/2" in out, out[-3000:]
 
 
