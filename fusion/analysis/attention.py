@@ -33,7 +33,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
 def _new_stats(ctx: AnalysisContext) -> AttentionOverEncoders:
     fusion = ctx.model.fusion
-    return AttentionOverEncoders(ctx.encoder_names, fusion.depth, fusion.num_heads, mixed=fusion.mixes_encoders)
+    stats = AttentionOverEncoders(ctx.encoder_names, fusion.depth, fusion.num_heads, mixed=fusion.mixes_encoders)
+    return stats.to(ctx.model.device)
 
 
 def split_key(ctx: AnalysisContext) -> str | None:

@@ -17,9 +17,13 @@ rest of the network then sees the clean state); restoring none gives the corrupt
 Corruptions (``analysis.causal_trace.corrupt``):
 
 - ``text``: one word of the question swapped for another of its group (``swaps``: colours, shapes, top/
-  bottom, left/right by default, the shapes task's words), kept only when the word piece count is unchanged
-  so both inputs have the same layout; or, with ``pairs=<file.json>``, a list of ``{"question_id",
-  "corrupted_question"}`` for any task;
+  bottom, left/right by default, the shapes task's words). On the shapes task the swap is the first one that
+  changes the gold answer, the scene read back from the image's pixels (``shapes_scene``): "what color is
+  the circle?" becomes "what color is the square?" only when a square of another colour is in the image; a
+  question with no such swap gives no pair. On other tasks the first swappable word becomes the next word of
+  its group. Or, with ``pairs=<file>``, a pair file for any task: a JSON list or JSON Lines of
+  ``{"question_id", "corrupted_question"}`` (ids of the analysed split). Either way a pair is kept only when
+  the word piece count is unchanged, so both inputs have the same layout;
 - ``encoder:<name>``: that encoder's features taken from another image of the batch (the other encoders
   and the question unchanged).
 
@@ -37,7 +41,9 @@ import torch
 from omegaconf import DictConfig
 
 from fusion.analysis.common import AnalysisContext, Batch, heatmap, new_report, open_analysis
+from fusion.analysis.shapes_scene import answer_changing_swap, scene_answers, word_swaps
 from fusion.model import CLS_GROUP, TEXT_GROUP
+from fusion.tasks.shapes import ShapesTask
 
 DEFAULT_SWAPS = [
     ["red", "green", "blue", "yellow", "purple"],
@@ -70,14 +76,7 @@ def select(batch: Batch, rows: torch.Tensor) -> Batch:
 
 def swap_word(question: str, swaps: Sequence[Sequence[str]]) -> str | None:
     """``question`` with its first swappable word replaced by the next word of its group; None if none."""
-    words = question.split(" ")
-    for i, word in enumerate(words):
-        core = word.rstrip("?.,!s") if word.rstrip("?.,!") not in sum(map(list, swaps), []) else word.rstrip("?.,!")
-        for group in swaps:
-            if core in group:
-                replacement = group[(group.index(core) + 1) % len(group)]
-                return " ".join([*words[:i], word.replace(core, replacement, 1), *words[i + 1 :]])
-    return None
+    return next(word_swaps(question, swaps), None)
 
 
 def corrupt_text(ctx: AnalysisContext, batch: Batch, corrupted: list[str | None]) -> tuple[Batch, torch.Tensor]:
@@ -86,27 +85,48 @@ def corrupt_text(ctx: AnalysisContext, batch: Batch, corrupted: list[str | None]
     questions = [q if q is not None else "" for q in corrupted]
     tok = ctx.model.text.tokenizer(questions, padding="max_length", truncation=True, max_length=ids.shape[1],
                                    return_tensors="pt")
-    same = (tok["attention_mask"] == mask).all(1) & torch.tensor([q is not None for q in corrupted])
-    same &= (tok["input_ids"] != ids).any(1)
-    return {**batch, "input_ids": tok["input_ids"].to(ids.dtype)}, same
+    new_ids, new_mask = tok["input_ids"].to(ids.device, ids.dtype), tok["attention_mask"].to(mask.device)
+    same = (new_mask == mask).all(1) & torch.tensor([q is not None for q in corrupted], device=ids.device)
+    same &= (new_ids != ids).any(1)
+    return {**batch, "input_ids": new_ids}, same
 
 
-def make_pairs(ctx: AnalysisContext, batch: Batch, questions: dict[str, str]) -> tuple[Batch, Batch, torch.Tensor]:
+class Corrupter:
+    """The corrupted question of each example (text corruption), from a pair file, or from word swaps: for the
+    shapes task the first swap that changes the answer (the scene read from the image's pixels), for another
+    task the first swappable word replaced by the next word of its group."""
+
+    def __init__(self, ctx: AnalysisContext) -> None:
+        self.examples = {e.question_id: e for e in ctx.task.examples(ctx.split)}
+        pair_file = ctx.settings.get("pairs")
+        self.table = read_pairs(Path(str(pair_file))) if pair_file else None
+        if self.table is not None and not set(self.table) & set(self.examples):
+            raise ValueError(f"analysis.causal_trace.pairs={pair_file}: none of its {len(self.table)} question ids "
+                             f"is a question of split {ctx.split!r} (e.g. {next(iter(self.table))!r})")
+        self.swaps = [list(g) for g in (ctx.settings.get("swaps") or DEFAULT_SWAPS)]
+        self.shapes = isinstance(ctx.task, ShapesTask)
+        self.answers = ctx.task.answers
+
+    def __call__(self, question_id: str) -> str | None:
+        if self.table is not None:
+            return self.table.get(question_id)
+        example = self.examples[question_id]
+        if self.shapes and example.label >= 0:
+            answers = scene_answers(example.image_path)
+            return answer_changing_swap(example.question, self.answers[example.label], answers, self.swaps)
+        return swap_word(example.question, self.swaps)
+
+
+def make_pairs(ctx: AnalysisContext, batch: Batch, corrupter: Corrupter | None) -> tuple[Batch, Batch, torch.Tensor]:
     """Clean batch (encoder features computed once, in ``features``), corrupted batch, rows that are pairs.
 
-    ``questions``: question id -> question text of the analysed split (batches carry token ids only)."""
+    ``corrupter``: question id -> corrupted question (text corruption; batches carry token ids only)."""
     model = ctx.model
     clean = {**batch, "features": model.encode_images(batch)}
     corrupt = str(ctx.settings.get("corrupt", "text"))
     if corrupt == "text":
-        pair_file = ctx.settings.get("pairs")
-        if pair_file:
-            table = _pair_table(Path(str(pair_file)))
-            corrupted = [table.get(qid) for qid in batch["question_ids"]]
-        else:
-            swaps = [list(g) for g in (ctx.settings.get("swaps") or DEFAULT_SWAPS)]
-            corrupted = [swap_word(questions[q], swaps) for q in batch["question_ids"]]
-        other, rows = corrupt_text(ctx, clean, corrupted)
+        assert corrupter is not None
+        other, rows = corrupt_text(ctx, clean, [corrupter(q) for q in batch["question_ids"]])
         return clean, other, rows
     if corrupt.startswith("encoder:"):
         name = corrupt.split(":", 1)[1]
@@ -119,14 +139,44 @@ def make_pairs(ctx: AnalysisContext, batch: Batch, questions: dict[str, str]) ->
         # Each row takes the features of the next row that shows another image.
         source = [next((j % n for j in range(i + 1, i + n) if keys[j % n] != keys[i]), i) for i in range(n)]
         features = dict(clean["features"])
-        features[name] = features[name][torch.tensor(source)]
-        return clean, {**clean, "features": features}, torch.tensor([s != i for i, s in enumerate(source)])
+        device = features[name].device
+        features[name] = features[name][torch.tensor(source, device=device)]
+        rows = torch.tensor([s != i for i, s in enumerate(source)], device=device)
+        return clean, {**clean, "features": features}, rows
     raise ValueError(f"analysis.causal_trace.corrupt={corrupt!r}; allowed: text, encoder:<name>")
 
 
-def _pair_table(path: Path) -> dict[str, str]:
-    rows = json.loads(path.read_text())
-    return {str(r["question_id"]): str(r["corrupted_question"]) for r in rows}
+def read_pairs(path: Path) -> dict[str, str]:
+    """A pair file: question id -> corrupted question. JSON (a list of objects) or JSON Lines (one object a
+    line), each object ``{"question_id": <id of an example of the analysed split>, "corrupted_question": str}``;
+    numeric ids match the task's ids as strings (VQAv2's 11000 is "11000")."""
+    where = f"analysis.causal_trace.pairs={path}"
+    if not path.is_file():
+        raise FileNotFoundError(f"{where}: no such file")
+    text = path.read_text()
+    try:
+        rows = json.loads(text)
+    except json.JSONDecodeError:
+        rows = []
+        for number, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as error:
+                    raise ValueError(f"{where}: line {number} is neither part of a JSON list nor a JSON object "
+                                     f"({error.msg})") from None
+    if isinstance(rows, dict):  # a JSON Lines file of one line
+        rows = [rows]
+    if not isinstance(rows, list) or not rows:
+        raise ValueError(f"{where}: expected a non-empty JSON list or JSON Lines of "
+                         '{"question_id", "corrupted_question"} objects')
+    table = {}
+    for i, row in enumerate(rows):
+        if not isinstance(row, dict) or "question_id" not in row or "corrupted_question" not in row:
+            raise ValueError(f'{where}: pair {i} is {row!r}; expected {{"question_id": ..., "corrupted_question": '
+                             '"..."}')
+        table[str(row["question_id"])] = str(row["corrupted_question"])
+    return table
 
 
 class Patcher:
@@ -186,7 +236,12 @@ class Patcher:
 def scores(ctx: AnalysisContext, batch: Batch, answer: torch.Tensor) -> tuple[torch.Tensor, Any]:
     """Softmax probability (B,) of ``answer`` (B,) and the fusion output."""
     logits, out = ctx.model(batch)
-    return logits.float().softmax(-1).gather(1, answer[:, None]).squeeze(1), out
+    return answer_prob(logits, answer), out
+
+
+def answer_prob(logits: torch.Tensor, answer: torch.Tensor) -> torch.Tensor:
+    """Softmax probability (B,) of ``answer`` (B,) under ``logits`` (B, C)."""
+    return logits.float().softmax(-1).gather(1, answer[:, None]).squeeze(1)
 
 
 def position_labels(key_groups: torch.Tensor, encoder_names: Sequence[str]) -> list[str]:
@@ -220,15 +275,21 @@ def causal_trace(ctx: AnalysisContext) -> dict[str, Any]:
     clean_sum = corrupt_sum = 0.0
     pairs: list[dict[str, Any]] = []
     questions = {e.question_id: e.question for e in ctx.task.examples(ctx.split)}
+    corrupter = Corrupter(ctx) if str(ctx.settings.get("corrupt", "text")) == "text" else None
+    # Pairs before the min_effect filter, and how many of them change the model's answer.
+    candidates = changed = 0
     try:
         for batch in ctx.batches():
             if len(pairs) >= max_pairs:
                 break
-            clean, corrupted, rows = make_pairs(ctx, batch, questions)
+            clean, corrupted, rows = make_pairs(ctx, batch, corrupter)
             if bool(rows.any()):
-                answer = model(clean)[0].argmax(-1)
-                s_clean, _ = scores(ctx, clean, answer)
-                s_corr, _ = scores(ctx, corrupted, answer)
+                logits = model(clean)[0]
+                answer = logits.argmax(-1)
+                logits_corr = model(corrupted)[0]
+                s_clean, s_corr = answer_prob(logits, answer), answer_prob(logits_corr, answer)
+                candidates += int(rows.sum())
+                changed += int((rows & (logits_corr.argmax(-1) != answer)).sum())
                 rows &= (s_clean - s_corr) > min_effect
             rows = rows.nonzero().flatten()[: max_pairs - len(pairs)]
             if len(rows) == 0:
@@ -256,7 +317,7 @@ def causal_trace(ctx: AnalysisContext) -> dict[str, Any]:
                     s, _ = scores(ctx, corrupted, answer)
                     real = visible[:, p].double()
                     sums = pos_sum.setdefault(label, torch.zeros(4, layers, dtype=torch.float64))
-                    sums[:, layer] += torch.stack([s, s_clean, s_corr, torch.ones_like(s)]).double() @ real
+                    sums[:, layer] += (torch.stack([s, s_clean, s_corr, torch.ones_like(s)]).double() @ real).cpu()
 
                 for h in range(heads):
                     patcher.action = ("head", layer, h)
@@ -266,8 +327,10 @@ def causal_trace(ctx: AnalysisContext) -> dict[str, Any]:
             clean_sum += float(s_clean.sum())
             corrupt_sum += float(s_corr.sum())
             for i, qid in enumerate(clean["question_ids"]):
-                pairs.append({"question_id": qid, "question": questions[qid],
-                              "answer": ctx.task.answers[int(answer[i])], "clean_score": float(s_clean[i]),
+                pair = {"question_id": qid, "question": questions[qid]}
+                if corrupter is not None:
+                    pair["corrupted_question"] = corrupter(qid)
+                pairs.append({**pair, "answer": ctx.task.answers[int(answer[i])], "clean_score": float(s_clean[i]),
                               "corrupted_score": float(s_corr[i])})
     finally:
         patcher.close()
@@ -276,7 +339,9 @@ def causal_trace(ctx: AnalysisContext) -> dict[str, Any]:
         raise ValueError("no pair found whose corruption lowers the clean answer's score by more than "
                          f"min_effect={min_effect}; check analysis.causal_trace.corrupt / pairs / swaps")
     restored = {"all": (layer_all / n).tolist(), "none": (layer_none / n).tolist()}
-    return _report(ctx, pairs, clean_sum / n, corrupt_sum / n, restored, exact, pos_sum, head_sum / n)
+    counts = {"candidate_pairs": candidates, "answer_changed": changed,
+              "answer_changed_share": changed / candidates if candidates else 0.0}
+    return _report(ctx, pairs, clean_sum / n, corrupt_sum / n, restored, exact, pos_sum, head_sum / n, counts)
 
 
 def _order(labels: Sequence[str], encoder_names: Sequence[str]) -> list[str]:
@@ -295,7 +360,8 @@ def _order(labels: Sequence[str], encoder_names: Sequence[str]) -> list[str]:
 
 
 def _report(ctx: AnalysisContext, pairs: list[dict], clean: float, corrupted: float, restored: dict[str, list],
-            exact: dict[str, bool], pos_sum: dict[str, torch.Tensor], heads: torch.Tensor) -> dict[str, Any]:
+            exact: dict[str, bool], pos_sum: dict[str, torch.Tensor], heads: torch.Tensor,
+            counts: dict[str, Any]) -> dict[str, Any]:
     layers = heads.shape[0]
     labels = _order(list(pos_sum), ctx.encoder_names)
     sums = torch.stack([pos_sum[k] for k in labels], 2)  # (4, layers, positions): patched, clean, corrupted, n
@@ -317,11 +383,14 @@ def _report(ctx: AnalysisContext, pairs: list[dict], clean: float, corrupted: fl
         "restore_none_score": restored["none"], "restore_all_exact": exact["all"],
         "restore_none_exact": exact["none"], "positions": labels,
         "position_score": mean.tolist(), "position_recovery": position_recovery.tolist(),
-        "head_score": heads.tolist(), "head_recovery": recovery(heads).tolist(), "top_positions": top,
+        "head_score": heads.tolist(), "head_recovery": recovery(heads).tolist(), "top_positions": top, **counts,
     })
     report.text(
-        f"{len(pairs)} pairs (corruption `{report.results['corrupt']}`); score = probability of the clean "
-        f"answer: clean {clean:.4f}, corrupted {corrupted:.4f}. Restoring every position of a layer gives "
+        f"{counts['candidate_pairs']} candidate pairs in the batches read; the corruption changed the model's "
+        f"answer in {counts['answer_changed']} of them ({100 * counts['answer_changed_share']:.1f}%). "
+        f"{len(pairs)} pairs (corruption `{report.results['corrupt']}`) lower the clean answer's probability by "
+        f"more than min_effect={float(ctx.settings.get('min_effect', 0.02))} and are traced; score = probability "
+        f"of the clean answer: clean {clean:.4f}, corrupted {corrupted:.4f}. Restoring every position of a layer gives "
         f"{', '.join(f'{v:.4f}' for v in restored['all'])} per layer (equal to the clean scores bitwise: "
         f"{exact['all']}), restoring none {', '.join(f'{v:.4f}' for v in restored['none'])} (equal to the "
         f"corrupted scores bitwise: {exact['none']}). "

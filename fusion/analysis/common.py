@@ -57,6 +57,7 @@ class AnalysisContext:
     out_dir: Path
     loggers: list[Logger]
     settings: DictConfig
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
 
     @property
     def task(self) -> VLTask:
@@ -67,11 +68,55 @@ class AnalysisContext:
         return list(self.model.encoder_names)
 
     def batches(self, split: str | None = None, max_batches: int | None = None) -> Iterator[Batch]:
-        """The batches of ``split`` (default: the analysed one), at most ``analysis.max_batches`` of them."""
+        """The batches of ``split`` (default: the analysed one), at most ``analysis.max_batches`` of them, on the
+        model's device (cached features, images, token ids, labels; floating-point tensors in its dtype)."""
         self.datamodule.val_split = split or self.split
         limit = max_batches if max_batches is not None else self.cfg.analysis.get("max_batches")
         loader = self.datamodule.val_dataloader()
-        return itertools.islice(iter(loader), limit)
+        return (move_batch(b, self.device, self.model.dtype) for b in itertools.islice(iter(loader), limit))
+
+
+def move_batch(batch: Any, device: torch.device | str, dtype: torch.dtype | None = None) -> Any:
+    """``batch`` with every tensor inside it (dicts, lists and tuples, nested) on ``device``; floating-point
+    tensors also cast to ``dtype`` when given (token ids, labels and masks keep theirs). Other values as they are."""
+    if isinstance(batch, torch.Tensor):
+        if dtype is not None and batch.is_floating_point():
+            return batch.to(device=device, dtype=dtype)
+        return batch.to(device=device)
+    if isinstance(batch, Mapping):
+        return {key: move_batch(value, device, dtype) for key, value in batch.items()}
+    if isinstance(batch, list):
+        return [move_batch(value, device, dtype) for value in batch]
+    if isinstance(batch, tuple):
+        return tuple(move_batch(value, device, dtype) for value in batch)
+    return batch
+
+
+DEVICES = "cpu, cuda, cuda:<index>, or null (cuda if trainer.accelerator is gpu/cuda/auto and CUDA is available)"
+
+
+def resolve_device(cfg: DictConfig) -> torch.device:
+    """Where an analysis runs: ``analysis.device``, or (null) the trainer's accelerator when CUDA is available."""
+    analysis = cfg.get("analysis") or OmegaConf.create({})
+    choice = analysis.get("device")
+    if choice is None:
+        accelerator = str(OmegaConf.select(cfg, "trainer.accelerator", default="cpu") or "cpu").lower()
+        cuda = accelerator in ("gpu", "cuda", "auto") and torch.cuda.is_available()
+        return torch.device("cuda" if cuda else "cpu")
+    try:
+        device = torch.device(str(choice))
+    except (RuntimeError, ValueError):
+        raise ValueError(f"analysis.device={choice!r} is not a device; allowed: {DEVICES}") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"analysis.device={choice!r}: the analysis modes run on cpu or cuda; allowed: {DEVICES}")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"analysis.device={choice!r} but CUDA is not available on this machine "
+                             "(torch.cuda.is_available() is False); use analysis.device=cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"analysis.device={choice!r} but this machine has {torch.cuda.device_count()} "
+                             "CUDA device(s)")
+    return device
 
 
 def load_weights(model: FusionLitModule, ckpt_path: str | Path) -> None:
@@ -90,6 +135,7 @@ def open_analysis(cfg: DictConfig, mode: str) -> Iterator[AnalysisContext]:
     if not ckpt.is_file():
         raise FileNotFoundError(f"ckpt_path={cfg.ckpt_path!r} is not a checkpoint file")
     analysis = cfg.get("analysis") or OmegaConf.create({})
+    device = resolve_device(cfg)  # before building anything: a wrong device fails at once
     if analysis.get("num_threads"):
         # Many small forward passes (causal tracing runs ~150 per batch): on a busy CPU every op of a
         # multi-threaded pass waits for a descheduled thread.
@@ -106,7 +152,8 @@ def open_analysis(cfg: DictConfig, mode: str) -> Iterator[AnalysisContext]:
                          "supported (its scores are rankings over a gallery, not a head's answer)")
     load_weights(model, ckpt)
     # Evaluation behaviour everywhere: dropout off, VE-dropout only through what a mode sets.
-    model.eval()
+    model.to(device).eval()
+    log.info("analysis on %s", device)
     split = str(cfg.split)
     model.task.check_split(split)
     datamodule.prepare_data()
@@ -117,7 +164,7 @@ def open_analysis(cfg: DictConfig, mode: str) -> Iterator[AnalysisContext]:
     settings = analysis.get(mode) or OmegaConf.create({})
     try:
         with torch.no_grad():
-            yield AnalysisContext(cfg, mode, model, datamodule, split, out_dir, loggers, settings)
+            yield AnalysisContext(cfg, mode, model, datamodule, split, out_dir, loggers, settings, device)
     finally:
         finish_loggers(loggers)
 
@@ -140,15 +187,16 @@ def keep_only(model: FusionLitModule, kept: Sequence[str]) -> Iterator[None]:
 class _RandomKeep(nn.Module):
     """A VE-dropout stand-in giving each sample a random non-empty subset, uniformly; ``last`` (B, n) holds it."""
 
-    def __init__(self, num_encoders: int, generator: torch.Generator) -> None:
+    def __init__(self, num_encoders: int, generator: torch.Generator, device: torch.device | str = "cpu") -> None:
         super().__init__()
-        self.num_encoders, self.generator = num_encoders, generator
+        self.num_encoders, self.generator, self.device = num_encoders, generator, torch.device(device)
         self.last: torch.Tensor | None = None
 
     def forward(self, batch_size: int) -> torch.Tensor:
-        # Subset codes 1..2^n-1, one bit per encoder: every non-empty subset equally likely.
+        # Subset codes 1..2^n-1, one bit per encoder: every non-empty subset equally likely. Drawn on the CPU
+        # (the same subsets on every device), then moved to the model's.
         codes = torch.randint(1, 2**self.num_encoders, (batch_size,), generator=self.generator)
-        self.last = (codes[:, None] >> torch.arange(self.num_encoders)) & 1 == 1
+        self.last = ((codes[:, None] >> torch.arange(self.num_encoders)) & 1 == 1).to(self.device)
         return self.last
 
 
@@ -156,7 +204,7 @@ class _RandomKeep(nn.Module):
 def random_subsets(model: FusionLitModule, seed: int = 0) -> Iterator[_RandomKeep]:
     """Each sample sees a random non-empty subset of the encoders; the yielded module's ``last`` says which."""
     saved = model.ve_dropout
-    model.ve_dropout = _RandomKeep(len(model.encoder_names), torch.Generator().manual_seed(seed))
+    model.ve_dropout = _RandomKeep(len(model.encoder_names), torch.Generator().manual_seed(seed), model.device)
     try:
         yield model.ve_dropout
     finally:
@@ -204,7 +252,8 @@ def mean_tokens(ctx: AnalysisContext) -> dict[str, torch.Tensor]:
 def mask_text(batch: Batch, mask_id: int, special_ids: Sequence[int]) -> Batch:
     """``batch`` with every real text token except the special ones ([CLS], [SEP]) replaced by ``mask_id``."""
     ids = batch["input_ids"]
-    real = batch["attention_mask"].bool() & ~torch.isin(ids, torch.tensor(list(special_ids), dtype=ids.dtype))
+    special = torch.tensor(list(special_ids), dtype=ids.dtype, device=ids.device)
+    real = batch["attention_mask"].bool() & ~torch.isin(ids, special)
     return {**batch, "input_ids": torch.where(real, torch.full_like(ids, mask_id), ids)}
 
 
@@ -231,7 +280,7 @@ def evaluate(
     labelled examples) and ``n`` (examples).
     """
     model, task = ctx.model, ctx.task
-    metric = task.metric()
+    metric = task.metric().to(model.device)  # as the module's own metrics: states beside the logits
     loss_sum, labelled, n = 0.0, 0, 0
     for batch in ctx.batches(split):
         if transform is not None:

@@ -140,10 +140,11 @@ def _properties(ctx: AnalysisContext, batch: Batch, by_id: dict, keep: torch.Ten
 
 def fit_probe(x: torch.Tensor, y: torch.Tensor, num_classes: int, steps: int = 100, l2: float = 1e-3) -> torch.Tensor:
     """Multinomial logistic regression on standardised ``x`` (N, D) with labels ``y`` (N,); returns the
-    weights (D + 1, C), the last row the bias. Full-batch L-BFGS: deterministic and quick at this size."""
+    weights (D + 1, C), the last row the bias, on ``x``'s device. Full-batch L-BFGS: deterministic and quick
+    at this size."""
     with torch.enable_grad():
-        w = torch.zeros(x.shape[1] + 1, num_classes, requires_grad=True)
-        xb = torch.cat([x, torch.ones(len(x), 1)], 1)
+        w = torch.zeros(x.shape[1] + 1, num_classes, device=x.device, requires_grad=True)
+        xb = torch.cat([x, torch.ones(len(x), 1, device=x.device)], 1)
         opt = torch.optim.LBFGS([w], max_iter=steps, line_search_fn="strong_wolfe")
 
         def closure() -> torch.Tensor:
@@ -156,13 +157,17 @@ def fit_probe(x: torch.Tensor, y: torch.Tensor, num_classes: int, steps: int = 1
     return w.detach()
 
 
-def probe_accuracy(fit_x: torch.Tensor, fit_y: list[str], test_x: torch.Tensor, test_y: list[str], steps: int) -> dict:
-    """Held-out accuracy of a linear probe and of the fitting split's majority class."""
+def probe_accuracy(fit_x: torch.Tensor, fit_y: list[str], test_x: torch.Tensor, test_y: list[str], steps: int,
+                   device: torch.device | str = "cpu") -> dict:
+    """Held-out accuracy of a linear probe and of the fitting split's majority class; the probe is fitted on
+    ``device`` (the representations are collected on the CPU, one depth at a time moves)."""
     classes = sorted(set(fit_y))
     index = {c: i for i, c in enumerate(classes)}
+    fit_x, test_x = fit_x.to(device), test_x.to(device)
     mean, std = fit_x.mean(0), fit_x.std(0).clamp_min(1e-6)
-    w = fit_probe((fit_x - mean) / std, torch.tensor([index[v] for v in fit_y]), len(classes), steps)
-    xb = torch.cat([(test_x - mean) / std, torch.ones(len(test_x), 1)], 1)
+    labels = torch.tensor([index[v] for v in fit_y], device=fit_x.device)
+    w = fit_probe((fit_x - mean) / std, labels, len(classes), steps)
+    xb = torch.cat([(test_x - mean) / std, torch.ones(len(test_x), 1, device=test_x.device)], 1)
     predicted = [classes[i] for i in (xb @ w).argmax(1).tolist()]
     majority = Counter(fit_y).most_common(1)[0][0]
     n = len(test_y)
@@ -180,13 +185,15 @@ def probe(ctx: AnalysisContext) -> dict[str, Any]:
     steps = int(ctx.settings.get("steps", 100))
     fusion = ctx.model.fusion
     stats = AttentionOverEncoders(ctx.encoder_names, fusion.depth, fusion.num_heads, mixed=fusion.mixes_encoders)
+    stats = stats.to(ctx.model.device)
     fit_x, fit_p = collect(ctx, fit_split, max_fit, None)
     test_x, test_p = collect(ctx, ctx.split, None, stats)
     collector_depths = ["input", *(f"layer {i}" for i in range(fusion.depth - 1)), "final"]
     results: dict[str, dict[str, dict[str, dict]]] = {}
     for prop in fit_p:
         results[prop] = {
-            rep: {d: probe_accuracy(fit_x[f"{d}/{rep}"], fit_p[prop], test_x[f"{d}/{rep}"], test_p[prop], steps)
+            rep: {d: probe_accuracy(fit_x[f"{d}/{rep}"], fit_p[prop], test_x[f"{d}/{rep}"], test_p[prop], steps,
+                                    device=ctx.device)
                   for d in collector_depths}
             for rep in REPRESENTATIONS
         }
