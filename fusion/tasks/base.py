@@ -136,6 +136,29 @@ class VLTask(ABC):
         return sum(t == majority for t in target) / len(target)
 
 
+class FileTask(VLTask):
+    """A task whose examples are read from files under ``root``; each split is read once per instance.
+
+    Subclasses implement :meth:`read_split`; :meth:`examples` returns a fresh list of its cached result.
+    """
+
+    def __init__(
+        self, root: str | Path, train_split: str = "train", val_split: str = "val", test_split: str = "test"
+    ) -> None:
+        self.root = resolve_root(root)
+        self.train_split, self.val_split, self.test_split = train_split, val_split, test_split
+        self._examples: dict[str, list[Example]] = {}
+
+    @abstractmethod
+    def read_split(self, split: str) -> list[Example]:
+        """Read (parse, check) every example of ``split``, in a fixed order."""
+
+    def examples(self, split: str) -> list[Example]:
+        if split not in self._examples:
+            self._examples[split] = self.read_split(split)
+        return list(self._examples[split])
+
+
 def write_atomic(path: Path, text: str) -> None:
     """Write ``text`` to a temp file beside ``path`` and rename it: readers never see half a file."""
     path = Path(path)

@@ -28,7 +28,7 @@ from typing import Any
 from torchmetrics import Metric
 
 from fusion.ranking import RetrievalRecall
-from fusion.tasks.base import Example, VLTask, resolve_root, write_atomic
+from fusion.tasks.base import Example, FileTask, write_atomic
 
 ANSWERS: tuple[str, ...] = ("no_match", "match")
 KARPATHY_SPLITS: tuple[str, ...] = ("train", "val", "test", "restval")
@@ -43,7 +43,7 @@ def image_key(filename: str) -> str:
     return f"flickr30k/{Path(filename).stem}"
 
 
-class Flickr30kTask(VLTask):
+class Flickr30kTask(FileTask):
     """Image-text retrieval over the Karpathy split of Flickr30k; each example is a matching pair.
 
     ``restval_in_train`` adds the images marked ``restval`` to the training split (Flickr30k's
@@ -64,14 +64,12 @@ class Flickr30kTask(VLTask):
         test_split: str = "test",
         restval_in_train: bool = False,
     ) -> None:
-        self.root = resolve_root(root)
+        super().__init__(root, train_split, val_split, test_split)
         # Relative to root unless absolute (Path's / keeps an absolute right-hand side as it is).
         self.annotations = self.root / Path(annotations).expanduser()
         self.images_dir = self.root / Path(images_dir).expanduser()
-        self.train_split, self.val_split, self.test_split = train_split, val_split, test_split
         self.restval_in_train = bool(restval_in_train)
         self._images: list[tuple[str, str, tuple[str, ...]]] | None = None  # (filename, split, captions)
-        self._examples: dict[str, list[Example]] = {}
 
     @property
     def answers(self) -> list[str]:
@@ -89,12 +87,6 @@ class Flickr30kTask(VLTask):
                 "(set task.images_dir=<folder>, relative to task.root or absolute)"
             )
         self._read()
-
-    def examples(self, split: str) -> list[Example]:
-        """One example per caption of the split's images, in file order; image files checked once."""
-        if split not in self._examples:
-            self._examples[split] = self._split_examples(split)
-        return list(self._examples[split])
 
     def majority_accuracy(self, split: str) -> float | None:
         """No majority baseline: every example is a match; chance is 1/#images per caption."""
@@ -129,7 +121,8 @@ class Flickr30kTask(VLTask):
         write_atomic(path, json.dumps(data, indent=1))
 
     # ---- reading -------------------------------------------------------------------------------
-    def _split_examples(self, split: str) -> list[Example]:
+    def read_split(self, split: str) -> list[Example]:
+        """One example per caption of the split's images, in file order; image files checked once."""
         wanted = {split, "restval"} if self.restval_in_train and split == self.train_split else {split}
         images = [(i, rec) for i, rec in enumerate(self._read()) if rec[1] in wanted]
         if not images:

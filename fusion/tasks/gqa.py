@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torchmetrics import Metric
 
-from fusion.tasks.base import Example, VLTask, resolve_root
+from fusion.tasks.base import Example, FileTask
 from fusion.tasks.vqa import (
     DataFormatError,
     check_pattern,
@@ -30,7 +30,7 @@ from fusion.tasks.vqa import (
 STRUCTURAL_TYPES = ("verify", "query", "choose", "logical", "compare")
 
 
-class GQATask(VLTask):
+class GQATask(FileTask):
     """GQA questions below ``root``: ``<split>_balanced_questions.json`` and ``images/<imageId>.jpg``.
 
     A split whose file has no ``answer`` at all (the test / challenge / submission questions) is
@@ -58,8 +58,7 @@ class GQATask(VLTask):
             raise ValueError(f"top_k must be a positive integer or null (all answers), got {top_k!r}")
         check_pattern("questions_file", questions_file, split="x")
         check_pattern("image_file", image_file, split="x", image_id="x")
-        self.root = resolve_root(root)
-        self.train_split, self.val_split, self.test_split = train_split, val_split, test_split
+        super().__init__(root, train_split, val_split, test_split)
         self.questions_file = questions_file
         # Splits named outside the pattern (submission_all_questions.json, ...).
         self.split_files = dict(split_files or {})
@@ -71,7 +70,6 @@ class GQATask(VLTask):
         self._vocab: list[str] | None = None
         self._label: dict[str, int] = {}
         self._rows: dict[str, list[tuple[str, str, str, str | None, str]]] = {}
-        self._examples: dict[str, list[Example]] = {}
         # Question ids of the labelled examples loaded so far: the ones the metric scores.
         self._scored: set[str] = set()
 
@@ -142,28 +140,26 @@ class GQATask(VLTask):
     def answer_types(self) -> list[str]:
         return list(self._answer_types)
 
-    def examples(self, split: str) -> list[Example]:
-        """All questions of ``split`` in file order; parsed once and cached on the instance."""
-        if split not in self._examples:
-            self._load_vocab()
-            examples = []
-            for qid, image_id, question, answer, structural in self._parse(split):
-                if answer is not None:
-                    self._scored.add(qid)
-                examples.append(
-                    Example(
-                        question_id=qid,
-                        image_key=f"gqa/{image_id}",
-                        image_path=self.image_path(split, image_id),
-                        question=question,
-                        label=self._label.get(answer, -1) if answer is not None else -1,
-                        answer_type=structural,
-                        answers=(answer,) if answer is not None else (),
-                    )
+    def read_split(self, split: str) -> list[Example]:
+        """All questions of ``split`` in file order."""
+        self._load_vocab()
+        examples = []
+        for qid, image_id, question, answer, structural in self._parse(split):
+            if answer is not None:
+                self._scored.add(qid)
+            examples.append(
+                Example(
+                    question_id=qid,
+                    image_key=f"gqa/{image_id}",
+                    image_path=self.image_path(split, image_id),
+                    question=question,
+                    label=self._label.get(answer, -1) if answer is not None else -1,
+                    answer_type=structural,
+                    answers=(answer,) if answer is not None else (),
                 )
-            self._examples[split] = examples
-            del self._rows[split]
-        return list(self._examples[split])
+            )
+        del self._rows[split]
+        return examples
 
     def loss(self, logits: torch.Tensor, batch: Mapping[str, Any]) -> torch.Tensor:
         """Cross-entropy over the vocabulary; 0 for a batch without any answer in the vocabulary."""

@@ -18,14 +18,14 @@ from typing import Any
 import torch
 from torchmetrics import Metric
 
-from fusion.tasks.base import Example, VLTask, resolve_root, write_atomic
+from fusion.tasks.base import Example, FileTask, write_atomic
 from fusion.tasks.binary_metrics import auroc_with_accuracy
 from fusion.tasks.jsonl import read_json_lines
 
 ANSWERS: tuple[str, ...] = ("not_hateful", "hateful")
 
 
-class HatefulMemesTask(VLTask):
+class HatefulMemesTask(FileTask):
     """Binary classification of memes; the meme's text is the question."""
 
     name = "hateful_memes"
@@ -39,9 +39,7 @@ class HatefulMemesTask(VLTask):
         val_split: str = "dev_seen",
         test_split: str = "test_seen",
     ) -> None:
-        self.root = resolve_root(root)
-        self.train_split, self.val_split, self.test_split = train_split, val_split, test_split
-        self._examples: dict[str, list[Example]] = {}
+        super().__init__(root, train_split, val_split, test_split)
 
     @property
     def answers(self) -> list[str]:
@@ -59,13 +57,8 @@ class HatefulMemesTask(VLTask):
         if not self.root.is_dir():
             raise FileNotFoundError(f"Hateful Memes folder {self.root} not found; set task.root=<folder>")
 
-    def examples(self, split: str) -> list[Example]:
+    def read_split(self, split: str) -> list[Example]:
         """The examples of ``<split>.jsonl`` in file order (label -1 where there is none); parsed once."""
-        if split not in self._examples:
-            self._examples[split] = self._read(split)
-        return list(self._examples[split])
-
-    def _read(self, split: str) -> list[Example]:
         path = self.split_file(split)
         examples = []
         for rec in read_json_lines(path, f"Hateful Memes' JSON lines for split {split!r} (<split>.jsonl)"):

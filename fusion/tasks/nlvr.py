@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torchmetrics import Metric
 
-from fusion.tasks.base import Example, VLTask, resolve_root, write_atomic
+from fusion.tasks.base import Example, FileTask, write_atomic
 from fusion.tasks.binary_metrics import AccuracyConsistency
 from fusion.tasks.jsonl import read_json_lines
 
@@ -57,7 +57,7 @@ def sentence_of(question_id: str) -> int:
     return int(question_id.rsplit("-", 3)[1])
 
 
-class NLVRTask(VLTask):
+class NLVRTask(FileTask):
     """Binary classification of (statement, rendered image) pairs, six images per statement."""
 
     name = "nlvr"
@@ -78,12 +78,10 @@ class NLVRTask(VLTask):
             raise ValueError(f"val_from_train must be a number in [0, 1) (0: no carving), got {val_from_train!r}")
         if val_from_train and val_split == train_split:
             raise ValueError(f"val_from_train={val_from_train} needs val_split to differ from train_split")
-        self.root = resolve_root(root)
-        self.train_split, self.val_split, self.test_split = train_split, val_split, test_split
+        super().__init__(root, train_split, val_split, test_split)
         self.val_from_train = float(val_from_train)
         self.val_seed = val_seed
         self._statements: dict[str, list[Statement]] = {}
-        self._examples: dict[str, list[Example]] = {}
 
     @property
     def answers(self) -> list[str]:
@@ -157,21 +155,19 @@ class NLVRTask(VLTask):
             return [s for s in self.read_statements(self.train_split) if (s.directory in heldout) == in_val]
         return self.read_statements(split)
 
-    def examples(self, split: str) -> list[Example]:
+    def read_split(self, split: str) -> list[Example]:
         """Six examples per statement (one per rendering), in file order."""
-        if split not in self._examples:
-            self._examples[split] = [
-                Example(
-                    question_id=s.image_stem(n),
-                    image_key=f"nlvr/{s.split}/{s.directory}/{s.image_stem(n)}",
-                    image_path=self.root / s.split / "images" / s.directory / f"{s.image_stem(n)}.png",
-                    question=s.sentence,
-                    label=s.label,
-                )
-                for s in self.statements(split)
-                for n in range(IMAGES_PER_STATEMENT)
-            ]
-        return list(self._examples[split])
+        return [
+            Example(
+                question_id=s.image_stem(n),
+                image_key=f"nlvr/{s.split}/{s.directory}/{s.image_stem(n)}",
+                image_path=self.root / s.split / "images" / s.directory / f"{s.image_stem(n)}.png",
+                question=s.sentence,
+                label=s.label,
+            )
+            for s in self.statements(split)
+            for n in range(IMAGES_PER_STATEMENT)
+        ]
 
     def metric(self) -> Metric:
         return AccuracyConsistency()

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torchmetrics import Metric
 
-from fusion.tasks.base import Example, VLTask, resolve_root, write_atomic
+from fusion.tasks.base import Example, FileTask, write_atomic
 from fusion.tasks.binary_metrics import AccuracyConsistency
 from fusion.tasks.jsonl import read_json_lines
 
@@ -53,7 +53,7 @@ def image_names(identifier: str) -> tuple[str, str]:
     return f"{stem}-img0.png", f"{stem}-img1.png"
 
 
-class NLVR2Task(VLTask):
+class NLVR2Task(FileTask):
     """Binary classification of (sentence, left image, right image) triples."""
 
     name = "nlvr2"
@@ -69,12 +69,10 @@ class NLVR2Task(VLTask):
         val_split: str = "dev",
         test_split: str = "test1",
     ) -> None:
-        self.root = resolve_root(root)
+        super().__init__(root, train_split, val_split, test_split)
         # Relative to root unless absolute (the images are often unpacked elsewhere).
         self.images_dir = self.root / Path(images_dir).expanduser()
-        self.train_split, self.val_split, self.test_split = train_split, val_split, test_split
         self._image_paths: dict[str, Path] | None = None
-        self._examples: dict[str, list[Example]] = {}
 
     @property
     def answers(self) -> list[str]:
@@ -113,13 +111,8 @@ class NLVR2Task(VLTask):
             self._image_paths = found
         return self._image_paths
 
-    def examples(self, split: str) -> list[Example]:
+    def read_split(self, split: str) -> list[Example]:
         """One example per JSON line, in file order, each with its left and right image."""
-        if split not in self._examples:
-            self._examples[split] = self._read(split)
-        return list(self._examples[split])
-
-    def _read(self, split: str) -> list[Example]:
         records = read_json_lines(self.split_file(split), f"NLVR2's JSON lines for split {split!r}")
         paths = self.image_paths()
         examples, missing = [], []

@@ -21,7 +21,7 @@ from pathlib import Path
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-from fusion.tasks.base import Example, VLTask, resolve_root
+from fusion.tasks.base import Example, FileTask
 
 # Bump when the rendering or question logic changes, so old folders are never reused.
 FORMAT_VERSION = 1
@@ -175,7 +175,7 @@ def choose_questions(
     return chosen
 
 
-class ShapesTask(VLTask):
+class ShapesTask(FileTask):
     """Procedurally generated shapes VQA, seeded and generated on first use under ``root/shapes``."""
 
     name = "shapes"
@@ -202,14 +202,13 @@ class ShapesTask(VLTask):
             )
         if not isinstance(seed, int):
             raise ValueError(f"seed must be an integer, got {seed!r}")
-        self.root = resolve_root(root)
+        super().__init__(root)
         self.num_images = {"train": num_train, "val": num_val, "test": num_test}
         self.image_size = image_size
         self.max_objects = max_objects
         self.seed = seed
         self._answers = answer_vocabulary(max_objects)
         self._label = {a: i for i, a in enumerate(self._answers)}
-        self._examples: dict[str, list[Example]] = {}
 
     @property
     def answers(self) -> list[str]:
@@ -321,28 +320,27 @@ class ShapesTask(VLTask):
         }
         (folder / "meta.json").write_text(json.dumps(meta, indent=1))
 
-    def examples(self, split: str) -> list[Example]:
-        """All examples of ``split`` in file order; parsed once and cached on the instance."""
+    def read_split(self, split: str) -> list[Example]:
+        """All examples of ``split`` in file order."""
         if split not in self.splits:
             raise ValueError(f"task {self.name!r} has no split {split!r}; allowed: {list(self.splits)}")
-        if split not in self._examples:
-            path = self.data_dir / f"{split}_questions.json"
-            if not path.is_file():
-                raise FileNotFoundError(f"{path} not found; call ShapesTask.prepare_data() first")
-            rows = json.loads(path.read_text())
-            self._examples[split] = [
-                Example(
-                    question_id=str(row["question_id"]),
-                    # The digest keeps keys of differently generated data apart in a shared feature cache.
-                    image_key=f"shapes/{self.digest}/{split}/{row['image_id']}",
-                    image_path=self.data_dir / "images" / split / f"{row['image_id']}.png",
-                    question=row["question"],
-                    label=self._label[row["answer"]],
-                    answer_type=row["answer_type"],
-                )
-                for row in rows
-            ]
-        return list(self._examples[split])
+        path = self.data_dir / f"{split}_questions.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} not found; call ShapesTask.prepare_data() first")
+        rows = json.loads(path.read_text())
+        examples = [
+            Example(
+                question_id=str(row["question_id"]),
+                # The digest keeps keys of differently generated data apart in a shared feature cache.
+                image_key=f"shapes/{self.digest}/{split}/{row['image_id']}",
+                image_path=self.data_dir / "images" / split / f"{row['image_id']}.png",
+                question=row["question"],
+                label=self._label[row["answer"]],
+                answer_type=row["answer_type"],
+            )
+            for row in rows
+        ]
+        return examples
 
     def meta(self) -> dict:
         """The parsed ``meta.json`` of the data folder (parameters, vocabularies, counts)."""

@@ -14,13 +14,13 @@ from typing import Any
 
 import torch
 
-from fusion.tasks.base import Example, VLTask, resolve_root
+from fusion.tasks.base import Example, FileTask
 from fusion.tasks.jsonl import read_json_lines
 
 LABELS: tuple[str, ...] = ("entailment", "neutral", "contradiction")
 
 
-class SNLIVETask(VLTask):
+class SNLIVETask(FileTask):
     """Three-way visual entailment over SNLI-VE's JSON-lines files; the hypothesis is the question."""
 
     name = "snli_ve"
@@ -35,11 +35,9 @@ class SNLIVETask(VLTask):
         val_split: str = "dev",
         test_split: str = "test",
     ) -> None:
-        self.root = resolve_root(root)
+        super().__init__(root, train_split, val_split, test_split)
         # Relative to root unless absolute (Path's / keeps an absolute right-hand side as it is).
         self.images_dir = self.root / Path(images_dir).expanduser()
-        self.train_split, self.val_split, self.test_split = train_split, val_split, test_split
-        self._examples: dict[str, list[Example]] = {}
 
     @property
     def answers(self) -> list[str]:
@@ -61,13 +59,8 @@ class SNLIVETask(VLTask):
                 "<Flickr30K_ID>.jpg there (set task.images_dir=<folder>, relative to task.root or absolute)"
             )
 
-    def examples(self, split: str) -> list[Example]:
+    def read_split(self, split: str) -> list[Example]:
         """The examples of ``snli_ve_<split>.jsonl`` in file order; parsed once."""
-        if split not in self._examples:
-            self._examples[split] = self._read(split)
-        return list(self._examples[split])
-
-    def _read(self, split: str) -> list[Example]:
         path = self.split_file(split)
         examples = []
         for rec in read_json_lines(path, f"SNLI-VE's JSON lines for split {split!r} (snli_ve_<split>.jsonl)"):

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torchmetrics import Metric
 
-from fusion.tasks.base import Example, VLTask, resolve_root, write_atomic
+from fusion.tasks.base import Example, FileTask, resolve_root, write_atomic
 from fusion.tasks.vqa_metric import (
     VQAAccuracy,
     leave_one_out_accuracy,
@@ -142,7 +142,7 @@ class _Row:
     multiple_choice: str = ""
 
 
-class VQATask(VLTask):
+class VQATask(FileTask):
     """VQA-format data (VQAv2, OK-VQA) below ``root``; splits are the names in the file names.
 
     Targets are soft scores over the vocabulary (each answer's leave-one-out VQA accuracy, from the
@@ -176,9 +176,8 @@ class VQATask(VLTask):
         check_pattern("questions_file", questions_file, split="x")
         check_pattern("annotations_file", annotations_file, split="x")
         check_pattern("image_file", image_file, split="x", image_split="x", image_id=1)
-        self.root = resolve_root(root)
+        super().__init__(root, train_split, val_split, test_split)
         self.name = name
-        self.train_split, self.val_split, self.test_split = train_split, val_split, test_split
         self.questions_file = questions_file
         self.annotations_file = annotations_file
         self.image_file = image_file
@@ -194,7 +193,6 @@ class VQATask(VLTask):
         self._label: dict[str, int] = {}
         self._pred_norm: list[str] = []
         self._rows: dict[str, list[_Row]] = {}
-        self._examples: dict[str, list[Example]] = {}
         # Per question id (str), filled as splits load: what update_metric and target() look up.
         self._references: dict[str, tuple[str, ...]] = {}
         self._soft: dict[str, tuple[tuple[int, ...], tuple[float, ...]]] = {}
@@ -320,34 +318,32 @@ class VQATask(VLTask):
         return list(self._answer_types)
 
     # ---- examples --------------------------------------------------------------------------------
-    def examples(self, split: str) -> list[Example]:
-        """All questions of ``split`` in file order; parsed once and cached on the instance."""
-        if split not in self._examples:
-            self._load_vocab()
-            rows = self._parse(split)
-            examples = []
-            for row in rows:
-                qid = str(row.question_id)
-                image_split = self.image_splits.get(split, split)
-                if row.answers:
-                    self._references[qid] = official_references(row.answers)
-                    scores = soft_scores(self._normalize(a) for a in row.answers)
-                    known = sorted((self._label[a], s) for a, s in scores.items() if a in self._label and s > 0)
-                    self._soft[qid] = (tuple(i for i, _ in known), tuple(s for _, s in known))
-                examples.append(
-                    Example(
-                        question_id=qid,
-                        image_key=f"{self.image_key_prefix}/{image_split}/{row.image_id}",
-                        image_path=self.image_path(split, row.image_id),
-                        question=row.question,
-                        label=self._label.get(self._normalize(row.multiple_choice), -1) if row.answers else -1,
-                        answer_type=row.answer_type,
-                        answers=row.answers,
-                    )
+    def read_split(self, split: str) -> list[Example]:
+        """All questions of ``split`` in file order."""
+        self._load_vocab()
+        rows = self._parse(split)
+        examples = []
+        for row in rows:
+            qid = str(row.question_id)
+            image_split = self.image_splits.get(split, split)
+            if row.answers:
+                self._references[qid] = official_references(row.answers)
+                scores = soft_scores(self._normalize(a) for a in row.answers)
+                known = sorted((self._label[a], s) for a, s in scores.items() if a in self._label and s > 0)
+                self._soft[qid] = (tuple(i for i, _ in known), tuple(s for _, s in known))
+            examples.append(
+                Example(
+                    question_id=qid,
+                    image_key=f"{self.image_key_prefix}/{image_split}/{row.image_id}",
+                    image_path=self.image_path(split, row.image_id),
+                    question=row.question,
+                    label=self._label.get(self._normalize(row.multiple_choice), -1) if row.answers else -1,
+                    answer_type=row.answer_type,
+                    answers=row.answers,
                 )
-            self._examples[split] = examples
-            del self._rows[split]  # the examples now hold everything
-        return list(self._examples[split])
+            )
+        del self._rows[split]  # the examples now hold everything
+        return examples
 
     # ---- training and evaluation -----------------------------------------------------------------
     def target(self, example: Example) -> torch.Tensor:
