@@ -27,23 +27,19 @@ import copy
 import os
 import statistics
 import sys
-import tempfile
 import time
-import warnings
 from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
-from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from fusion.run import build  # noqa: E402
+from training_setup import add_size_arguments, run_sizes, shapes_config, start  # noqa: E402
 
-TINY = ["clip_tiny", "dino_tiny", "vit_tiny"]
-BASE = ["clip", "dino", "vit"]
+from fusion.run import build  # noqa: E402
 
 
 class StepTimer(pl.Callback):
@@ -68,23 +64,6 @@ class StepTimer(pl.Callback):
         return self.samples / (self.end - self.start) if self.start is not None and self.samples else float("nan")
 
 
-def config(encoders: list[str], cached: bool, args: argparse.Namespace, out: Path, base: bool):
-    overrides = [
-        "+experiment=shapes",
-        f"encoder=[{','.join(encoders)}]",
-        f"paths.root_dir={ROOT}",
-        f"paths.output_dir={out}",
-        f"cache.enabled={str(cached).lower()}",
-        f"cache.dir={args.cache_dir}",
-    ]
-    if base:
-        overrides += [f"encoder.{n}.pretrained=false" for n in encoders]
-        overrides += [f"task.num_train={args.base_images}", "task.num_val=8", "task.num_test=8",
-                      f"data.batch_size={args.base_batch_size}"]
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        return compose("train", overrides=[*overrides, *args.overrides])
-
-
 def fit(cfg, datamodule, model, init: dict, steps: int, warmup: int) -> float:
     """Samples/s of ``steps`` training steps after ``warmup`` ones, from the initial weights ``init``."""
     model.load_state_dict(init)
@@ -102,7 +81,9 @@ def fit(cfg, datamodule, model, init: dict, steps: int, warmup: int) -> float:
 def run(name: str, encoders: list[str], args: argparse.Namespace, base: bool, out: Path) -> None:
     steps = args.base_steps if base else args.steps
     warmup = args.warmup if args.warmup is not None else (1 if base else 5)
-    cfg_cached, cfg_online = (config(encoders, c, args, out, base) for c in (True, False))
+    cfg_cached, cfg_online = (
+        shapes_config(encoders, args, out, base, [f"cache.enabled={on}"]) for on in ("true", "false")
+    )
     pl.seed_everything(cfg_cached.seed, verbose=False)
     dm_cached, model = build(cfg_cached)
     dm_online, _ = build(cfg_online)
@@ -127,31 +108,14 @@ def main() -> None:
     parser.add_argument("--base-steps", type=int, default=3, help="timed steps per run, base-size encoders")
     parser.add_argument("--warmup", type=int, default=None, help="untimed first steps (default 5 tiny, 1 base)")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--base", action="store_true", help="also the base-size clip, dino, vit (random init)")
-    parser.add_argument("--only-base", action="store_true")
-    parser.add_argument("--base-images", type=int, default=24, help="shapes training images of the base runs")
-    parser.add_argument("--base-batch-size", type=int, default=8)
-    parser.add_argument("--cache-dir", type=Path, default=ROOT / "cache" / "bench" / "features")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch threads of the training process (default: torch's, one per core)")
-    parser.add_argument("overrides", nargs="*", help="extra Hydra overrides for both runs")
+    add_size_arguments(parser)
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    warnings.filterwarnings("ignore")
-    for logger in ("pytorch_lightning", "lightning", "lightning.pytorch", "lightning_fabric"):
-        __import__("logging").getLogger(logger).setLevel("ERROR")
-
+    start(args)
     print(f"torch threads {torch.get_num_threads()}, {os.cpu_count()} CPUs, repeats {args.repeats} (medians), "
           f"load average {os.getloadavg()[0]:.2f} at start")
     print(f"{'size':<5} {'encoders':<26} {'tokens':>15} {'batch':>5} {'steps':>5} {'online smp/s':>12} "
           f"{'cache smp/s':>12} {'cache/onl':>9}   per-repeat ratios")
-    with tempfile.TemporaryDirectory() as out:
-        if not args.only_base:
-            run("tiny", TINY, args, False, Path(out))
-        if args.base or args.only_base:
-            run("base", BASE, args, True, Path(out))
-    print(f"load average {os.getloadavg()[0]:.2f} at end")
+    run_sizes(run, args)
 
 
 if __name__ == "__main__":

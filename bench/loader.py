@@ -21,29 +21,24 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import logging
 import os
 import statistics
 import sys
-import tempfile
 import time
-import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytorch_lightning as pl
 import torch
-from hydra import compose, initialize_config_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from training_setup import add_size_arguments, run_sizes, shapes_config, start  # noqa: E402
+
 from fusion.cache.store import FeatureCache  # noqa: E402
 from fusion.run import build  # noqa: E402
-
-TINY = ["clip_tiny", "dino_tiny", "vit_tiny"]
-BASE = ["clip", "dino", "vit"]
 
 
 @contextlib.contextmanager
@@ -63,24 +58,6 @@ def reader(name: str) -> Iterator[None]:
         yield
     finally:
         FeatureCache.get = original
-
-
-def config(encoders: list[str], args: argparse.Namespace, out: Path, base: bool):
-    overrides = [
-        "+experiment=shapes",
-        f"encoder=[{','.join(encoders)}]",
-        f"paths.root_dir={ROOT}",
-        f"paths.output_dir={out}",
-        "cache.enabled=true",
-        f"cache.dir={args.cache_dir}",
-        f"data.num_workers={args.workers}",
-    ]
-    if base:
-        overrides += [f"encoder.{n}.pretrained=false" for n in encoders]
-        overrides += [f"task.num_train={args.base_images}", "task.num_val=8", "task.num_test=8",
-                      f"data.batch_size={args.base_batch_size}"]
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        return compose("train", overrides=[*overrides, *args.overrides])
 
 
 def drain(loader, batches: int, keep: bool = False) -> tuple[float, list]:
@@ -120,7 +97,7 @@ def step_rate(model, batches: list, clip: float | None, warmup: int = 3) -> floa
 
 def run(name: str, encoders: list[str], args: argparse.Namespace, base: bool, out: Path) -> None:
     batches = args.batches or (12 if base else 100)
-    cfg = config(encoders, args, out, base)
+    cfg = shapes_config(encoders, args, out, base, ["cache.enabled=true", f"data.num_workers={args.workers}"])
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     datamodule, model = build(cfg)
     datamodule.prepare_data()  # builds the caches on first use, outside the timing
@@ -154,30 +131,14 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--readers", nargs="+", default=["pread"], choices=["pread", "memmap"])
-    parser.add_argument("--base", action="store_true", help="also the base-size clip, dino, vit (random init)")
-    parser.add_argument("--only-base", action="store_true")
-    parser.add_argument("--base-images", type=int, default=24, help="shapes training images of the base runs")
-    parser.add_argument("--base-batch-size", type=int, default=8)
-    parser.add_argument("--cache-dir", type=Path, default=ROOT / "cache" / "bench" / "features")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch threads of the training process (default: torch's, one per core)")
-    parser.add_argument("overrides", nargs="*", help="extra Hydra overrides")
+    add_size_arguments(parser)
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    warnings.filterwarnings("ignore")  # training_step's self.log() outside a Trainer warns and does nothing
-    logging.getLogger("pytorch_lightning").setLevel("ERROR")
-
+    start(args)
     print(f"{args.workers} loader workers, torch threads {torch.get_num_threads()}, {os.cpu_count()} CPUs, "
           f"repeats {args.repeats} (medians), load average {os.getloadavg()[0]:.2f} at start")
     print(f"{'size':<5} {'tokens':>15} {'batch':>5} {'batches':>7} {'reader':>6} {'loader smp/s':>13} "
           f"{'step smp/s':>11} {'loader/step':>11}")
-    with tempfile.TemporaryDirectory() as out:
-        if not args.only_base:
-            run("tiny", TINY, args, False, Path(out))
-        if args.base or args.only_base:
-            run("base", BASE, args, True, Path(out))
-    print(f"load average {os.getloadavg()[0]:.2f} at end")
+    run_sizes(run, args)
 
 
 if __name__ == "__main__":
