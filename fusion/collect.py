@@ -27,6 +27,7 @@ Which launcher log belongs to which element:
 from __future__ import annotations
 
 import csv
+import glob
 import io
 import json
 import logging
@@ -122,12 +123,15 @@ def _last_error(text: str) -> str | None:
 
 
 def submitit_tasks(sweep_dir: Path) -> dict[str, list[Path]]:
-    """submitit's log files (stderr first) per job id, from ``<sweep>/.submitit/<job id>/``."""
+    """submitit's log files (stderr first) per job id, from ``<sweep>/.submitit/<job id>/``: the folders of
+    submitted jobs (with ``<id>_submitted.pkl`` or logs), not the empty ``%j`` one submitit leaves."""
     root = sweep_dir / ".submitit"
     if not root.is_dir():
         return {}
     return {
-        d.name: sorted(d.glob("*_log.err")) + sorted(d.glob("*_log.out")) for d in sorted(root.iterdir()) if d.is_dir()
+        d.name: sorted(d.glob("*_log.err")) + sorted(d.glob("*_log.out"))
+        for d in sorted(root.iterdir())
+        if d.is_dir() and any(d.glob(f"{glob.escape(d.name)}_*"))
     }
 
 

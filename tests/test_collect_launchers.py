@@ -42,6 +42,7 @@ def test_a_sweep_of_several_submitit_arrays_gets_each_elements_own_log(tmp_path)
         _submitit_log(sweep, job_id, f"RuntimeError: trial {job} diverged\n" if failed else "Epoch 1: done\n")
     # A task of a third batch that died before Hydra made its folder.
     _submitit_log(sweep, "300_0", "Traceback (most recent call last):\nModuleNotFoundError: No module named 'x'\n")
+    (sweep / ".submitit" / "%j").mkdir()  # submitit leaves its unformatted folder, empty: not a job
 
     elements = collect(sweep)
     by_job = {e.job: e for e in elements}

@@ -26,10 +26,10 @@ def _env(tmp_path: Path) -> dict:
                 FUSION_LOG_DIR=str(tmp_path / "logs"), PYTHON=sys.executable)
 
 
-def _sbatch(tmp_path: Path, args: list[str]) -> str:
+def _sbatch(tmp_path: Path, args: list[str], **env: str) -> str:
     (tmp_path / "logs" / "slurm").mkdir(parents=True, exist_ok=True)
     proc = subprocess.run(["sbatch", "--parsable", f"--chdir={ROOT}", f"--output={tmp_path}/logs/slurm/%j.out", *args],
-                          capture_output=True, text=True, env=_env(tmp_path), timeout=60)
+                          capture_output=True, text=True, env=dict(_env(tmp_path), **env), timeout=60)
     assert proc.returncode == 0, proc.stderr
     return proc.stdout.strip().split(";")[0]
 
@@ -67,6 +67,32 @@ def test_subset_sweep_is_one_job_array_and_collects_to_seven_rows(slurm_cluster,
     rows = list(csv.DictReader((sweep / "results.csv").open()))
     assert len(rows) == 7 and all(r["status"] == "ok" and r["test/acc"] for r in rows)
     assert len({r["encoders"] for r in rows}) == 7
+    # Each element matched to its own array task by the job id Hydra recorded (<array job>_<index>).
+    assert sorted(r["launcher_id"] for r in rows) == sorted("_".join(t) for t in tasks)
+
+
+def test_plain_sbatch_array_elements_failing_before_hydra_are_collected_with_their_reason(slurm_cluster, tmp_path):
+    sweep_file = tmp_path / "sweep.txt"
+    sweep_file.write_text("+experiment=shapes fusion.nope=1\n+experiment=shapes encoder=[nope]\n")
+    array = _sbatch(tmp_path, ["--array=0-1", "--cpus-per-task=1", str(ROOT / "slurm" / "array.sbatch"), "logger=csv"],
+                    SWEEP=str(sweep_file))
+    deadline = time.monotonic() + 300
+    while subprocess.run(["squeue", "-h", "-j", array], capture_output=True, text=True).stdout.strip():
+        assert time.monotonic() < deadline
+        time.sleep(1)
+    sweep = tmp_path / "logs" / "train" / "array" / array
+    for i in (0, 1):  # made by array.sbatch before the element started: Hydra never wrote .hydra/ here
+        assert not (sweep / str(i) / ".hydra").exists()
+        assert (sweep / str(i) / "slurm.out").resolve().parent == tmp_path / "logs" / "slurm"
+    proc = subprocess.run([sys.executable, str(ROOT / "eval.py"), "mode=collect", f"sweep_dir={sweep}"],
+                          cwd=tmp_path, env=_env(tmp_path), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = list(csv.DictReader((sweep / "results.csv").open()))
+    assert [(r["job"], r["status"], r["task"], r["encoders"]) for r in rows] == [
+        ("0", "failed", "shapes", "?"), ("1", "failed", "shapes", "nope")]
+    assert rows[0]["error"].startswith("Hydra: Could not override 'fusion.nope'.") and "slurm.out" in rows[0]["error"]
+    assert rows[1]["error"].startswith("error: unknown encoder 'nope'")
+    assert rows[0]["overrides"] == "+experiment=shapes fusion.nope=1 logger=csv"
 
 
 def test_unknown_partition_is_refused_before_submitting(slurm_cluster, tmp_path):
