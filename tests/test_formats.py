@@ -2,7 +2,7 @@
 
 import pytest
 
-from fusion.tasks.jsonl import read_json_lines
+from fusion.tasks.formats import read_json_lines
 
 
 def test_blank_lines_are_skipped_but_counted(tmp_path):

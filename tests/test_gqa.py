@@ -14,8 +14,8 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from PIL import Image
 
+from fusion.tasks.formats import DataFormatError
 from fusion.tasks.gqa import GQATask
-from fusion.tasks.vqa import DataFormatError
 
 ROOT = Path(__file__).resolve().parents[1]
 COLORS = {"n1": "red", "n2": "blue", "n3": "green", "n11": "red", "n12": "blue", "n21": "green"}

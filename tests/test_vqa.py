@@ -14,7 +14,8 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from PIL import Image
 
-from fusion.tasks.vqa import DataFormatError, VQATask
+from fusion.tasks.formats import DataFormatError
+from fusion.tasks.vqa import VQATask
 
 ROOT = Path(__file__).resolve().parents[1]
 VQAV2 = {

@@ -17,15 +17,9 @@ import torch
 import torch.nn.functional as F
 from torchmetrics import Metric
 
+from fusion.tasks.answer_vocab import load_or_build_vocab, vocab_cache_path
 from fusion.tasks.base import Example, FileTask
-from fusion.tasks.vqa import (
-    DataFormatError,
-    check_pattern,
-    field,
-    load_or_build_vocab,
-    read_json,
-    vocab_cache_path,
-)
+from fusion.tasks.formats import DataFormatError, check_pattern, field, read_json
 
 STRUCTURAL_TYPES = ("verify", "query", "choose", "logical", "compare")
 

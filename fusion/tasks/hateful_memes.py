@@ -20,7 +20,7 @@ from torchmetrics import Metric
 
 from fusion.tasks.base import Example, FileTask, write_atomic
 from fusion.tasks.binary_metrics import auroc_with_accuracy
-from fusion.tasks.jsonl import read_json_lines
+from fusion.tasks.formats import read_json_lines
 
 ANSWERS: tuple[str, ...] = ("not_hateful", "hateful")
 

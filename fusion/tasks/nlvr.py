@@ -30,7 +30,7 @@ from torchmetrics import Metric
 
 from fusion.tasks.base import Example, FileTask, write_atomic
 from fusion.tasks.binary_metrics import AccuracyConsistency
-from fusion.tasks.jsonl import read_json_lines
+from fusion.tasks.formats import read_json_lines
 
 ANSWERS: tuple[str, ...] = ("false", "true")
 IMAGES_PER_STATEMENT = 6

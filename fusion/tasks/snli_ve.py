@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from fusion.tasks.base import Example, FileTask
-from fusion.tasks.jsonl import read_json_lines
+from fusion.tasks.formats import read_json_lines
 
 LABELS: tuple[str, ...] = ("entailment", "neutral", "contradiction")
 

@@ -4,17 +4,15 @@ One loader serves both (OK-VQA uses the VQA file format); the file-name patterns
 arguments, so ``conf/task/okvqa.yaml`` only changes them. The answer vocabulary is the top-K
 normalised training answers, cached as JSON (see :func:`load_or_build_vocab`).
 
-The JSON reading helpers (:func:`read_json`, :func:`field`) and the vocabulary cache are shared with
-:mod:`fusion.tasks.gqa`.
+JSON reading (:mod:`fusion.tasks.formats`) and the vocabulary cache (:mod:`fusion.tasks.answer_vocab`) are
+shared with :mod:`fusion.tasks.gqa`.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,7 +21,9 @@ import torch
 import torch.nn.functional as F
 from torchmetrics import Metric
 
-from fusion.tasks.base import Example, FileTask, resolve_root, write_atomic
+from fusion.tasks.answer_vocab import load_or_build_vocab, vocab_cache_path
+from fusion.tasks.base import Example, FileTask
+from fusion.tasks.formats import DataFormatError, check_pattern, field, read_json
 from fusion.tasks.vqa_metric import (
     VQAAccuracy,
     leave_one_out_accuracy,
@@ -35,98 +35,6 @@ from fusion.tasks.vqa_metric import (
 log = logging.getLogger(__name__)
 
 ANSWER_TYPES = ("yes/no", "number", "other")
-# Bump when the vocabulary recipe (normalisation, counting, ordering) changes: old cache files are ignored.
-VOCAB_VERSION = 1
-
-
-class DataFormatError(ValueError):
-    """A data file that is not in the format its task reads; the message names the file, entry and key."""
-
-
-# ---- reading JSON data files ---------------------------------------------------------------------
-def read_json(path: Path, what: str) -> Any:
-    """Parse ``path``; a missing file or bad JSON fails naming the file, ``what`` it is and where it broke."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except FileNotFoundError as err:
-        raise FileNotFoundError(f"{what} not found: {path}") from err
-    except json.JSONDecodeError as err:
-        where = f"line {err.lineno} column {err.colno}"
-        raise DataFormatError(f"{path} ({what}) is not valid JSON: {err.msg} at {where}") from err
-    except UnicodeDecodeError as err:
-        raise DataFormatError(f"{path} ({what}) is not UTF-8 text: {err}") from err
-
-
-def field(entry: Any, key: str, kind: type | tuple[type, ...], where: str, expected: str) -> Any:
-    """``entry[key]`` if ``entry`` is an object holding a ``kind`` there, else an error naming ``where`` and ``key``."""
-    if not isinstance(entry, Mapping):
-        raise DataFormatError(f"{where}: expected a JSON object, got {type(entry).__name__}")
-    if key not in entry:
-        raise DataFormatError(f"{where}: missing key {key!r} (expected {expected})")
-    value = entry[key]
-    # bool is an int subclass; a true/false id is still a format error.
-    if not isinstance(value, kind) or (isinstance(value, bool) and bool not in _as_tuple(kind)):
-        raise DataFormatError(f"{where}: key {key!r} is {value!r}, expected {expected}")
-    return value
-
-
-def _as_tuple(kind: type | tuple[type, ...]) -> tuple[type, ...]:
-    return kind if isinstance(kind, tuple) else (kind,)
-
-
-def check_pattern(name: str, pattern: str, **fields: Any) -> str:
-    """Fail at construction, naming the option, if a file-name pattern has unknown or bad placeholders."""
-    try:
-        return pattern.format(**fields)
-    except (KeyError, IndexError, ValueError) as err:
-        raise ValueError(f"{name}={pattern!r} is not a valid pattern: it may use {sorted(fields)} ({err!r})") from err
-
-
-# ---- the cached answer vocabulary ----------------------------------------------------------------
-def vocab_cache_path(cache_dir: str | Path | None, task: str, source: Path, top_k: int | None) -> Path | None:
-    """``<cache_dir>/<task>/answer_vocab_<K>_<digest>.json``; the digest pins the source file and recipe."""
-    if cache_dir is None:
-        return None
-    try:
-        stat = source.stat()
-    except OSError:
-        return None  # no training file: building fails later with a message naming it
-    key = json.dumps([VOCAB_VERSION, str(source), stat.st_size, stat.st_mtime_ns, top_k])
-    digest = hashlib.sha256(key.encode()).hexdigest()[:12]
-    return resolve_root(cache_dir) / task / f"answer_vocab_{top_k or 'all'}_{digest}.json"
-
-
-def load_or_build_vocab(
-    path: Path | None, count: Callable[[], Counter[str]], top_k: int | None, source: Path
-) -> list[tuple[str, int]]:
-    """The ``top_k`` most frequent answers with their counts, most frequent first (ties: alphabetical).
-
-    Read from ``path`` if it exists (a pinned ``vocab_file`` is used as it is); otherwise built with
-    ``count()`` and written there atomically. An unwritable cache (read-only disk) only costs a rebuild.
-    """
-    if path is not None and path.is_file():
-        data = read_json(path, "answer vocabulary file")
-        answers = field(data, "answers", list, str(path), "a list of answer strings")
-        counts = field(data, "counts", list, str(path), "a list of integer counts, one per answer")
-        if len(answers) != len(counts) or not all(isinstance(a, str) for a in answers):
-            raise DataFormatError(f"{path}: 'answers' must be strings, as many as 'counts'")
-        if len(set(answers)) != len(answers):
-            raise DataFormatError(f"{path}: 'answers' has duplicates")
-        return list(zip(answers, counts, strict=True))
-    ranked = sorted(count().items(), key=lambda kv: (-kv[1], kv[0]))[:top_k]
-    if not ranked:
-        raise DataFormatError(f"{source}: no training answers to build the answer vocabulary from")
-    if path is not None:
-        blob = {
-            "version": VOCAB_VERSION, "source": str(source), "top_k": top_k,
-            "answers": [a for a, _ in ranked], "counts": [c for _, c in ranked],
-        }
-        try:
-            write_atomic(path, json.dumps(blob))
-        except OSError as err:
-            log.warning("could not cache the answer vocabulary at %s (%s); it is rebuilt next time", path, err)
-    return ranked
 
 
 # ---- VQA -----------------------------------------------------------------------------------------

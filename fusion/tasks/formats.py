@@ -1,4 +1,5 @@
-"""Reading task annotation files in JSON-lines format, with errors that say where and what was expected."""
+"""Reading task annotation files (JSON, JSON lines) with errors that name the file, the entry or line, the key
+and what was expected; and checking the file-name patterns of a task's config."""
 
 from __future__ import annotations
 
@@ -9,6 +10,50 @@ from pathlib import Path
 from typing import Any
 
 
+class DataFormatError(ValueError):
+    """A data file that is not in the format its task reads; the message names the file, entry and key."""
+
+
+def read_json(path: Path, what: str) -> Any:
+    """Parse ``path``; a missing file or bad JSON fails naming the file, ``what`` it is and where it broke."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except FileNotFoundError as err:
+        raise FileNotFoundError(f"{what} not found: {path}") from err
+    except json.JSONDecodeError as err:
+        where = f"line {err.lineno} column {err.colno}"
+        raise DataFormatError(f"{path} ({what}) is not valid JSON: {err.msg} at {where}") from err
+    except UnicodeDecodeError as err:
+        raise DataFormatError(f"{path} ({what}) is not UTF-8 text: {err}") from err
+
+
+def field(entry: Any, key: str, kind: type | tuple[type, ...], where: str, expected: str) -> Any:
+    """``entry[key]`` if ``entry`` is an object holding a ``kind`` there, else an error naming ``where`` and ``key``."""
+    if not isinstance(entry, Mapping):
+        raise DataFormatError(f"{where}: expected a JSON object, got {type(entry).__name__}")
+    if key not in entry:
+        raise DataFormatError(f"{where}: missing key {key!r} (expected {expected})")
+    value = entry[key]
+    # bool is an int subclass; a true/false id is still a format error.
+    if not isinstance(value, kind) or (isinstance(value, bool) and bool not in _as_tuple(kind)):
+        raise DataFormatError(f"{where}: key {key!r} is {value!r}, expected {expected}")
+    return value
+
+
+def _as_tuple(kind: type | tuple[type, ...]) -> tuple[type, ...]:
+    return kind if isinstance(kind, tuple) else (kind,)
+
+
+def check_pattern(name: str, pattern: str, **fields: Any) -> str:
+    """Fail at construction, naming the option, if a file-name pattern has unknown or bad placeholders."""
+    try:
+        return pattern.format(**fields)
+    except (KeyError, IndexError, ValueError) as err:
+        raise ValueError(f"{name}={pattern!r} is not a valid pattern: it may use {sorted(fields)} ({err!r})") from err
+
+
+# ---- JSON lines ------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Record:
     """One JSON object of a JSON-lines file and where it came from, for error messages."""
@@ -21,8 +66,8 @@ class Record:
     def where(self) -> str:
         return f"{self.path} line {self.line}"
 
-    def error(self, message: str) -> ValueError:
-        return ValueError(f"{self.where}: {message}")
+    def error(self, message: str) -> DataFormatError:
+        return DataFormatError(f"{self.where}: {message}")
 
     def has(self, key: str) -> bool:
         return key in self.data
@@ -73,10 +118,10 @@ def read_json_lines(path: Path, expected: str) -> list[Record]:
                 # Without the newline, so the column in the message is on this line.
                 data = json.loads(line.rstrip("\r\n"))
             except json.JSONDecodeError as err:
-                raise ValueError(f"{path} line {number}: not valid JSON ({err.msg}, column {err.colno})") from None
+                raise DataFormatError(f"{path} line {number}: not valid JSON ({err.msg}, column {err.colno})") from None
             if not isinstance(data, dict):
-                raise ValueError(f"{path} line {number}: expected a JSON object, got {type(data).__name__}")
+                raise DataFormatError(f"{path} line {number}: expected a JSON object, got {type(data).__name__}")
             records.append(Record(path, number, data))
     if not records:
-        raise ValueError(f"{path} holds no examples; expected {expected}")
+        raise DataFormatError(f"{path} holds no examples; expected {expected}")
     return records

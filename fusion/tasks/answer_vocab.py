@@ -1,0 +1,63 @@
+"""The answer vocabulary of VQA-style tasks: the top-K training answers, cached as JSON beside the data cache."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+
+from fusion.tasks.base import resolve_root, write_atomic
+from fusion.tasks.formats import DataFormatError, field, read_json
+
+log = logging.getLogger(__name__)
+
+# Bump when the vocabulary recipe (normalisation, counting, ordering) changes: old cache files are ignored.
+VOCAB_VERSION = 1
+
+
+def vocab_cache_path(cache_dir: str | Path | None, task: str, source: Path, top_k: int | None) -> Path | None:
+    """``<cache_dir>/<task>/answer_vocab_<K>_<digest>.json``; the digest pins the source file and recipe."""
+    if cache_dir is None:
+        return None
+    try:
+        stat = source.stat()
+    except OSError:
+        return None  # no training file: building fails later with a message naming it
+    key = json.dumps([VOCAB_VERSION, str(source), stat.st_size, stat.st_mtime_ns, top_k])
+    digest = hashlib.sha256(key.encode()).hexdigest()[:12]
+    return resolve_root(cache_dir) / task / f"answer_vocab_{top_k or 'all'}_{digest}.json"
+
+
+def load_or_build_vocab(
+    path: Path | None, count: Callable[[], Counter[str]], top_k: int | None, source: Path
+) -> list[tuple[str, int]]:
+    """The ``top_k`` most frequent answers with their counts, most frequent first (ties: alphabetical).
+
+    Read from ``path`` if it exists (a pinned ``vocab_file`` is used as it is); otherwise built with
+    ``count()`` and written there atomically. An unwritable cache (read-only disk) only costs a rebuild.
+    """
+    if path is not None and path.is_file():
+        data = read_json(path, "answer vocabulary file")
+        answers = field(data, "answers", list, str(path), "a list of answer strings")
+        counts = field(data, "counts", list, str(path), "a list of integer counts, one per answer")
+        if len(answers) != len(counts) or not all(isinstance(a, str) for a in answers):
+            raise DataFormatError(f"{path}: 'answers' must be strings, as many as 'counts'")
+        if len(set(answers)) != len(answers):
+            raise DataFormatError(f"{path}: 'answers' has duplicates")
+        return list(zip(answers, counts, strict=True))
+    ranked = sorted(count().items(), key=lambda kv: (-kv[1], kv[0]))[:top_k]
+    if not ranked:
+        raise DataFormatError(f"{source}: no training answers to build the answer vocabulary from")
+    if path is not None:
+        blob = {
+            "version": VOCAB_VERSION, "source": str(source), "top_k": top_k,
+            "answers": [a for a, _ in ranked], "counts": [c for _, c in ranked],
+        }
+        try:
+            write_atomic(path, json.dumps(blob))
+        except OSError as err:
+            log.warning("could not cache the answer vocabulary at %s (%s); it is rebuilt next time", path, err)
+    return ranked
