@@ -124,15 +124,18 @@ def _last_error(text: str) -> str | None:
 
 def submitit_tasks(sweep_dir: Path) -> dict[str, list[Path]]:
     """submitit's log files (stderr first) per job id, from ``<sweep>/.submitit/<job id>/``: the folders of
-    submitted jobs (with ``<id>_submitted.pkl`` or logs), not the empty ``%j`` one submitit leaves."""
+    submitted jobs (``<id>_submitted.pkl``, or logs), not an array's own folder (its submission script only)
+    nor the empty ``%j`` one."""
     root = sweep_dir / ".submitit"
     if not root.is_dir():
         return {}
-    return {
-        d.name: sorted(d.glob("*_log.err")) + sorted(d.glob("*_log.out"))
-        for d in sorted(root.iterdir())
-        if d.is_dir() and any(d.glob(f"{glob.escape(d.name)}_*"))
-    }
+
+    def is_job(d: Path) -> bool:
+        name = glob.escape(d.name)
+        return d.is_dir() and (any(d.glob(f"{name}_submitted.pkl")) or any(d.glob(f"{name}_*_log.*")))
+
+    jobs = [d for d in sorted(root.iterdir()) if is_job(d)]
+    return {d.name: sorted(d.glob("*_log.err")) + sorted(d.glob("*_log.out")) for d in jobs}
 
 
 def _reason_from(paths: list[Path], sweep_dir: Path) -> str | None:

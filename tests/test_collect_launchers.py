@@ -43,6 +43,8 @@ def test_a_sweep_of_several_submitit_arrays_gets_each_elements_own_log(tmp_path)
     # A task of a third batch that died before Hydra made its folder.
     _submitit_log(sweep, "300_0", "Traceback (most recent call last):\nModuleNotFoundError: No module named 'x'\n")
     (sweep / ".submitit" / "%j").mkdir()  # submitit leaves its unformatted folder, empty: not a job
+    (sweep / ".submitit" / "200").mkdir()  # nor is an array's own folder, with its submission script
+    (sweep / ".submitit" / "200" / "200_submission.sh").write_text("#!/bin/bash\n")
 
     elements = collect(sweep)
     by_job = {e.job: e for e in elements}
