@@ -6,6 +6,7 @@ torchrun starts every rank with the same command, as srun does in slurm/train.sb
 ranks in the environment (TorchElasticEnvironment; SLURMEnvironment under srun). Each rank runs Hydra, and
 ``hydra.run.dir``'s default ends with ``${now:...}``, which each rank resolves for itself: ranks started a
 second apart would get two run folders. So the run folder is given explicitly, as train.sbatch does.
+The same evaluation through Lightning's own launcher (one process started, ``trainer.devices=2``) is checked too.
 """
 
 import csv
@@ -65,7 +66,13 @@ def runs(tmp_path_factory) -> dict[str, Path]:
     common = [*TINY, "split=test", f"ckpt_path={best}"]
     _run(tmp, "eval.py", [*common, f"hydra.run.dir={logs / 'eval_one'}"])
     _run(tmp, "eval.py", [*common, *DDP, f"hydra.run.dir={logs / 'eval_two'}"], processes=2)
-    return {"tmp": tmp, "logs": logs, "train": train, "one": logs / "eval_one", "two": logs / "eval_two"}
+    # Lightning's own launcher: started as one process, it starts rank 1 itself and hands it rank 0's run
+    # folder, so here the default ${now:...} folder is fine.
+    proc = _run(tmp, "eval.py", [*common, *DDP])
+    assert "Initializing distributed: GLOBAL_RANK: 1, MEMBER: 2/2" in proc.stderr + proc.stdout
+    (launched,) = (logs / "eval" / "runs").iterdir()  # one folder: rank 1 made none of its own
+    return {"tmp": tmp, "logs": logs, "train": train, "one": logs / "eval_one", "two": logs / "eval_two",
+            "launched": launched}
 
 
 def _csv_rows(run: Path) -> list[dict[str, str]]:
@@ -87,8 +94,9 @@ def _assert_close(a: dict[str, float], b: dict[str, float]) -> None:
     assert not bad, bad
 
 
-def test_two_processes_report_the_single_process_metrics_and_statistics(runs):
-    one, two = runs["one"], runs["two"]
+@pytest.mark.parametrize("launcher", ["two", "launched"], ids=["torchrun", "lightning"])
+def test_two_processes_report_the_single_process_metrics_and_statistics(runs, launcher):
+    one, two = runs["one"], runs[launcher]
     m1, m2 = (json.loads((r / "metrics.json").read_text()) for r in (one, two))
     # Accuracy, the per-question-type accuracies, the loss and the majority baseline.
     assert {"test/acc", "test/acc_color", "test/acc_shape", "test/acc_count", "test/acc_position"} <= set(m1)
@@ -135,9 +143,9 @@ def test_rank_zero_alone_would_have_reported_other_values(runs):
 def test_a_ddp_run_writes_each_output_once_from_rank_zero(runs):
     logs, train, two = runs["logs"], runs["train"], runs["two"]
     # One run folder per run: rank 1 made no second one (e.g. from its own ${now:...}), nor lightning_logs/.
-    assert sorted(p.name for p in logs.iterdir()) == ["ddp_train", "eval_one", "eval_two"]
+    assert sorted(p.name for p in logs.iterdir()) == ["ddp_train", "eval", "eval_one", "eval_two"]
     assert not (runs["tmp"] / "lightning_logs").exists()
-    for run in (train, two):
+    for run in (train, two, runs["launched"]):
         assert [p.relative_to(run) for p in run.rglob("metrics.json")] == [Path("metrics.json")]
         assert [p.name for p in run.rglob("config_resolved.yaml")] == ["config_resolved.yaml"]
         leftovers = [p for p in run.rglob("*") if p.name.endswith(".tmp") or p.name.startswith(".tmp")]
