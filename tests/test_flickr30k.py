@@ -6,8 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
-from entrypoints import FAST
-from entrypoints import run as _run
+from entrypoints import FAST, train_then_eval
 from PIL import Image
 
 from fusion.tasks.flickr30k import Flickr30kTask
@@ -130,15 +129,10 @@ def test_missing_image_and_image_folder_are_named(tmp_path):
 
 def test_train_then_eval_writes_recalls_and_the_rankings(tmp_path):
     root = write_flickr30k(tmp_path / "f30k")
-    run = tmp_path / "train_run"
-    proc = _run(
-        "train.py",
-        ["+experiment=flickr30k", f"task.root={root}", "trainer.max_epochs=1", f"hydra.run.dir={run}", *FAST,
-         "model.rerank_k=2"],
-        tmp_path,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    metrics = json.loads((run / "metrics.json").read_text())
+    done = train_then_eval(["+experiment=flickr30k", f"task.root={root}", *FAST], "test", tmp_path,
+                           train_args=["model.rerank_k=2"], eval_args=["model.rerank_k=3"])
+    run, out = done.run, done.out
+    metrics = done.train_metrics
     for stage in ("val", "test"):
         for key in ("rsum", "t2i_r1", "t2i_r5", "t2i_r10", "i2t_r1", "i2t_r5", "i2t_r10"):
             assert 0 <= metrics[f"{stage}/{key}"] <= (6 if key == "rsum" else 1), key
@@ -146,16 +140,7 @@ def test_train_then_eval_writes_recalls_and_the_rankings(tmp_path):
     assert metrics["val/t2i_r5"] == metrics["val/t2i_r10"] == 1.0
     assert list((run / "checkpoints").glob("epoch_*.ckpt")), "the checkpoint callback monitors val/rsum"
 
-    out = tmp_path / "eval_run"
-    ckpt = run / "checkpoints" / "last.ckpt"
-    proc = _run(
-        "eval.py",
-        ["+experiment=flickr30k", f"task.root={root}", f"ckpt_path={ckpt}", "split=test", f"hydra.run.dir={out}",
-         *FAST, "model.rerank_k=3"],
-        tmp_path,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    metrics = json.loads((out / "metrics.json").read_text())
+    metrics = done.eval_metrics
     recalls = ("rsum", "t2i_r1", "t2i_r5", "t2i_r10", "i2t_r1", "i2t_r5", "i2t_r10")
     assert set(metrics) == {f"test/{p}{k}" for k in recalls for p in ("", "first_")}
     predictions = json.loads((out / "predictions.json").read_text())

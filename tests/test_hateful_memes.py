@@ -9,8 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from entrypoints import FAST
-from entrypoints import run as _run
+from entrypoints import FAST, train_then_eval
 from PIL import Image
 
 from fusion.tasks.hateful_memes import HatefulMemesTask
@@ -158,29 +157,15 @@ def _auroc_by_pairs(scores: list[float], labels: list[int]) -> float:
 
 def test_train_then_eval_writes_metrics_and_the_challenge_csv(tmp_path):
     root = write_memes(tmp_path / "memes")
-    run = tmp_path / "train_run"
-    proc = _run(
-        "train.py",
-        ["+experiment=hateful_memes", f"task.root={root}", "trainer.max_epochs=1", f"hydra.run.dir={run}", *FAST],
-        tmp_path,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    metrics = json.loads((run / "metrics.json").read_text())
+    done = train_then_eval(["+experiment=hateful_memes", f"task.root={root}", *FAST], "dev_seen", tmp_path)
+    metrics = done.train_metrics
     assert {"val/auroc", "val/auroc_acc", "test/auroc", "val/majority_auroc"} <= set(metrics)
-    assert list((run / "checkpoints").glob("epoch_*.ckpt")), "the checkpoint callback monitors val/auroc"
+    assert list((done.run / "checkpoints").glob("epoch_*.ckpt")), "the checkpoint callback monitors val/auroc"
     # test_seen has no labels here: its metrics are NaN, and the run says why.
     assert math.isnan(metrics["test/auroc"]) and math.isnan(metrics["test/auroc_acc"])
-    assert "AUROC is undefined without labelled examples" in proc.stderr
+    assert "AUROC is undefined without labelled examples" in done.train.stderr
 
-    out = tmp_path / "eval_run"
-    proc = _run(
-        "eval.py",
-        ["+experiment=hateful_memes", f"task.root={root}", f"ckpt_path={run / 'checkpoints' / 'last.ckpt'}",
-         "split=dev_seen", f"hydra.run.dir={out}", *FAST],
-        tmp_path,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    with (out / "predictions.csv").open() as f:
+    with (done.out / "predictions.csv").open() as f:
         rows = list(csv.DictReader(f))
     gold = [json.loads(line) for line in (root / "dev_seen.jsonl").read_text().splitlines()]
     assert list(rows[0]) == ["id", "proba", "label"]
@@ -189,6 +174,6 @@ def test_train_then_eval_writes_metrics_and_the_challenge_csv(tmp_path):
     assert all(0 <= p <= 1 for p in probs)
     assert [int(r["label"]) for r in rows] == [int(p > 0.5) for p in probs]
     # The submission file scores exactly as the logged metric.
-    metrics = json.loads((out / "metrics.json").read_text())
+    metrics = done.eval_metrics
     assert metrics["dev_seen/auroc"] == pytest.approx(_auroc_by_pairs(probs, [g["label"] for g in gold]), abs=1e-6)
     assert metrics["dev_seen/majority_auroc"] == 0.5

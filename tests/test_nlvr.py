@@ -7,8 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from entrypoints import FAST
-from entrypoints import run as _run
+from entrypoints import FAST, train_then_eval
 from PIL import Image
 
 from fusion.tasks.nlvr import NLVRTask
@@ -170,31 +169,17 @@ def official_image_metrics(predictions_csv: Path, gold_json: Path) -> tuple[floa
 
 def test_train_then_eval_writes_metrics_and_the_official_csv(tmp_path):
     root = write_nlvr(tmp_path / "nlvr")
-    run = tmp_path / "train_run"
-    proc = _run(
-        "train.py",
-        ["+experiment=nlvr", f"task.root={root}", "task.val_from_train=0.3", "trainer.max_epochs=1",
-         f"hydra.run.dir={run}", *FAST],
-        tmp_path,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    metrics = json.loads((run / "metrics.json").read_text())
+    done = train_then_eval(["+experiment=nlvr", f"task.root={root}", "task.val_from_train=0.3", *FAST], "dev", tmp_path)
+    metrics = done.train_metrics
     assert {"val/acc", "val/acc_consistency", "test/acc", "test/acc_consistency", "val/majority_acc"} <= set(metrics)
-    assert list((run / "checkpoints").glob("epoch_*.ckpt")), "the checkpoint callback monitors val/acc"
+    assert list((done.run / "checkpoints").glob("epoch_*.ckpt")), "the checkpoint callback monitors val/acc"
 
-    out = tmp_path / "eval_run"
-    proc = _run(
-        "eval.py",
-        ["+experiment=nlvr", f"task.root={root}", "task.val_from_train=0.3",
-         f"ckpt_path={run / 'checkpoints' / 'last.ckpt'}", "split=dev", f"hydra.run.dir={out}", *FAST],
-        tmp_path,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    out = done.out
     lines = (out / "predictions.csv").read_text().splitlines()
     assert [line.split(",")[0] for line in lines] == [f"dev-{i}-{n}.png" for i, _, _ in DEV for n in range(6)]
     assert {line.split(",")[1] for line in lines} <= {"true", "false"}
     # The official script's numbers from the written file match the logged metrics.
     accuracy, consistency = official_image_metrics(out / "predictions.csv", root / "dev" / "dev.json")
-    metrics = json.loads((out / "metrics.json").read_text())
+    metrics = done.eval_metrics
     assert metrics["dev/acc"] == pytest.approx(accuracy)
     assert metrics["dev/acc_consistency"] == pytest.approx(consistency)

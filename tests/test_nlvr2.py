@@ -7,8 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from entrypoints import FAST
-from entrypoints import run as _run
+from entrypoints import FAST, train_then_eval
 from PIL import Image
 
 from fusion.tasks.nlvr2 import NLVR2Task, image_names, sentence_group
@@ -170,32 +169,19 @@ def official_metrics(predictions_csv: Path, gold_json: Path) -> tuple[float, flo
 
 def test_train_then_eval_writes_metrics_and_the_official_csv(tmp_path):
     root = write_nlvr2(tmp_path / "nlvr2")
-    run = tmp_path / "train_run"
-    proc = _run(
-        "train.py",
-        ["+experiment=nlvr2", f"task.root={root}", "trainer.max_epochs=1", f"hydra.run.dir={run}", *FAST,
-         "model.attention_stats=true", "model.ve_dropout=0.3"],
-        tmp_path,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    metrics = json.loads((run / "metrics.json").read_text())
+    done = train_then_eval(["+experiment=nlvr2", f"task.root={root}", *FAST], "dev", tmp_path,
+                           train_args=["model.attention_stats=true", "model.ve_dropout=0.3"])
+    run, out = done.run, done.out
+    metrics = done.train_metrics
     assert {"val/acc", "val/acc_consistency", "test/acc", "test/acc_consistency", "val/majority_acc"} <= set(metrics)
     # Attention statistics cover both images' tokens, grouped by encoder.
     stats = json.loads((run / "attention" / "val" / "attention.json").read_text())
     assert {"clip_tiny", "dino_tiny"} <= set(stats["groups"])
 
-    out = tmp_path / "eval_run"
-    proc = _run(
-        "eval.py",
-        ["+experiment=nlvr2", f"task.root={root}", f"ckpt_path={run / 'checkpoints' / 'last.ckpt'}", "split=dev",
-         f"hydra.run.dir={out}", *FAST],
-        tmp_path,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
     lines = (out / "predictions.csv").read_text().splitlines()
     assert [line.split(",")[0] for line in lines] == [row[0] for row in DEV]
     assert {line.split(",")[1] for line in lines} <= {"True", "False"}
     accuracy, consistency = official_metrics(out / "predictions.csv", root / "dev.json")
-    metrics = json.loads((out / "metrics.json").read_text())
+    metrics = done.eval_metrics
     assert metrics["dev/acc"] == pytest.approx(accuracy)
     assert metrics["dev/acc_consistency"] == pytest.approx(consistency)

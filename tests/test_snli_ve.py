@@ -7,8 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from entrypoints import FAST
-from entrypoints import run as _run
+from entrypoints import FAST, train_then_eval
 from PIL import Image
 
 from fusion.tasks.snli_ve import LABELS, SNLIVETask
@@ -123,31 +122,16 @@ def test_metric_reports_accuracy_overall_and_per_label():
 
 def test_train_then_eval_writes_metrics_and_the_prediction_file(tmp_path):
     root = write_snli_ve(tmp_path / "snli")
-    run = tmp_path / "train_run"
-    proc = _run(
-        "train.py",
-        ["+experiment=snli_ve", f"task.root={root}", "trainer.max_epochs=1", f"hydra.run.dir={run}", *FAST],
-        tmp_path,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    metrics = json.loads((run / "metrics.json").read_text())
+    done = train_then_eval(["+experiment=snli_ve", f"task.root={root}", *FAST], "dev", tmp_path)
+    metrics = done.train_metrics
     for key in ("val/acc", "val/acc_entailment", "val/acc_contradiction", "test/acc", "val/majority_acc"):
         assert key in metrics, key
-    assert list((run / "checkpoints").glob("epoch_*.ckpt")), "the checkpoint callback monitors val/acc"
+    assert list((done.run / "checkpoints").glob("epoch_*.ckpt")), "the checkpoint callback monitors val/acc"
 
-    out = tmp_path / "eval_run"
-    ckpt = run / "checkpoints" / "last.ckpt"
-    proc = _run(
-        "eval.py", ["+experiment=snli_ve", f"task.root={root}", f"ckpt_path={ckpt}", "split=dev",
-                    f"hydra.run.dir={out}", *FAST],
-        tmp_path,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    predictions = json.loads((out / "predictions.json").read_text())
+    predictions = json.loads((done.out / "predictions.json").read_text())
     gold = [json.loads(line) for line in (root / "snli_ve_dev.jsonl").read_text().splitlines()]
     assert [p["pairID"] for p in predictions] == [g["pairID"] for g in gold]
     assert all(set(p) == {"pairID", "prediction"} and p["prediction"] in LABELS for p in predictions)
     # The prediction file scores exactly as the logged metric.
     accuracy = sum(p["prediction"] == g["gold_label"] for p, g in zip(predictions, gold, strict=True)) / len(gold)
-    metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["dev/acc"] == pytest.approx(accuracy)
+    assert done.eval_metrics["dev/acc"] == pytest.approx(accuracy)
