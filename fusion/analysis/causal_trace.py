@@ -336,8 +336,10 @@ def causal_trace(ctx: AnalysisContext) -> dict[str, Any]:
         patcher.close()
     n = len(pairs)
     if n == 0:
-        raise ValueError("no pair found whose corruption lowers the clean answer's score by more than "
-                         f"min_effect={min_effect}; check analysis.causal_trace.corrupt / pairs / swaps")
+        raise ValueError(f"no pair found whose corruption lowers the clean answer's score by more than min_effect="
+                         f"{min_effect}: {candidates} candidate pairs, the model's answer changed on {changed}; "
+                         "lower analysis.causal_trace.min_effect (e.g. 0, or -1 for every pair) or check "
+                         "analysis.causal_trace.corrupt / pairs / swaps")
     restored = {"all": (layer_all / n).tolist(), "none": (layer_none / n).tolist()}
     counts = {"candidate_pairs": candidates, "answer_changed": changed,
               "answer_changed_share": changed / candidates if candidates else 0.0}
