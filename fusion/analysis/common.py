@@ -8,6 +8,10 @@ them with the task's loss and metric, as ``FusionLitModule._eval_step`` does; mo
 (which encoders are kept, which features or tokens) through the batch or the VE-dropout module, never
 through a second copy of the model.
 
+The model and every batch (cached features, images, token ids, labels: :func:`move_batch`) live on
+``analysis.device`` (:func:`resolve_device`; default the trainer's accelerator when CUDA is there), and every
+tensor a mode makes is made on the model's device.
+
 Every mode writes a report folder (``analysis.dir``, default ``<run folder>/<mode>``) through
 :class:`Report`: ``results.json`` (every number a figure shows), CSV tables, PNG figures, ``report.md``
 embedding the figures, and the same tables and images into wandb when a wandb logger is configured.
