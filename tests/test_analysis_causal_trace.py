@@ -2,16 +2,15 @@
 restoring nothing the corrupted one; word swaps, encoder swaps and a pair file."""
 
 import json
-import random
 
 import pytest
 import torch
 from analysis_helpers import ENCODERS, run_mode, tiny_checkpoint
 
-from fusion.analysis.causal_trace import DEFAULT_SWAPS, position_labels, read_pairs, select, swap_word
-from fusion.analysis.shapes_scene import answer_changing_swap, read_scene, scene_answers, word_swaps
+from fusion.analysis.causal_trace import position_labels
+from fusion.analysis.pairs import DEFAULT_SWAPS, swap_word
+from fusion.analysis.shapes_scene import scene_answers
 from fusion.model import CLS_GROUP, TEXT_GROUP
-from fusion.tasks.shapes import SceneObject, candidate_questions, render_scene, sample_scene
 
 
 @pytest.fixture(scope="module")
@@ -92,67 +91,6 @@ def test_encoder_swap_and_pair_file(checkpoint, tmp_path):
     assert {p["question_id"] for p in results["pairs"]} <= {r["question_id"] for r in rows}
 
 
-def test_swap_word_keeps_the_rest_of_the_question():
-    assert swap_word("what color is the shape in the top left?", DEFAULT_SWAPS) == (
-        "what color is the shape in the bottom left?"
-    )
-    assert swap_word("how many circles are there?", DEFAULT_SWAPS) == "how many squares are there?"
-    assert swap_word("where is the purple square?", DEFAULT_SWAPS) == "where is the red square?"
-    assert swap_word("how many shapes are there?", DEFAULT_SWAPS) is None
-
-
-def test_position_labels_and_select():
+def test_position_labels():
     groups = torch.tensor([CLS_GROUP, TEXT_GROUP, TEXT_GROUP, 0, 0, 1])
     assert position_labels(groups, ["a", "b"]) == ["[CLS]", "text 0", "text 1", "a[0]", "a[1]", "b[0]"]
-    batch = {"x": torch.arange(4), "features": {"a": torch.arange(8).view(4, 2)}, "ids": list("wxyz"), "k": 3}
-    out = select(batch, torch.tensor([2, 0]))
-    assert out["x"].tolist() == [2, 0] and out["features"]["a"].tolist() == [[4, 5], [0, 1]]
-    assert out["ids"] == ["y", "w"] and out["k"] == 3
-
-
-def test_read_scene_recovers_every_generated_scene_from_its_pixels():
-    rng = random.Random(0)
-    for size in (64, 32, 96):
-        for _ in range(150):
-            objects = sample_scene(rng, size, 4)
-            read = read_scene(render_scene(objects, size))
-            assert [(o.color, o.shape, o.cell, o.box) for o in read] == [
-                (o.color, o.shape, o.cell, o.box) for o in objects
-            ]
-
-
-def test_answer_changing_swap_names_another_object_of_the_scene():
-    objects = [SceneObject("red", "circle", 0, (2, 2, 20, 20)), SceneObject("blue", "square", 3, (40, 40, 60, 60))]
-    answers = {q: a for qs in candidate_questions(objects).values() for q, a in qs}
-    assert answer_changing_swap("what color is the circle?", "red", answers, DEFAULT_SWAPS) == (
-        "what color is the square?"
-    )
-    # "top left" -> "bottom left" is no question about this scene (empty cell); "top right" neither;
-    # "bottom right" takes two swaps, so a one-word swap gives no answer-changing pair.
-    assert answer_changing_swap("what shape is in the top left?", "circle", answers, DEFAULT_SWAPS) is None
-    # Colours are tried in group order from the next one: green (absent), blue (present, another answer).
-    assert answer_changing_swap("where is the red object?", "top left", answers, DEFAULT_SWAPS) == (
-        "where is the blue object?"
-    )
-    assert answer_changing_swap("how many shapes are there?", "2", answers, DEFAULT_SWAPS) is None
-    assert list(word_swaps("how many circles are there?", [["circle", "square", "triangle"]])) == [
-        "how many squares are there?", "how many triangles are there?"]
-
-
-def test_pair_files_json_and_jsonl(tmp_path):
-    rows = [{"question_id": 11000, "corrupted_question": "what color is the box?"},
-            {"question_id": "a_1", "corrupted_question": "x"}]
-    expected = {"11000": "what color is the box?", "a_1": "x"}
-    (tmp_path / "p.json").write_text(json.dumps(rows))
-    (tmp_path / "p.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    (tmp_path / "one.jsonl").write_text(json.dumps(rows[0]) + "\n")
-    assert read_pairs(tmp_path / "p.json") == read_pairs(tmp_path / "p.jsonl") == expected
-    assert read_pairs(tmp_path / "one.jsonl") == {"11000": "what color is the box?"}
-    (tmp_path / "bad.jsonl").write_text(json.dumps(rows[0]) + "\n{oops\n")
-    with pytest.raises(ValueError, match=r"pairs=.*bad\.jsonl: line 2 is neither"):
-        read_pairs(tmp_path / "bad.jsonl")
-    (tmp_path / "keys.json").write_text(json.dumps([{"question_id": 1, "question": "q"}]))
-    with pytest.raises(ValueError, match=r"keys\.json: pair 0 is .*expected \{\"question_id\""):
-        read_pairs(tmp_path / "keys.json")
-    with pytest.raises(FileNotFoundError, match=r"pairs=.*missing\.json: no such file"):
-        read_pairs(tmp_path / "missing.json")

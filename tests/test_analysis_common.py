@@ -8,7 +8,7 @@ import pytest
 import torch
 from entrypoints import run
 
-from fusion.analysis.common import Report, keep_only, markdown_table, question_prior_accuracy, subsets, with_features
+from fusion.analysis.common import keep_only, question_prior_accuracy, subsets, with_features
 from fusion.dropout import EncoderDropout
 from fusion.tasks.base import Example
 
@@ -56,18 +56,6 @@ class _Task:
 def test_question_prior_uses_the_question_then_its_type_then_the_overall_answer():
     # q1 -> x (right), q2 -> z (wrong), unseen q9 of type t -> t's most frequent x (right), of type v -> x (wrong)
     assert question_prior_accuracy(_Task(), "val") == pytest.approx(2 / 4)
-
-
-def test_report_writes_results_csv_and_markdown(tmp_path):
-    report = Report(tmp_path, "Title")
-    report.results["a"] = 1
-    report.text("Some text.")
-    report.table("t", ["name", "value"], [["x", 0.5]])
-    report.write()
-    assert json.loads((tmp_path / "results.json").read_text()) == {"a": 1}
-    assert (tmp_path / "t.csv").read_text() == "name,value\nx,0.5\n"
-    assert (tmp_path / "report.md").read_text() == "# Title\n\nSome text.\n\n" + markdown_table(
-        ["name", "value"], [["x", 0.5]]) + "\n"
 
 
 def test_every_mode_runs_on_a_fuser_that_mixes_encoders(tmp_path):

@@ -20,7 +20,8 @@ from typing import Any
 import torch
 from omegaconf import DictConfig
 
-from fusion.analysis.common import AnalysisContext, Batch, evaluate, heatmap, new_report, open_analysis
+from fusion.analysis.common import AnalysisContext, Batch, evaluate, new_report, open_analysis
+from fusion.analysis.report import heatmap
 from fusion.model import FusionOutput
 from fusion.stats import QUERY_KINDS, AttentionOverEncoders, stats_rows
 
@@ -199,7 +200,7 @@ def _label(query: str) -> str:
 
 
 def _markdown_rows(columns: list[str], rows: list[dict[str, Any]]) -> str:
-    from fusion.analysis.common import markdown_table
+    from fusion.analysis.report import markdown_table
 
     return markdown_table(columns, [[r[c] for c in columns] for r in rows])
 

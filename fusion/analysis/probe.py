@@ -26,7 +26,8 @@ import torch.nn.functional as F
 from omegaconf import DictConfig
 
 from fusion.analysis.attention import rank_heads
-from fusion.analysis.common import AnalysisContext, Batch, heatmap, new_report, open_analysis, random_subsets
+from fusion.analysis.common import AnalysisContext, Batch, new_report, open_analysis, random_subsets
+from fusion.analysis.report import heatmap
 from fusion.images import load_image
 from fusion.model import FusionOutput
 from fusion.stats import AttentionOverEncoders
