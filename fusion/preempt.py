@@ -3,10 +3,11 @@
 SLURM sends a signal shortly before a job's time limit or preemption: ``--signal=USR1@90`` in the
 ``slurm/`` templates, ``USR2`` from submitit (``hydra/launcher=slurm``). On either, this callback lets the
 current training step finish, saves ``checkpoints/last_requeue.ckpt`` at that step boundary (so the resume
-is exact, like any step checkpoint), asks SLURM to requeue the job (``scontrol requeue``) and stops
-training without evaluating. The requeued job runs the same command in the same run folder, resumes from
-its newest checkpoint (``fusion.resume.resume_path``) and logs to the same wandb run (the id kept in the
-folder).
+is exact, like any step checkpoint) and stops training without evaluating; the training entry point then
+finishes the loggers and asks SLURM to requeue the job (:meth:`RequeueOnSignal.requeue`, ``scontrol
+requeue``), last, because the requeue stops every process of the job at once. The requeued job runs the
+same command in the same run folder, resumes from its newest checkpoint (``fusion.resume.resume_path``)
+and logs to the same wandb run (the id kept in the folder).
 
 Why not Lightning's ``SLURMEnvironment(auto_requeue=True)``: its handler saves inside the signal handler,
 wherever the step is (between the optimiser step and the loop counters), and finishes the loggers while
@@ -45,7 +46,7 @@ class RequeueOnSignal(pl.Callback):
         self.filename = filename
         self.signals = tuple(signals)
         self.received: str | None = None
-        self.requeued = False
+        self.stopped = False  # training stopped for a requeue; run.py then finishes the loggers and calls requeue()
 
     def _handler(self, signum: int, frame: FrameType | None) -> None:
         # Only note it: the step in progress finishes first.
@@ -62,17 +63,31 @@ class RequeueOnSignal(pl.Callback):
         signalled = self.received is not None
         if trainer.world_size > 1:  # every process stops at the same step, or the collectives hang
             signalled = trainer.strategy.reduce_boolean_decision(signalled, all=False)
-        if not signalled or self.requeued:
+        if not signalled or self.stopped:
             return
         path = Path(trainer.default_root_dir) / "checkpoints" / self.filename
         trainer.save_checkpoint(path)
         log.warning("%s: saved %s at step %d", self.received or "signal on another rank", path, trainer.global_step)
-        if trainer.is_global_zero:
-            job = slurm_job_id()
-            result = subprocess.run(["scontrol", "requeue", str(job)], capture_output=True, text=True)
-            if result.returncode == 0:
-                log.warning("requeued SLURM job %s", job)
-            else:
-                log.error("scontrol requeue %s failed: %s", job, result.stderr.strip())
-        self.requeued = True
+        self.stopped = True
         trainer.should_stop = True
+
+    def requeue(self, trainer: pl.Trainer) -> None:
+        """Ask SLURM to requeue this job (global rank 0). Call it last: the requeue stops every process of the
+        job at once (SIGTERM), ``scontrol`` and the loggers' helper processes (wandb's service) included, so
+        the loggers must be finished before."""
+        if not trainer.is_global_zero:
+            return
+        job = slurm_job_id()
+        log.warning("requeueing SLURM job %s (scontrol requeue): its processes stop now, the job restarts", job)
+        for handler in logging.getLogger().handlers:  # the line above must reach the run's log before the SIGTERM
+            handler.flush()
+        result = subprocess.run(["scontrol", "requeue", str(job)], capture_output=True, text=True)
+        if result.returncode == 0:
+            log.warning("requeued SLURM job %s", job)
+        elif result.returncode < 0:
+            # Killed by the job's own shutdown: the requeue took effect before scontrol could exit.
+            log.warning("scontrol requeue %s was stopped by %s as SLURM requeued the job", job,
+                        signal.Signals(-result.returncode).name)
+        else:
+            log.error("scontrol requeue %s failed (exit %d): %s", job, result.returncode,
+                      (result.stderr or result.stdout).strip())

@@ -19,6 +19,7 @@ from fusion.data import CacheSettings, FusionDataModule
 from fusion.distributed import is_rank_zero
 from fusion.encoders import VisionEncoder
 from fusion.lit import FusionLitModule
+from fusion.preempt import RequeueOnSignal
 from fusion.resume import check_compatible, resume_path
 from fusion.tasks.base import VLTask, write_atomic
 
@@ -155,8 +156,12 @@ def _train(cfg: DictConfig) -> dict[str, float]:
                 check_compatible(ckpt, model)
                 log.info("resuming from %s", ckpt)
             trainer.fit(model, datamodule=datamodule, ckpt_path=str(ckpt) if ckpt else None)
-            if any(getattr(cb, "requeued", False) for cb in trainer.callbacks):
+            requeue = next((cb for cb in trainer.callbacks if isinstance(cb, RequeueOnSignal) and cb.stopped), None)
+            if requeue is not None:
                 log.warning("stopped for a requeue: the requeued job resumes, evaluates and writes metrics.json")
+                finish_loggers(loggers)  # before the requeue stops this job's processes (wandb's service among them)
+                loggers = []
+                requeue.requeue(trainer)
                 return metrics
         best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
         ckpt = best or None

@@ -129,7 +129,8 @@ def test_signalled_job_checkpoints_requeues_and_resumes_in_the_same_wandb_run(sl
     assert _wait(job) == "COMPLETED", (tmp_path / "logs" / "slurm" / f"{job}.out").read_text()[-3000:]
 
     log = (run / "train.log").read_text()
-    assert "requeued SLURM job" in log and f"resuming from {run / 'checkpoints'}" in log
+    assert f"requeueing SLURM job {job}" in log and f"resuming from {run / 'checkpoints'}" in log
+    assert "training failed" not in log  # the loggers were finished before the requeue stopped the job
     last = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
     assert last["global_step"] == 30  # the step count continued from the checkpoint, not from 0
     assert "test/acc" in json.loads((run / "metrics.json").read_text())
