@@ -8,12 +8,14 @@ image once and applies each encoder's transform to it.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import PIL.Image
 import timm.data
 from torch import Tensor
+
+CROP_MODES = ("center", "squash", "border")
 
 
 @dataclass(frozen=True)
@@ -74,6 +76,15 @@ class Preprocess:
             crop_pct=float(crop_pct),
             crop_mode=crop_mode,
         )
+
+    def with_crop_mode(self, crop_mode: str) -> Preprocess:
+        """The same preprocessing with another of timm's eval crop modes: ``center`` (resize the short side,
+        crop the middle square: most encoders' own), ``squash`` (resize the whole image to ``input_size``,
+        aspect ratio not kept) or ``border`` (resize the long side, pad the rest)."""
+        if crop_mode not in CROP_MODES:
+            raise ValueError(f"image_crop={crop_mode!r}: expected one of {', '.join(CROP_MODES)} (or null: each "
+                             "encoder's own)")
+        return replace(self, crop_mode=crop_mode, crop_pct=1.0 if crop_mode != "center" else self.crop_pct)
 
     def transform(self) -> Callable[[PIL.Image.Image], Tensor]:
         """timm's eval transform: an RGB PIL image -> (3, H, W) float tensor, normalized."""

@@ -33,11 +33,14 @@ def build_encoders(cfg: DictConfig) -> dict[str, VisionEncoder]:
         raise ValueError(
             "no vision encoder chosen: pick at least one from conf/encoder/, e.g. encoder=[clip_tiny,dino_tiny]"
         )
+    crop = cfg.get("image_crop")
     encoders = {}
     for key, enc_cfg in chosen.items():
         if not isinstance(enc_cfg, DictConfig) or "_target_" not in enc_cfg:
             raise ValueError(f"encoder {key!r} has no _target_; encoder configs live in conf/encoder/<name>.yaml")
         encoders[key] = instantiate(enc_cfg)
+        if crop is not None:  # part of the fingerprint: caches and checkpoints keep preprocessings apart
+            encoders[key].preprocess = encoders[key].preprocess.with_crop_mode(str(crop))
     return encoders
 
 

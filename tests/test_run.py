@@ -12,6 +12,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import open_dict
+from PIL import Image
 
 from fusion.attention import ATTENTION_SCORES
 from fusion.run import build, build_encoders
@@ -89,6 +90,34 @@ def test_unknown_and_empty_encoder_choices_are_named(tmp_path):
         build_encoders(cfg)
     with pytest.raises(Exception, match=r"(?s)task/nope.*shapes"):
         _compose(tmp_path, ["task=nope"])
+
+
+def test_image_crop_makes_every_encoder_see_the_whole_wide_picture(tmp_path):
+    # An NLVR-like 500x100 picture: red, green and blue boxes side by side.
+    picture = Image.new("RGB", (500, 100), "white")
+    for i, colour in enumerate(("red", "lime", "blue")):
+        picture.paste(colour, (20 + 170 * i, 20, 120 + 170 * i, 80))
+
+    def colours_seen(cfg) -> dict[str, set[str]]:
+        seen = {}
+        for name, enc in build_encoders(cfg).items():
+            pre = enc.preprocess
+            pixels = enc.preprocess.transform()(picture)  # (3, H, W), normalized
+            rgb = pixels * torch.tensor(pre.std).view(3, 1, 1) + torch.tensor(pre.mean).view(3, 1, 1)
+            red, green, blue = ((rgb[c] > 0.6) & (rgb.sum(0) < 1.4) for c in range(3))
+            seen[name] = {n for n, mask in zip(("red", "green", "blue"), (red, green, blue), strict=True) if mask.any()}
+        return seen
+
+    own = colours_seen(_compose(tmp_path, ["+experiment=shapes"]))
+    assert all(seen == {"green"} for seen in own.values()), own  # the centre crop: the middle box only
+    squashed = _compose(tmp_path, ["+experiment=shapes", "image_crop=squash"])
+    assert all(seen == {"red", "green", "blue"} for seen in colours_seen(squashed).values())
+    # Part of the fingerprint, so caches and checkpoints of the two preprocessings never mix.
+    fingerprints = [next(iter(build_encoders(c).values())).fingerprint() for c in (_compose(tmp_path, []), squashed)]
+    assert fingerprints[0]["preprocess"]["crop_mode"] != fingerprints[1]["preprocess"]["crop_mode"]
+    with pytest.raises(ValueError, match=r"image_crop='stretch': expected one of center, squash, border"):
+        build_encoders(_compose(tmp_path, ["image_crop=stretch"]))
+    assert _compose(tmp_path, ["+experiment=nlvr"]).image_crop == "squash"
 
 
 def test_unknown_drop_encoder_is_named(tmp_path):
