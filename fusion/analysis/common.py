@@ -29,6 +29,7 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
+from lightning_utilities.core.apply_func import apply_to_collection
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.loggers import Logger
 from torch import nn
@@ -80,17 +81,12 @@ class AnalysisContext:
 def move_batch(batch: Any, device: torch.device | str, dtype: torch.dtype | None = None) -> Any:
     """``batch`` with every tensor inside it (dicts, lists and tuples, nested) on ``device``; floating-point
     tensors also cast to ``dtype`` when given (token ids, labels and masks keep theirs). Other values as they are."""
-    if isinstance(batch, torch.Tensor):
-        if dtype is not None and batch.is_floating_point():
-            return batch.to(device=device, dtype=dtype)
-        return batch.to(device=device)
-    if isinstance(batch, Mapping):
-        return {key: move_batch(value, device, dtype) for key, value in batch.items()}
-    if isinstance(batch, list):
-        return [move_batch(value, device, dtype) for value in batch]
-    if isinstance(batch, tuple):
-        return tuple(move_batch(value, device, dtype) for value in batch)
-    return batch
+
+    def move(tensor: torch.Tensor) -> torch.Tensor:
+        cast = dtype if dtype is not None and tensor.is_floating_point() else None
+        return tensor.to(device=device, dtype=cast)
+
+    return apply_to_collection(batch, torch.Tensor, move)
 
 
 DEVICES = "cpu, cuda, cuda:<index>, or null (cuda if trainer.accelerator is gpu/cuda/auto and CUDA is available)"

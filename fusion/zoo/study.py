@@ -24,6 +24,7 @@ import argparse
 import csv
 import json
 import math
+import statistics
 from pathlib import Path
 from typing import Any
 
@@ -68,9 +69,8 @@ def collect(sweep_dir: str | Path) -> list[dict[str, Any]]:
 def spread(values: list[float]) -> dict[str, Any]:
     """``mean``, sample ``std`` (ddof=1; None for one value), ``min``, ``max`` and ``n`` of ``values``."""
     n = len(values)
-    mean = sum(values) / n
-    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else None
-    return {"mean": mean, "std": std, "min": min(values), "max": max(values), "n": n}
+    std = statistics.stdev(values) if n > 1 else None
+    return {"mean": statistics.fmean(values), "std": std, "min": min(values), "max": max(values), "n": n}
 
 
 def aggregate(rows: list[dict[str, Any]], metric: str = "test/acc") -> list[dict[str, Any]]:
@@ -119,11 +119,12 @@ def summarize(rows: list[dict[str, Any]], metric: str) -> dict[str, Any]:
         by_seed = sorted(entry["by_seed"].items(), key=lambda item: _seed_key(item[0]))
         return {
             "subset": entry["subset"], metric: stats["mean"], "std": stats["std"], "min": stats["min"],
-            "max": stats["max"], "n": stats["n"], "per_seed": {_seed_name(s): _mean(vs) for s, vs in by_seed},
+            "max": stats["max"], "n": stats["n"],
+            "per_seed": {_seed_name(s): statistics.fmean(vs) for s, vs in by_seed},
         }
 
     def mean_of(entry: dict[str, Any]) -> float:
-        return _mean([v for vs in entry["by_seed"].values() for v in vs])
+        return statistics.fmean([v for vs in entry["by_seed"].values() for v in vs])
 
     best = lambda es: max(es, key=mean_of) if es else None  # noqa: E731
     singles = [e for e in per_subset.values() if e["size"] == 1]
@@ -147,7 +148,7 @@ def summarize(rows: list[dict[str, Any]], metric: str) -> dict[str, Any]:
         single = best(singles)["by_seed"]
         for key, entry in (("fused", best(fused)), ("all", full)):
             shared = [s for s in seeds if s in single and s in entry["by_seed"]]
-            gains = {_seed_name(s): _mean(entry["by_seed"][s]) - _mean(single[s]) for s in shared}
+            gains = {_seed_name(s): statistics.fmean(entry["by_seed"][s]) - statistics.fmean(single[s]) for s in shared}
             stats = spread(list(gains.values())) if gains else None
             out[f"{key}_gain"] = stats["mean"] if stats else None
             out[f"{key}_gain_per_seed"] = gains
@@ -243,10 +244,6 @@ def _plot(rows: list[dict[str, Any]], table: list[dict[str, Any]], metric: str, 
 
 def _is_number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
-
-
-def _mean(values: list[float]) -> float:
-    return sum(values) / len(values)
 
 
 def _seed_key(seed: Any) -> tuple[int, Any]:
