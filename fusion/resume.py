@@ -129,7 +129,9 @@ def resume_path(ckpt_path: str | None, run_dir: Path) -> Path | None:
     found = run_checkpoints(run_dir)
     if not found:
         return None
-    return max(found, key=lambda p: (_global_step(p), p.stat().st_mtime))
+    # On a tie the requeue checkpoint wins: it holds the exact mid-epoch loop state, while the last.ckpt
+    # Lightning writes as training stops for the requeue (same step, written later) marks the epoch as done.
+    return max(found, key=lambda p: (_global_step(p), p.name == "last_requeue.ckpt", p.stat().st_mtime))
 
 
 def check_compatible(path: Path, model: torch.nn.Module, skip_prefix: str = "encoders.") -> None:
