@@ -13,6 +13,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from fusion.cache import FeatureCache, ensure_cache, images_of
+from fusion.distributed import EvalShardSampler, is_distributed
 from fusion.images import load_image
 from fusion.resume import ResumableSampler, data_position
 from fusion.tasks.base import Example, VLTask
@@ -229,6 +230,8 @@ class FusionDataModule(pl.LightningDataModule):
             sampler = ResumableSampler(dataset, seed=self.seed, epoch=at.get("epoch", 0), skip=skip)
             # Workers' seeds from their own generator: making an iterator never draws from the global RNG.
             generator = torch.Generator().manual_seed(self.seed)
+        elif is_distributed():
+            sampler = EvalShardSampler(dataset)  # each example once: no padding counted twice by the metrics
         return DataLoader(
             dataset,
             batch_size=batch_size,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -10,6 +11,7 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.loggers import WandbLogger
 from torch import nn
+from torchmetrics import MeanMetric
 from transformers import get_cosine_schedule_with_warmup
 
 from fusion.distributed import gather_prediction_rows
@@ -21,6 +23,8 @@ from fusion.model import FusionModel, FusionOutput
 from fusion.stats import AttentionOverEncoders, save_stats, scalar_metrics, stats_rows
 from fusion.tasks.base import VLTask
 from fusion.text import TextEncoder
+
+log = logging.getLogger(__name__)
 
 ENCODER_PREFIX = "encoders."
 
@@ -69,6 +73,10 @@ class FusionLitModule(pl.LightningModule):
         self.head = head(width=self.fusion.width, num_classes=task.num_classes)
         self.ve_dropout = EncoderDropout(self.encoder_names, p=ve_dropout, drop_encoders=list(drop_encoders))
         self.metrics = nn.ModuleDict({stage: task.metric() for stage in ("val", "test")})
+        # The evaluation loss, per example over all ranks. Not self.log(sync_dist=True): Lightning mean-syncs its
+        # integer batch-size count, which floors when ranks hold unequal shares (Lightning issue #21838). A
+        # batch without any labelled example has a NaN loss and is left out; a split without labels, no loss.
+        self.eval_loss = nn.ModuleDict({stage: MeanMetric(nan_strategy="ignore") for stage in ("val", "test")})
         self.attention_stats = attention_stats
         self.attn_stats = nn.ModuleDict(
             {
@@ -133,7 +141,7 @@ class FusionLitModule(pl.LightningModule):
     def _eval_step(self, batch: Mapping[str, Any], stage: str) -> None:
         logits, out = self(batch, output_attentions=self.attention_stats)
         size = batch["labels"].shape[0]
-        self.log(f"{stage}/loss", self.task.loss(logits, batch), batch_size=size, sync_dist=True)
+        self.eval_loss[stage].update(self.task.loss(logits, batch).detach().float(), weight=size)
         self.task.update_metric(self.metrics[stage], logits, batch)
         if self.predictions_path is not None:
             self._prediction_rows.extend(self.task.prediction_rows(logits, batch))
@@ -161,17 +169,35 @@ class FusionLitModule(pl.LightningModule):
             if self.trainer.is_global_zero:
                 self.task.write_predictions(rows, self.predictions_path)
         self._prediction_rows = []
-        metric = self.metrics[stage]
-        name = self.task.metric_name
-        values = {f"{stage}/{name}" + (f"_{k}" if k else ""): v for k, v in metric.compute().items()}
-        metric.reset()
-        headline = f"{stage}/{name}"
-        self.log(headline, values.pop(headline), prog_bar=stage == "val")
-        self.log_dict(values)
+        if self._scored(stage):
+            self._log_task_metrics(stage)
+        self.metrics[stage].reset()
+        self.eval_loss[stage].reset()
         if self.attention_stats:
             self._end_attention_stats(stage)
         if self.fuser_stats is not None:
             self._end_fuser_stats(stage)
+
+    def _scored(self, stage: str) -> bool:
+        """Whether the split evaluated in ``stage`` has labels; an unlabelled one gets predictions, no metrics
+        (its accuracy would read 0 and its loss would be of nothing)."""
+        datamodule = getattr(self.trainer, "datamodule", None)
+        split = getattr(datamodule, "val_split", self.task.val_split) if stage == "val" else self.task.test_split
+        if self.task.is_labelled(split):
+            return True
+        if not self.trainer.sanity_checking:
+            log.info("split %s has no labels: predictions only, no %s metrics", split, stage)
+        return False
+
+    def _log_task_metrics(self, stage: str) -> None:
+        name = self.task.metric_name
+        values = {f"{stage}/{name}" + (f"_{k}" if k else ""): v for k, v in self.metrics[stage].compute().items()}
+        headline = f"{stage}/{name}"
+        self.log(headline, values.pop(headline), prog_bar=stage == "val")
+        self.log_dict(values)
+        loss = self.eval_loss[stage].compute()  # synced: the same on every rank
+        if not torch.isnan(loss):
+            self.log(f"{stage}/loss", loss)
 
     def _end_attention_stats(self, stage: str) -> None:
         stats = self.attn_stats[stage].compute()

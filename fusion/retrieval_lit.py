@@ -81,8 +81,8 @@ class Gallery:
 
     @staticmethod
     def merge(parts: list[Gallery]) -> Gallery:
-        """One gallery from the galleries of several processes, each image and caption once (a distributed
-        sampler hands some examples to two processes to even out the split)."""
+        """One gallery from the galleries of several processes, each image and caption once (an image's captions
+        are shared out to several processes, and a padding distributed sampler hands some examples to two)."""
         out = Gallery()
         seen: set[str] = set()
         for part in parts:

@@ -7,7 +7,7 @@ import pytest
 import torch
 from analysis_helpers import ENCODERS, run_mode, tiny_checkpoint
 
-from fusion.analysis.causal_trace import position_labels
+from fusion.analysis.causal_trace import _order, position_labels
 from fusion.analysis.pairs import DEFAULT_SWAPS, swap_word
 from fusion.analysis.shapes_scene import scene_answers
 from fusion.model import CLS_GROUP, TEXT_GROUP
@@ -94,3 +94,13 @@ def test_encoder_swap_and_pair_file(checkpoint, tmp_path):
 def test_position_labels():
     groups = torch.tensor([CLS_GROUP, TEXT_GROUP, TEXT_GROUP, 0, 0, 1])
     assert position_labels(groups, ["a", "b"]) == ["[CLS]", "text 0", "text 1", "a[0]", "a[1]", "b[0]"]
+
+
+def test_position_labels_name_the_image_when_an_example_has_two():
+    # NLVR2: image 0's tokens (a, a, b), then image 1's (the fuser's token groups repeated per image).
+    groups = torch.tensor([CLS_GROUP, TEXT_GROUP, 0, 0, 1, 0, 0, 1])
+    labels = position_labels(groups, ["a", "b"], num_images=2)
+    assert labels == ["[CLS]", "text 0", "img0 a[0]", "img0 a[1]", "img0 b[0]", "img1 a[0]", "img1 a[1]",
+                      "img1 b[0]"]
+    # The report's order: [CLS], text, then image by image, each encoder's tokens in order.
+    assert _order(list(reversed(labels)), ["a", "b"]) == labels

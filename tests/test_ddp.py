@@ -21,15 +21,15 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-# 32/4/8 shapes images, three questions each: 96 train, 12 val and 24 test questions. Lightning gives the
-# evaluation loaders a DistributedSampler(shuffle=False), which pads a split whose size is not a multiple of
-# the world size with its first examples (the metrics would count them twice; Lightning has no un-padded
-# sampler outside predict): 24 test questions split evenly, 12 per rank, so one and two processes see the
-# same examples. (Batches of 4: three per rank; the loss is averaged per sample, so batching does not matter.)
-NUM_TEST = 24
+# 32/4/9 shapes images, three questions each: 96 train, 12 val and 27 test questions. 27 does not split evenly
+# over two ranks: Lightning's own DistributedSampler(shuffle=False) would pad rank 1's share with the first
+# question (counted twice by the metrics); fusion's EvalShardSampler gives rank 0 14 questions (four batches
+# of 4, the last of 2) and rank 1 13 (the last batch of 1), so the ranks run as many batches but not as many
+# examples, and the metrics must still equal one process's. (The loss is averaged per sample.)
+NUM_TEST = 27
 TINY = [
     "+experiment=shapes", "encoder=[clip_tiny,dino_tiny]", "fusion=gated", "task.num_train=32", "task.num_val=4",
-    "task.num_test=8", "data.batch_size=4", "data.num_workers=0", "fusion.width=32", "fusion.depth=1",
+    "task.num_test=9", "data.batch_size=4", "data.num_workers=0", "fusion.width=32", "fusion.depth=1",
     "fusion.num_heads=2", "fusion.dropout=0.0", "model.lr=3e-3",
 ]
 DDP = ["trainer.accelerator=cpu", "trainer.devices=2", "+trainer.strategy=ddp"]
@@ -99,7 +99,8 @@ def test_two_processes_report_the_single_process_metrics_and_statistics(runs, la
     one, two = runs["one"], runs[launcher]
     m1, m2 = (json.loads((r / "metrics.json").read_text()) for r in (one, two))
     # Accuracy, the per-question-type accuracies, the loss and the majority baseline.
-    assert {"test/acc", "test/acc_color", "test/acc_shape", "test/acc_count", "test/acc_position"} <= set(m1)
+    keys = {"test/acc", "test/acc_color", "test/acc_shape", "test/acc_count", "test/acc_position", "test/loss"}
+    assert keys <= set(m1)
     _assert_close(m1, m2)
     # Every logged scalar, the attention masses (test/attn/...) and fuser weights (test/fuser/...) included.
     logged1, logged2 = _logged_test_values(one), _logged_test_values(two)
@@ -178,9 +179,21 @@ def test_a_ddp_run_writes_each_output_once_from_rank_zero(runs):
 def test_interleave_restores_the_split_order_and_drops_the_sampler_padding():
     from torch.utils.data import DistributedSampler
 
-    from fusion.distributed import interleave
+    from fusion.distributed import EvalShardSampler, interleave
 
     for total, world in ((10, 2), (11, 2), (7, 3), (2, 4)):
-        shares = [list(DistributedSampler(range(total), num_replicas=world, rank=r, shuffle=False))
-                  for r in range(world)]
-        assert interleave(shares, total) == list(range(total))
+        for sampler in (DistributedSampler, EvalShardSampler):
+            kwargs = {"shuffle": False} if sampler is DistributedSampler else {}
+            shares = [list(sampler(range(total), num_replicas=world, rank=r, **kwargs)) for r in range(world)]
+            assert interleave(shares, total) == list(range(total))
+
+
+def test_eval_shard_sampler_hands_each_example_to_exactly_one_rank():
+    from fusion.distributed import EvalShardSampler
+
+    for total, world in ((10, 2), (11, 2), (7, 3), (2, 4), (0, 2)):
+        shares = [EvalShardSampler(range(total), num_replicas=world, rank=r) for r in range(world)]
+        seen = [i for share in shares for i in share]
+        assert sorted(seen) == list(range(total))  # no example twice, none left out
+        assert [len(share) for share in shares] == [len(list(share)) for share in shares]
+        assert max(map(len, shares)) - min(map(len, shares)) <= 1

@@ -205,3 +205,12 @@ def test_train_then_eval_writes_the_submission_file(data, tmp_path):
     for row in rows:
         assert set(row) == {"questionId", "prediction"} and isinstance(row["questionId"], str)
         assert row["prediction"] in vocab
+
+    # The unanswered submission questions: predictions for both, and no loss (nothing to compute it on).
+    submission = tmp_path / "eval_submission"
+    proc = _run("eval.py", [*common, f"ckpt_path={ckpt}", "split=submission", f"hydra.run.dir={submission}"],
+                tmp_path)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert sorted(r["questionId"] for r in json.loads((submission / "predictions.json").read_text())) == ["s1", "s2"]
+    metrics = json.loads((submission / "metrics.json").read_text())
+    assert not any(key.endswith("/loss") for key in metrics), metrics

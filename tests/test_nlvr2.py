@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from entrypoints import FAST, train_then_eval
+from entrypoints import FAST, run, train_then_eval
 from PIL import Image
 
 from fusion.tasks.nlvr2 import NLVR2Task, image_names, sentence_group
@@ -185,3 +185,25 @@ def test_train_then_eval_writes_metrics_and_the_official_csv(tmp_path):
     metrics = done.eval_metrics
     assert metrics["dev/acc"] == pytest.approx(accuracy)
     assert metrics["dev/acc_consistency"] == pytest.approx(consistency)
+
+
+def test_causal_trace_labels_each_images_tokens(tmp_path):
+    """Causal tracing on a two-image checkpoint: the report's positions say which image a visual token is
+    from, and restoring every position still gives the clean run's score exactly."""
+    root = write_nlvr2(tmp_path / "nlvr2")
+    args = ["+experiment=nlvr2", f"task.root={root}", *FAST]
+    run_dir, out = tmp_path / "train_run", tmp_path / "trace"
+    trained = run("train.py", [*args, "trainer.max_epochs=1", f"hydra.run.dir={run_dir}"], tmp_path)
+    assert trained.returncode == 0, trained.stderr[-4000:]
+    traced = run("eval.py", [*args, "mode=causal_trace", f"ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}",
+                             "split=dev", "analysis.causal_trace.corrupt=encoder:clip_tiny",
+                             "analysis.causal_trace.min_effect=-1", f"hydra.run.dir={out}"], tmp_path)
+    assert traced.returncode == 0, traced.stderr[-4000:]
+    results = json.loads((out / "causal_trace" / "results.json").read_text())
+    positions = results["positions"]
+    assert positions[:2] == ["[CLS]", "text 0"]
+    for image in ("img0", "img1"):
+        assert f"{image} clip_tiny[0]" in positions and f"{image} dino_tiny[0]" in positions
+    visual = [p for p in positions if p.startswith("img")]
+    assert visual == sorted(visual, key=lambda p: p.split(" ")[0])  # image 0's tokens, then image 1's
+    assert results["num_pairs"] == len(DEV) and results["restore_all_exact"] and results["restore_none_exact"]

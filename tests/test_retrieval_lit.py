@@ -143,7 +143,7 @@ def test_merged_galleries_hold_each_image_and_caption_once():
                     torch.ones(len(ids), 2))
         return g
 
-    # The second process got image k1 and caption c1 too (a distributed sampler pads the split).
+    # The second process got image k1 (another of its captions) and caption c1 too (a padding sampler).
     merged = Gallery.merge([gallery(["k1", "k2"], [("c1", "k1"), ("c2", "k2")]),
                             gallery(["k3", "k1"], [("c3", "k3"), ("c1", "k1")])])
     features, _, states, _, _ = merged.stacked()

@@ -185,6 +185,7 @@ def test_a_split_without_annotations_is_unlabelled(data, tmp_path, caplog):
     assert metric.count.sum() == 0
     assert task.prediction_rows(logits, batch) == [{"question_id": 21000, "answer": "red"}]
     assert task.majority_accuracy("test-dev2015") is None
+    assert not task.is_labelled("test-dev2015") and task.is_labelled("val2014")  # eval.py: predictions only
 
 
 def _edit(path: Path, edit) -> None:

@@ -115,17 +115,28 @@ def answer_prob(logits: torch.Tensor, answer: torch.Tensor) -> torch.Tensor:
     return logits.float().softmax(-1).gather(1, answer[:, None]).squeeze(1)
 
 
-def position_labels(key_groups: torch.Tensor, encoder_names: Sequence[str]) -> list[str]:
-    """One label per sequence position: ``[CLS]``, ``text <i>``, ``<encoder>[<i>]`` (``fused[<i>]``)."""
-    labels, seen = [], {}
-    for g in key_groups.tolist():
+def position_labels(key_groups: torch.Tensor, encoder_names: Sequence[str], num_images: int = 1) -> list[str]:
+    """One label per sequence position: ``[CLS]``, ``text <i>``, ``<encoder>[<i>]`` (``fused[<i>]``); with
+    ``num_images`` I > 1 (the visual tokens are image 0's, then image 1's, ...) ``img<k> <encoder>[<i>]``."""
+    groups = key_groups.tolist()
+    visual = sum(g not in (CLS_GROUP, TEXT_GROUP) for g in groups)
+    per_image = max(visual // num_images, 1)
+    labels, seen, v = [], {}, 0
+    for g in groups:
         if g == CLS_GROUP:
             labels.append("[CLS]")
             continue
-        name = "text" if g == TEXT_GROUP else encoder_names[g] if g >= 0 else "fused"
-        i = seen.get(name, 0)
-        seen[name] = i + 1
-        labels.append(f"text {i}" if name == "text" else f"{name}[{i}]")
+        if g == TEXT_GROUP:
+            i = seen.get("text", 0)
+            seen["text"] = i + 1
+            labels.append(f"text {i}")
+            continue
+        name = encoder_names[g] if g >= 0 else "fused"
+        image, v = v // per_image, v + 1
+        counter = (image, name)
+        i = seen.get(counter, 0)
+        seen[counter] = i + 1
+        labels.append(f"img{image} {name}[{i}]" if num_images > 1 else f"{name}[{i}]")
     return labels
 
 
@@ -173,7 +184,7 @@ def causal_trace(ctx: AnalysisContext) -> dict[str, Any]:
             patcher.recording = False
             s_corr, _ = scores(ctx, corrupted, answer)
             visible = out.key_mask  # (B, S): pads are no position of the pair
-            labels = position_labels(out.key_groups, ctx.encoder_names)
+            labels = position_labels(out.key_groups, ctx.encoder_names, fusion.num_images)
             for layer in range(layers):
                 patcher.action = ("positions", layer, range(len(labels)))
                 restored, _ = scores(ctx, corrupted, answer)
@@ -218,16 +229,17 @@ def causal_trace(ctx: AnalysisContext) -> dict[str, Any]:
 
 
 def _order(labels: Sequence[str], encoder_names: Sequence[str]) -> list[str]:
-    """[CLS], text positions in order, then each encoder's (and fused) tokens in order."""
+    """[CLS], text positions in order, then each encoder's (and fused) tokens in order, image by image."""
     groups = ["[CLS]", "text", *encoder_names, "fused"]
 
-    def key(label: str) -> tuple[int, int]:
+    def key(label: str) -> tuple[int, int, int]:
         if label == "[CLS]":
-            return 0, 0
+            return 0, 0, 0
         if label.startswith("text "):
-            return 1, int(label.split(" ")[1])
-        name, index = label[:-1].split("[")
-        return groups.index(name), int(index)
+            return 1, 0, int(label.split(" ")[1])
+        image, _, token = label.rpartition(" ")
+        name, index = token[:-1].split("[")
+        return 2 + (int(image[3:]) if image else 0), groups.index(name), int(index)
 
     return sorted(labels, key=key)
 

@@ -90,6 +90,11 @@ class VLTask(ABC):
         """The splits training uses: train, validation, test."""
         return (self.train_split, self.val_split, self.test_split)
 
+    def is_labelled(self, split: str) -> bool:
+        """Whether ``split`` has anything to score (a label or human answers); a split without any (VQAv2
+        test-dev, GQA's submission questions) gets predictions only."""
+        return any(e.label >= 0 or e.answers for e in self.examples(split))
+
     def check_split(self, split: str) -> None:
         """Fail early, naming the split, if its data cannot be read (``examples`` raises)."""
         self.examples(split)
