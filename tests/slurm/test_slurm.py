@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = [
@@ -69,6 +70,37 @@ def test_subset_sweep_is_one_job_array_and_collects_to_seven_rows(slurm_cluster,
     assert len({r["encoders"] for r in rows}) == 7
     # Each element matched to its own array task by the job id Hydra recorded (<array job>_<index>).
     assert sorted(r["launcher_id"] for r in rows) == sorted("_".join(t) for t in tasks)
+
+
+def test_optuna_search_runs_its_trials_as_slurm_jobs_and_collects_them(slurm_cluster, tmp_path):
+    """hparams_search=optuna through hydra/launcher=slurm: each batch of trials (one here) is a SLURM job, the
+    sweeper gets every trial's validation metric back, and collect matches each trial to its own job."""
+    logs = tmp_path / "logs"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), "hparams_search=optuna", "+experiment=shapes", "encoder=[clip_tiny]",
+         "hydra/launcher=slurm", "hydra.launcher.cpus_per_task=1", "hydra.launcher.timeout_min=20",
+         "hydra.launcher.partition=debug", "hydra.sweeper.n_trials=2", "hydra.sweeper.n_jobs=1",
+         "fusion.width=choice(32,64)", "trainer.max_epochs=1", "+trainer.limit_train_batches=1",
+         *(a for a in TINY if not a.startswith("fusion.width="))],
+        cwd=tmp_path, env=_env(tmp_path), capture_output=True, text=True, timeout=1500,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (sweep,) = (logs / "train" / "multiruns").iterdir()
+    # A batch of one trial is a plain job (<job id>), a larger batch an array (<array job>_<index>).
+    jobs = sorted(p.name for p in (sweep / ".submitit").iterdir() if re.fullmatch(r"\d+(_\d+)?", p.name))
+    assert len(jobs) == 2 and len({j.split("_")[0] for j in jobs}) == 2  # two batches: two SLURM jobs
+    best = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
+    assert set(best["best_params"]) == {"model.lr", "model.ve_dropout", "fusion.width"}
+    assert 0.0 <= best["best_value"] <= 1.0
+    proc = subprocess.run([sys.executable, str(ROOT / "eval.py"), "mode=collect", f"sweep_dir={sweep}"],
+                          cwd=tmp_path, env=_env(tmp_path), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = list(csv.DictReader((sweep / "results.csv").open()))
+    assert len(rows) == 2 and all(r["status"] == "ok" for r in rows)
+    assert sorted(r["launcher_id"] for r in rows) == jobs
+    # The value the sweeper optimised is a trial's val/acc as its metrics.json has it.
+    trial_values = [json.loads(m.read_text())["val/acc"] for m in sweep.glob("*/metrics.json")]
+    assert best["best_value"] == pytest.approx(max(trial_values))
 
 
 def test_plain_sbatch_array_elements_failing_before_hydra_are_collected_with_their_reason(slurm_cluster, tmp_path):
