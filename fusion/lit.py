@@ -77,6 +77,7 @@ class FusionLitModule(pl.LightningModule):
         # integer batch-size count, which floors when ranks hold unequal shares (Lightning issue #21838). A
         # batch without any labelled example has a NaN loss and is left out; a split without labels, no loss.
         self.eval_loss = nn.ModuleDict({stage: MeanMetric(nan_strategy="ignore") for stage in ("val", "test")})
+        self.train_acc = MeanMetric()
         self.attention_stats = attention_stats
         self.attn_stats = nn.ModuleDict(
             {
@@ -131,10 +132,10 @@ class FusionLitModule(pl.LightningModule):
         loss = self.task.loss(logits, batch)
         size = batch["labels"].shape[0]
         self.log("train/loss", loss, prog_bar=True, batch_size=size)
-        labelled = batch["labels"] >= 0
-        if bool(labelled.any()):
-            acc = (logits.argmax(-1) == batch["labels"])[labelled].float().mean()
-            self.log("train/acc", acc, prog_bar=True, on_step=False, on_epoch=True, batch_size=size)
+        # Every labelled example of the epoch, on every rank (unlabelled ones weigh nothing).
+        hits = (logits.argmax(-1) == batch["labels"]).float()
+        self.train_acc.update(hits, weight=(batch["labels"] >= 0).float())
+        self.log("train/acc", self.train_acc, prog_bar=True, on_step=False, on_epoch=True)
         return loss
 
     # ---- evaluation ----------------------------------------------------------------------------

@@ -168,6 +168,9 @@ def test_a_ddp_run_writes_each_output_once_from_rank_zero(runs):
     assert len([r for r in rows if r.get("test/acc")]) == 1
     steps = [(r["epoch"], r["step"]) for r in rows if r.get("train/loss")]
     assert len(steps) == len(set(steps))
+    # Training accuracy once per epoch (a torchmetrics mean over both ranks' examples), a fraction of the 96.
+    train_acc = [float(r["train/acc"]) for r in rows if r.get("train/acc")]
+    assert len(train_acc) == EPOCHS and all(abs(a * 96 - round(a * 96)) < 1e-3 for a in train_acc), train_acc
     # One offline wandb run, the one whose id the run folder keeps for a requeued job.
     (wandb_run,) = (train / "wandb").glob("offline-run-*")
     assert wandb_run.name.endswith("-" + (train / "wandb_id").read_text().strip())
