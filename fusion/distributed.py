@@ -74,7 +74,7 @@ def gather_prediction_rows(trainer: pl.Trainer, stage: str, rows: list[Any]) -> 
 
     In a single process, or when the loader was not split across ranks, ``rows`` as they are.
     """
-    if trainer.world_size <= 1 or not is_distributed():
+    if not is_distributed():
         return rows
     loader = _eval_loader(trainer, stage)
     if loader is None or not isinstance(loader.sampler, DistributedSampler):

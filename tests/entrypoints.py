@@ -44,14 +44,22 @@ class TrainedAndEvaluated:
         return json.loads((self.out / "metrics.json").read_text())
 
 
+def train_one_epoch(
+    args: Sequence[str], run_dir: Path, tmp_path: Path, train_args: Sequence[str] = ()
+) -> subprocess.CompletedProcess:
+    """One epoch of ``train.py <args>`` into ``run_dir`` (``run_dir/checkpoints/last.ckpt``); it must succeed."""
+    trained = run("train.py", [*args, "trainer.max_epochs=1", f"hydra.run.dir={run_dir}", *train_args], tmp_path)
+    assert trained.returncode == 0, trained.stderr[-4000:]
+    return trained
+
+
 def train_then_eval(
     args: list[str], split: str, tmp_path: Path, train_args: Sequence[str] = (), eval_args: Sequence[str] = ()
 ) -> TrainedAndEvaluated:
     """One epoch of ``train.py <args>``, then ``eval.py <args>`` of its last checkpoint on ``split``; both must
     succeed (the assertion shows the end of the failing one's stderr)."""
     run_dir, out = tmp_path / "train_run", tmp_path / "eval_run"
-    trained = run("train.py", [*args, "trainer.max_epochs=1", f"hydra.run.dir={run_dir}", *train_args], tmp_path)
-    assert trained.returncode == 0, trained.stderr[-4000:]
+    trained = train_one_epoch(args, run_dir, tmp_path, train_args)
     ckpt = run_dir / "checkpoints" / "last.ckpt"
     evaluated = run("eval.py", [*args, f"ckpt_path={ckpt}", f"split={split}", f"hydra.run.dir={out}", *eval_args],
                     tmp_path)

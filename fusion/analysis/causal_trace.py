@@ -32,6 +32,7 @@ Pairs whose corruption lowers the score by less than ``min_effect`` are left out
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -119,24 +120,21 @@ def position_labels(key_groups: torch.Tensor, encoder_names: Sequence[str], num_
     """One label per sequence position: ``[CLS]``, ``text <i>``, ``<encoder>[<i>]`` (``fused[<i>]``); with
     ``num_images`` I > 1 (the visual tokens are image 0's, then image 1's, ...) ``img<k> <encoder>[<i>]``."""
     groups = key_groups.tolist()
-    visual = sum(g not in (CLS_GROUP, TEXT_GROUP) for g in groups)
-    per_image = max(visual // num_images, 1)
-    labels, seen, v = [], {}, 0
+    per_image = max(sum(g not in (CLS_GROUP, TEXT_GROUP) for g in groups) // num_images, 1)
+    labels: list[str] = []
+    counts: Counter = Counter()  # tokens labelled so far: "text", or (image, encoder)
+    visual = 0
     for g in groups:
         if g == CLS_GROUP:
             labels.append("[CLS]")
-            continue
-        if g == TEXT_GROUP:
-            i = seen.get("text", 0)
-            seen["text"] = i + 1
-            labels.append(f"text {i}")
-            continue
-        name = encoder_names[g] if g >= 0 else "fused"
-        image, v = v // per_image, v + 1
-        counter = (image, name)
-        i = seen.get(counter, 0)
-        seen[counter] = i + 1
-        labels.append(f"img{image} {name}[{i}]" if num_images > 1 else f"{name}[{i}]")
+        elif g == TEXT_GROUP:
+            labels.append(f"text {counts['text']}")
+            counts["text"] += 1
+        else:
+            name, image = (encoder_names[g] if g >= 0 else "fused"), visual // per_image
+            visual += 1
+            labels.append(f"img{image} " * (num_images > 1) + f"{name}[{counts[image, name]}]")
+            counts[image, name] += 1
     return labels
 
 
