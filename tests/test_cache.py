@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import pickle
+import re
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -149,6 +151,30 @@ def test_other_encoder_config_is_refused_naming_the_field(enc, images, tmp_path,
     # rebuild=True builds the new configuration's own cache beside the old one.
     new = ensure_cache(other, images, tmp_path / "cache", **FAST)
     assert new.path != old.path and new.fingerprint[field] == configured
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("input_size", (48, 48)), ("mean", (0.5, 0.5, 0.5)), ("std", (0.25, 0.25, 0.25)), ("interpolation", "bilinear")],
+    ids=["size", "mean", "std", "interpolation"],
+)
+def test_other_preprocessing_is_refused_naming_the_field(enc, images, tmp_path, field, value):
+    old = ensure_cache(enc, images, tmp_path / "cache", dtype="float32", **FAST)
+    other = tiny_encoder("clip_tiny")  # same weights and layer: only the preprocessing differs
+    other.preprocess = replace(other.preprocess, **{field: value})
+    cached, configured = old.fingerprint["preprocess"][field], list(value) if isinstance(value, tuple) else value
+    values = f"cached {cached!r}, configured {configured!r}"
+    with pytest.raises(FingerprintMismatchError, match=rf"{old.path}.*preprocess\.{field}: {re.escape(values)}"):
+        ensure_cache(other, images, tmp_path / "cache", dtype="float32", rebuild=False, **FAST)
+    with pytest.raises(FingerprintMismatchError, match=rf"preprocess\.{field}: cached"):
+        FeatureCache(old.path, cache_fingerprint(other, "float32"))
+    if field == "interpolation":  # rebuild=True: a cache of the new preprocessing beside the old one
+        new = ensure_cache(other, images, tmp_path / "cache", dtype="float32", **FAST)
+        keys = sorted(images)
+        assert new.path != old.path and new.fingerprint["preprocess"][field] == value
+        assert torch.equal(new.get(keys), online(other, images, keys))
+        assert not torch.equal(new.get(keys), old.get(keys))  # the pixels, hence the features, differ
+        assert torch.equal(FeatureCache(old.path).get(keys), old.get(keys))  # the old cache is left as it was
 
 
 def test_dtype_is_part_of_the_fingerprint(enc, images, tmp_path):
