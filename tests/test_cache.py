@@ -241,6 +241,39 @@ def test_ensure_merges_finished_shards(enc, images, tmp_path):
     assert calls == [] and cache.meta["merged_from"] == 2 and len(cache) == len(images)
 
 
+def test_shards_of_more_images_than_requested_are_merged_whole(enc, images, tmp_path):
+    """Extract every split in shards, then evaluate on one split: the shards merge, nothing is encoded."""
+    parts = [build_cache(enc, images, tmp_path, dtype="float32", shard=i, num_shards=2, **FAST) for i in range(2)]
+    one_split = {k: images[k] for k in sorted(images)[2:5]}  # spans both shards
+    calls = []
+    cache = ensure_cache(enc, one_split, tmp_path, dtype="float32", on_batch=calls.append, **FAST)
+    assert calls == [] and cache.meta["merged_from"] == 2
+    assert cache.keys == sorted(images)  # all the shards' images, in the unsharded order
+    keys = sorted(images)
+    assert torch.equal(cache.get(keys), online(enc, images, keys))
+    assert not any(p.path.exists() for p in parts)
+    # A later request for the other images is served by the merged cache as it is.
+    assert ensure_cache(enc, images, tmp_path, dtype="float32", on_batch=calls.append, **FAST).path == cache.path
+    assert calls == []
+
+
+def test_shards_lacking_requested_images_are_not_merged(enc, images, tmp_path, caplog):
+    extracted = {k: images[k] for k in sorted(images)[:5]}
+    parts = [build_cache(enc, extracted, tmp_path, dtype="float32", shard=i, num_shards=2, **FAST) for i in range(2)]
+    fp = cache_fingerprint(enc, "float32")
+    lacking = r"cannot merge the shards of .*/clip_tiny-\w+: they hold 5 images but lack 2 of the 7 requested "
+    with pytest.raises(CacheKeyError, match=lacking + r"\(first: 'set/005', 'set/006'\)"):
+        merge_shards(tmp_path, fp, 2, keys=sorted(images))
+    assert not cache_path(tmp_path, fp).exists() and all(p.path.exists() for p in parts)  # nothing written
+    calls = []
+    with caplog.at_level("WARNING", logger="fusion.cache.build"):
+        cache = ensure_cache(enc, images, tmp_path, dtype="float32", on_batch=calls.append, **FAST)
+    assert "lack 2 of the 7 requested" in caplog.text and "building it whole" in caplog.text
+    assert calls == [3, 6, 7] and "merged_from" not in cache.meta  # built whole from the images, as before
+    keys = sorted(images)
+    assert torch.equal(cache.get(keys), online(enc, images, keys))
+
+
 def test_shard_partition_is_deterministic_and_complete():
     keys = [f"k{i}" for i in range(10)]
     shards = [shard_keys(reversed(keys), i, 4) for i in range(4)]

@@ -163,9 +163,11 @@ def ensure_cache(
     """The cache of ``encoder`` under ``root`` holding every key of ``images``, built on first use.
 
     A complete matching cache is opened as is (no lock, no encoder run). Finished shards of it are
-    merged. With ``rebuild=True`` a cache lacking some keys is extended by the missing images (the
-    cached ones are not encoded again), and a damaged cache, or (in its place) caches only of other
-    configurations of this encoder, are rebuilt; with ``rebuild=False`` they raise
+    merged if they hold every key of ``images`` (more is fine: the merged cache keeps them all); shards
+    lacking some are left alone and the cache is built whole (a warning says how many images they lack).
+    With ``rebuild=True`` a cache lacking some keys is extended by the missing images (the cached ones
+    are not encoded again), and a damaged cache, or (in its place) caches only of other configurations
+    of this encoder, are rebuilt; with ``rebuild=False`` they raise
     :class:`~fusion.cache.errors.CacheError` naming what differs. No cache at all is always built.
     """
     fp = cache_fingerprint(encoder, normalize_dtype(dtype))

@@ -1,7 +1,9 @@
 """Merging the shards of one cache (built in parallel, e.g. by a SLURM array) into the cache itself.
 
 Shards are complete caches of contiguous blocks of the sorted keys (see
-:func:`fusion.cache.build.shard_keys`), so the merged cache equals an unsharded build row for row.
+:func:`fusion.cache.build.shard_keys`), so the merged cache equals an unsharded build row for row. A
+request for fewer images than the shards hold (e.g. one split after extracting all of them) merges them
+all: the merged cache serves the request and any later one within the shards' image set.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from typing import Any
 
 from filelock import FileLock
 
-from fusion.cache.errors import CacheCorruptError, CacheError, CacheNotFoundError
+from fusion.cache.errors import CacheCorruptError, CacheError, CacheKeyError, CacheNotFoundError
 from fusion.cache.layout import cache_path, lock_path
 from fusion.cache.store import FeatureCache, keys_digest
 from fusion.cache.writer import PartialCache, check_writable, disk_errors
@@ -36,20 +38,31 @@ def merge_shards(
     """Combine the ``num_shards`` complete shards of the cache of ``fingerprint`` into one cache.
 
     ``fingerprint`` is :func:`~fusion.cache.fingerprint.cache_fingerprint` of the encoder. All shards
-    must be present, complete, of that fingerprint and of one image set (``keys``, when given, must be
-    that set); otherwise :class:`~fusion.cache.errors.CacheError` says which shard is wrong. The shards
-    are deleted after the merged cache is published unless ``keep_shards``.
+    must be present, complete, of that fingerprint and of one image set; otherwise
+    :class:`~fusion.cache.errors.CacheError` says which shard is wrong. ``keys``, when given, are the
+    images the caller needs: the shards must hold every one of them (:class:`CacheKeyError` says how many
+    they lack, before anything is written) and may hold more; the merged cache holds all the shards'
+    images. The shards are deleted after the merged cache is published unless ``keep_shards``.
     """
     root = Path(root)
     final = cache_path(root, fingerprint)
     check_writable(root)
     with FileLock(lock_path(final)):
+        existing = None
         try:
-            return FeatureCache(final, fingerprint)  # merged by another process meanwhile
+            existing = FeatureCache(final, fingerprint)  # merged (or built) by another process meanwhile
         except CacheNotFoundError:
             pass
         except CacheError as e:
             log.warning("feature cache %s: %s; replacing it with the merged shards", final, e)
+        if existing is not None:
+            missing = existing.missing(keys or [])
+            if missing:  # not replaced by the shards: the caller extends it by the missing images
+                raise CacheKeyError(
+                    f"feature cache {final} lacks {len(missing)} of the {len(keys)} requested images "
+                    f"(first: {missing[0]!r}); not merging its shards into it"
+                )
+            return existing
         shards = [_open_shard(root, fingerprint, i, num_shards) for i in range(num_shards)]
         _check_one_set(shards, keys)
         merged_keys = [k for s in shards for k in s.keys]
@@ -98,7 +111,7 @@ def _open_shard(root: Path, fingerprint: dict[str, Any], i: int, num_shards: int
 
 
 def _check_one_set(shards: list[FeatureCache], keys: Sequence[str] | None) -> None:
-    """All shards split the same sorted key set, and together hold all of it."""
+    """All shards split the same sorted key set, together hold all of it, and it holds every one of ``keys``."""
     parents = {(s.meta["shard"]["keys_digest"], s.meta["shard"]["num_keys"]) for s in shards}
     if len(parents) != 1:
         raise CacheCorruptError(
@@ -107,6 +120,21 @@ def _check_one_set(shards: list[FeatureCache], keys: Sequence[str] | None) -> No
     ((digest, num_keys),) = parents
     merged = [k for s in shards for k in s.keys]
     if len(merged) != num_keys or keys_digest(merged) != digest:
-        raise CacheCorruptError(f"cannot merge: the shards of {shards[0].path.parent} do not add up to their image set")
-    if keys is not None and keys_digest(keys) != digest:
-        raise CacheCorruptError(f"cannot merge: the shards of {shards[0].path} cover another image set than requested")
+        raise CacheCorruptError(
+            f"cannot merge: the shards of {_cache_name(shards[0])} do not add up to their image set"
+        )
+    if keys is not None:
+        # A superset is fine (a split of the extracted images); only images the shards lack stop the merge.
+        missing = list(keys)
+        for shard in shards:
+            missing = shard.missing(missing)
+        if missing:
+            raise CacheKeyError(
+                f"cannot merge the shards of {_cache_name(shards[0])}: they hold {num_keys} images but lack "
+                f"{len(missing)} of the {len(keys)} requested (first: {', '.join(map(repr, missing[:3]))})"
+            )
+
+
+def _cache_name(shard: FeatureCache) -> Path:
+    """The cache folder a shard belongs to (``<name>-<hash>`` without ``.shard-i-of-n``)."""
+    return shard.path.with_name(shard.path.name.split(".shard-")[0])

@@ -151,6 +151,10 @@ class FeatureCache:
                 f"({len(missing)} of the {len(keys)} requested keys missing; the cache holds {len(self)} images)"
             ) from None
 
+    def missing(self, keys: Iterable[str]) -> list[str]:
+        """The keys of ``keys`` that this cache does not hold, in their order."""
+        return [k for k in keys if k not in self.index]
+
     def get(self, keys: Sequence[str], dtype: torch.dtype | None = None) -> Tensor:
         """Features of ``keys`` as one ``(B, T, D)`` tensor (the cache's dtype unless ``dtype``).
 
