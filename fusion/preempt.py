@@ -9,6 +9,11 @@ requeue``), last, because the requeue stops every process of the job at once. Th
 same command in the same run folder, resumes from its newest checkpoint (``fusion.resume.resume_path``)
 and logs to the same wandb run (the id kept in the folder).
 
+After the requeue the process ends by raising :class:`Requeued`, a ``SystemExit``: no ``except Exception``
+on the way out catches it, so neither Hydra records the job as returned nor submitit writes a result file
+for it. Under ``hydra/launcher=slurm`` that matters: submitit takes a result file as the job's end, so a
+normal return would hand the sweep (and an Optuna sweeper) an empty result while the requeued job still runs.
+
 Why not Lightning's ``SLURMEnvironment(auto_requeue=True)``: its handler saves inside the signal handler,
 wherever the step is (between the optimiser step and the loop counters), and finishes the loggers while
 training goes on. Lightning does not install its handler when one is installed already, so this one wins.
@@ -37,6 +42,18 @@ def slurm_job_id() -> str | None:
     if array and index:
         return f"{array}_{index}"
     return os.environ.get("SLURM_JOB_ID")
+
+
+class Requeued(SystemExit):
+    """Raised by the training entry point after a requeue: this attempt ends, the job is not finished."""
+
+    def __init__(self, job: str | None) -> None:
+        super().__init__(REQUEUED_EXIT_CODE)
+        self.job = job
+
+
+# Not 0: this attempt did not finish the run (SLURM has requeued the job whatever the code).
+REQUEUED_EXIT_CODE = 3
 
 
 class RequeueOnSignal(pl.Callback):

@@ -16,6 +16,7 @@ loader was within its epoch nor the random number generators. Here:
 
 from __future__ import annotations
 
+import logging
 import random
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -26,6 +27,8 @@ import pytorch_lightning as pl
 import torch
 import torch.distributed as dist
 from torch.utils.data import Dataset, DistributedSampler
+
+log = logging.getLogger(__name__)
 
 # Lightning writes these into default_root_dir (= the run folder) when SLURM signals a requeue.
 HPC_PATTERN = "hpc_ckpt_*.ckpt"
@@ -110,7 +113,14 @@ class RestoreRNG(pl.Callback):
 
 
 def _global_step(path: Path) -> int:
-    ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    """The checkpoint's step; -1, with a warning, for a file that cannot be read (Lightning writes checkpoints
+    atomically, but a file copied in or cut short by a full disk may be anything), so that resuming takes
+    the next newest instead of failing."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    except Exception as err:  # noqa: BLE001 - any unreadable file is skipped the same way
+        log.warning("cannot read checkpoint %s (%s: %s): not resuming from it", path, type(err).__name__, err)
+        return -1
     return int(ckpt.get("global_step", -1))
 
 
@@ -126,12 +136,18 @@ def resume_path(ckpt_path: str | None, run_dir: Path) -> Path | None:
         if not path.is_file():
             raise FileNotFoundError(f"ckpt_path={ckpt_path!r} is not a checkpoint file")
         return path
-    found = run_checkpoints(run_dir)
+    steps = {p: _global_step(p) for p in run_checkpoints(run_dir)}
+    found = [p for p, step in steps.items() if step >= 0]
     if not found:
         return None
     # On a tie the requeue checkpoint wins: it holds the exact mid-epoch loop state, while the last.ckpt
     # Lightning writes as training stops for the requeue (same step, written later) marks the epoch as done.
-    return max(found, key=lambda p: (_global_step(p), p.name == "last_requeue.ckpt", p.stat().st_mtime))
+    return max(found, key=lambda p: (steps[p], p.name == "last_requeue.ckpt", p.stat().st_mtime))
+
+
+def checkpoint_step(path: Path) -> int:
+    """The global step a checkpoint was saved at (-1 if it cannot be read)."""
+    return _global_step(path)
 
 
 def check_compatible(path: Path, model: torch.nn.Module, skip_prefix: str = "encoders.") -> None:

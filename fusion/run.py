@@ -5,11 +5,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import secrets
 from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.loggers import Logger, WandbLogger
@@ -19,8 +22,8 @@ from fusion.data import CacheSettings, FusionDataModule
 from fusion.distributed import is_rank_zero
 from fusion.encoders import VisionEncoder
 from fusion.lit import FusionLitModule
-from fusion.preempt import RequeueOnSignal
-from fusion.resume import check_compatible, resume_path
+from fusion.preempt import Requeued, RequeueOnSignal, slurm_job_id
+from fusion.resume import check_compatible, checkpoint_step, resume_path
 from fusion.tasks.base import VLTask, write_atomic
 
 log = logging.getLogger(__name__)
@@ -79,17 +82,36 @@ def _wandb_run_id(output_dir: Path) -> str:
     return path.read_text().strip()
 
 
-def _logger(cfg: DictConfig, output_dir: Path) -> Logger:
+def wandb_group(experiment_name: str) -> str:
+    """The wandb group of a run whose ``logger.wandb.group`` is null: its sweep, so that one sweep's runs form
+    one group and two sweeps two. A multirun (local, submitit's SLURM array, an Optuna search): its folder's
+    name; an element of a plain ``sbatch --array`` (slurm/array.sbatch): its array job; else the experiment."""
+    if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+        return f"sweep-{Path(HydraConfig.get().sweep.dir).name}"
+    array = os.environ.get("SLURM_ARRAY_JOB_ID")
+    if array:
+        return f"array-{array}"
+    return experiment_name
+
+
+def _logger(cfg: DictConfig, output_dir: Path, experiment_name: str) -> Logger:
+    if not cfg.get("_target_", "").endswith("WandbLogger"):
+        return instantiate(cfg)
+    extra: dict[str, Any] = {}
+    if cfg.get("group") is None:
+        extra["group"] = wandb_group(experiment_name)
     # Only rank 0 keeps the id file (the other DDP ranks' wandb loggers never start a run).
-    if cfg.get("_target_", "").endswith("WandbLogger") and cfg.get("id") is None and is_rank_zero():
-        return instantiate(cfg, id=_wandb_run_id(output_dir), resume="allow")
-    return instantiate(cfg)
+    if cfg.get("id") is None and is_rank_zero():
+        extra.update(id=_wandb_run_id(output_dir), resume="allow")
+    return instantiate(cfg, **extra)
 
 
 def make_loggers(cfg: DictConfig) -> list[Logger]:
-    """The run's loggers from ``cfg.logger`` (a wandb run resumes its id file), with the config logged."""
+    """The run's loggers from ``cfg.logger`` (a wandb run resumes its id file; its group is its sweep's,
+    :func:`wandb_group`), with the config logged."""
     output_dir = Path(cfg.paths.output_dir)
-    loggers = [_logger(c, output_dir) for c in (cfg.get("logger") or {}).values() if c is not None]
+    name = str(cfg.get("experiment_name") or cfg.get("task_name") or "fusion")
+    loggers = [_logger(c, output_dir, name) for c in (cfg.get("logger") or {}).values() if c is not None]
     resolved = OmegaConf.to_container(cfg, resolve=True)
     for logger in loggers:
         logger.log_hyperparams(resolved)
@@ -157,7 +179,7 @@ def _train(cfg: DictConfig) -> dict[str, float]:
             ckpt = resume_path(cfg.get("ckpt_path"), output_dir)
             if ckpt is not None:
                 check_compatible(ckpt, model)
-                log.info("resuming from %s", ckpt)
+                log.info("resuming from %s (step %d)", ckpt, checkpoint_step(ckpt))
             trainer.fit(model, datamodule=datamodule, ckpt_path=str(ckpt) if ckpt else None)
             requeue = next((cb for cb in trainer.callbacks if isinstance(cb, RequeueOnSignal) and cb.stopped), None)
             if requeue is not None:
@@ -165,7 +187,7 @@ def _train(cfg: DictConfig) -> dict[str, float]:
                 finish_loggers(loggers)  # before the requeue stops this job's processes (wandb's service among them)
                 loggers = []
                 requeue.requeue(trainer)
-                return metrics
+                raise Requeued(slurm_job_id())  # not a return: the job is not done (see fusion.preempt)
         best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
         ckpt = best or None
         if cfg.get("test", True):

@@ -121,3 +121,12 @@ def test_check_compatible_names_missing_unexpected_and_reshaped_keys(tmp_path):
     assert "missing from the checkpoint: 1.bias, 1.weight" in message and "not in the model: 2.weight" in message
     torch.save({"state_dict": model.state_dict()}, tmp_path / "ok.ckpt")
     check_compatible(tmp_path / "ok.ckpt", model)
+
+
+
+def test_resume_path_skips_an_unreadable_checkpoint(tmp_path):
+    folder = tmp_path / "checkpoints"
+    folder.mkdir()
+    torch.save({"global_step": 5}, folder / "last.ckpt")
+    (folder / "last_step.ckpt").write_bytes(b"PK\x03\x04 truncated")  # a checkpoint cut short by a kill
+    assert resume_path(None, tmp_path) == folder / "last.ckpt"

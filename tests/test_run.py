@@ -15,7 +15,7 @@ from omegaconf import open_dict
 from PIL import Image
 
 from fusion.attention import ATTENTION_SCORES
-from fusion.run import build, build_encoders
+from fusion.run import build, build_encoders, wandb_group
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["clip_tiny", "dino_tiny", "vit_tiny"]
@@ -127,6 +127,19 @@ def test_unknown_drop_encoder_is_named(tmp_path):
         build(cfg)
 
 
+def test_wandb_group_is_the_sweep_of_the_run(tmp_path, monkeypatch):
+    monkeypatch.delenv("SLURM_ARRAY_JOB_ID", raising=False)
+    sweep = ["hydra.mode=MULTIRUN", "hydra.sweep.dir=/x/multiruns/2026-01-02_03-04-05"]
+    _compose(tmp_path, ["+experiment=shapes", *sweep])
+    assert wandb_group("shapes") == "sweep-2026-01-02_03-04-05"  # every job of one multirun, whatever its experiment
+    monkeypatch.setenv("SLURM_ARRAY_JOB_ID", "77")
+    assert wandb_group("shapes") == "sweep-2026-01-02_03-04-05"  # submitit's array: still the multirun
+    _compose(tmp_path, ["+experiment=shapes"])  # a single run: an element of slurm/array.sbatch
+    assert wandb_group("shapes") == "array-77"
+    monkeypatch.delenv("SLURM_ARRAY_JOB_ID")
+    assert wandb_group("shapes") == "shapes"
+
+
 # ---- entry points as subprocesses ---------------------------------------------------------------
 
 SMALL = ["task.num_train=24", "task.num_val=8", "task.num_test=8", "data.num_workers=0", "data.batch_size=16"]
@@ -149,6 +162,15 @@ def _wandb_summary(run_dir: Path) -> dict:
     )
     assert out.returncode == 0, out.stderr
     return json.loads(out.stdout)
+
+
+def _wandb_run_record(run_dir: Path) -> dict:
+    """The ``run`` record of an offline wandb run (project, group, id...), read back by wandb itself."""
+    wandb_bin = Path(sys.executable).with_name("wandb")
+    out = subprocess.run([str(wandb_bin), "leet", "inspect", "--json", str(run_dir)], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    return next(r["run"] for r in map(json.loads, out.stdout.splitlines()) if r.get("type") == "run")
 
 
 def test_train_then_eval_end_to_end(tmp_path):
@@ -182,6 +204,7 @@ def test_train_then_eval_end_to_end(tmp_path):
     summary = _wandb_summary(offline[0])
     assert "val/acc" in summary["summary"] and "attn/cls/layer0/dino_tiny" in summary["summary"]
     assert "fusion.tasks.shapes.ShapesTask" in json.dumps(summary["config"])  # the resolved config
+    assert _wandb_run_record(offline[0])["group"] == "shapes"  # a single run: its experiment's group
 
     # Resume from last.ckpt: training continues at epoch 2 instead of starting over.
     resumed = tmp_path / "resumed"
