@@ -42,6 +42,9 @@ def test_zoo_all_then_complementarity(tmp_path):
     resolved = OmegaConf.load(table.parent / "0" / "config_resolved.yaml")
     assert resolved.encoder.clip_tiny.weights.endswith("zoo/clip_tiny.safetensors")
     assert (table.parent / "subsets.png").is_file() and (table.parent / "summary.json").is_file()
+    lean = json.loads((table.parent / "summary.json").read_text())["leaning"]
+    assert lean["subset"] == "clip_tiny+dino_tiny+vit_tiny" and lean["seeds"] == [0]
+    assert (table.parent / "leaning.md").is_file() and (table.parent / "leaning.png").is_file()
 
 
 def test_missing_zoo_weights_say_how_to_build_them(tmp_path):

@@ -2,31 +2,16 @@
 
 import csv
 import json
-from pathlib import Path
 
 from entrypoints import FAST, run
-from hydra.utils import instantiate
 from omegaconf import OmegaConf
-from safetensors.torch import save_file
 from test_nlvr import write_nlvr
-
-ROOT = Path(__file__).resolve().parents[1]
-TOWERS = ["clip_tiny", "vit_tiny"]
-
-
-def _towers(folder: Path) -> Path:
-    """Random-init tiny towers saved as the zoo saves trained ones (plain timm state dicts)."""
-    folder.mkdir()
-    for name in TOWERS:
-        encoder = instantiate(OmegaConf.load(ROOT / "conf" / "encoder" / f"{name}.yaml")[name])
-        state = {k: v.contiguous() for k, v in encoder.model.state_dict().items()}
-        save_file(state, str(folder / f"{name}.safetensors"))
-    return folder
+from zoo_helpers import random_towers
 
 
 def test_complementarity_nlvr_sweeps_subsets_and_seeds_into_one_table(tmp_path):
     root = write_nlvr(tmp_path / "nlvr")
-    zoo = _towers(tmp_path / "zoo")
+    zoo = random_towers(tmp_path / "zoo", ["clip_tiny", "vit_tiny"])
     sweep = tmp_path / "sweep"
     fast = [a for a in FAST if not a.startswith("encoder=")]
     proc = run(
@@ -55,3 +40,7 @@ def test_complementarity_nlvr_sweeps_subsets_and_seeds_into_one_table(tmp_path):
     assert summary["best_single"]["subset"] == "vit_tiny" and summary["best_fused"]["subset"] == "clip_tiny+vit_tiny"
     assert set(summary["fused_gain_per_seed"]) == {"0", "1"}
     assert (sweep / "subsets.png").stat().st_size > 0
+    # NLVR has no answer types: the leaning is the whole split's only.
+    assert summary["leaning"]["answer_types"] == [] and list(summary["leaning"]["by_type"]) == ["all"]
+    rows = list(csv.DictReader((sweep / "leaning.csv").open()))
+    assert [(r["answer_type"], r["encoder"]) for r in rows] == [("all", "clip_tiny"), ("all", "vit_tiny")]

@@ -10,6 +10,7 @@ import pytorch_lightning as pl
 import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
+from safetensors.torch import save_file
 
 from fusion.encoders import TimmEncoder
 from fusion.text import TextEncoder
@@ -23,6 +24,15 @@ def tiny_encoder(name: str, **overrides) -> TimmEncoder:
     """The encoder of conf/encoder/<name>.yaml, built as run.py builds it."""
     cfg = OmegaConf.merge(OmegaConf.load(CONF / "encoder" / f"{name}.yaml")[name], overrides)
     return instantiate(cfg)
+
+
+def random_towers(folder: Path, names: list[str]) -> Path:
+    """Random-init tiny towers saved as the zoo saves trained ones (plain timm state dicts) into ``folder``."""
+    folder.mkdir()
+    for name in names:
+        state = {k: v.contiguous() for k, v in tiny_encoder(name).model.state_dict().items()}
+        save_file(state, str(folder / f"{name}.safetensors"))
+    return folder
 
 
 def tiny_text(folder: Path) -> TextEncoder:
