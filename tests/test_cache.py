@@ -92,6 +92,12 @@ def test_missing_key_names_key_and_folder(enc, images, tmp_path):
     cache = ensure_cache(enc, images, tmp_path / "cache", **FAST)
     with pytest.raises(CacheKeyError, match=rf"'set/nope' is not in feature cache {cache.path}"):
         cache.get(["set/000", "set/nope"])
+    # The sorted fixed-width key array never matches a prefix, an extension or a NUL-padded form of a key.
+    near = ["set/00", "set/0000", "set/000\0", "", "set/006x"]
+    assert cache.missing(["set/006", *near, "set/000"]) == near and "set/006" in cache
+    assert not any(k in cache for k in near)
+    with pytest.raises(CacheKeyError, match=r"'set/000\\x00' is not in .*\(1 of the 2 requested keys missing"):
+        cache.get(["set/001", "set/000\0"])
 
 
 def test_cache_lacking_requested_images_is_extended_or_refused(enc, images, tmp_path):
@@ -228,7 +234,7 @@ def test_sharded_build_and_merge_equal_unsharded(enc, images, tmp_path):
     assert [len(p) for p in parts] == [2, 2, 3]
     assert sorted(k for p in parts for k in p.keys) == sorted(images)
     merged = merge_shards(root, cache_fingerprint(enc, "float32"), 3)
-    assert merged.path.name == whole.path.name and merged.index == whole.index
+    assert merged.path.name == whole.path.name and merged.keys == whole.keys
     assert (merged.path / "features.npy").read_bytes() == (whole.path / "features.npy").read_bytes()
     assert not any(p.exists() for p in (x.path for x in parts))  # shards removed after the merge
 

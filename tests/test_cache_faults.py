@@ -150,6 +150,12 @@ def test_index_listing_an_image_the_array_lacks_is_refused(enc, images, tmp_path
     with pytest.raises(CacheCorruptError, match=r"index.json lists image 'set/extra' at row 7, but features.npy "
                        r"holds only 7 rows"):
         FeatureCache(cache.path)
+    # A key the compact (fixed-width bytes) index could not tell from another is refused too.
+    del index["set/extra"]
+    index["set/000\0"] = index.pop("set/000")
+    (cache.path / "index.json").write_text(json.dumps(index))
+    with pytest.raises(CacheCorruptError, match=r"index.json lists image 'set/000\\x00', a key holding a NUL"):
+        FeatureCache(cache.path)
 
 
 def test_fp16_overflow_is_refused(images, tmp_path, monkeypatch):

@@ -113,8 +113,7 @@ def build_cache(
                 return previous
             if num_shards is None:
                 # Extend it: its rows are kept as they are, and only the images it lacks are encoded.
-                known = set(previous.index)
-                keys = previous.keys + [k for k in keys if k not in known]
+                keys = previous.keys + previous.missing(keys)
                 all_keys = keys
         meta: dict[str, Any] = {
             "fingerprint": fp,
@@ -220,7 +219,7 @@ def _copy_rows(previous: FeatureCache, partial: PartialCache, chunk: int = 1024)
 
 
 def _missing_keys_error(cache: FeatureCache, keys: Sequence[str]) -> CacheKeyError | None:
-    missing = [k for k in keys if k not in cache.index]
+    missing = cache.missing(keys)
     if not missing:
         return None
     return CacheKeyError(

@@ -4,7 +4,8 @@ A cache is one folder ``<root>/<encoder name>-<fingerprint hash>/`` holding
 
 - ``features.npy``: the features, an ``(N, T, D)`` float16/float32 array in NumPy's ``.npy`` format,
   row ``i`` = the ``(T, D)`` tokens of one image ([CLS]/prefix first, as the encoder returns them);
-- ``index.json``: ``{image_key: row}``;
+- ``index.json``: ``{image_key: row}`` (read and checked once on opening, then held compactly: see
+  :class:`FeatureCache`);
 - ``meta.json``: the full fingerprint (see :mod:`fusion.cache.fingerprint`), ``shape``, ``dtype``, the
   digest of the sorted key list and, for a shard, which shard it is;
 - ``COMPLETE``: the completeness marker, written last before the folder is published.
@@ -65,7 +66,11 @@ def read_header(path: Path) -> tuple[tuple[int, ...], np.dtype, int]:
 class FeatureCache:
     """Read-only view of one published cache: image keys -> ``(B, T, D)`` feature tensors.
 
-    Opening validates the files and reads the metadata and the index, never the array. :meth:`get`
+    Opening validates the files and reads the metadata and the index, never the array. The index is then
+    held as two arrays, the keys sorted as fixed-width UTF-8 bytes and their rows, looked up with
+    ``np.searchsorted``: (longest key + 8) bytes per image, not a ``str``, an ``int`` and a dict slot
+    (which every DataLoader worker would also hold, for every encoder, with refcount writes copying the
+    pages a fork shared; array pages are only read). :meth:`get`
     reads only the requested rows, with positioned reads (``os.preadv``) straight into the batch's
     array: no mapping, so the rows read never stay resident in the process (a memory map keeps every
     page it touched in the reader's RSS until unmapped, so an epoch over a 100k-image cache would hold
@@ -84,7 +89,8 @@ class FeatureCache:
             )
         self.shape: tuple[int, int, int] = tuple(self.meta["shape"])  # (N, T, D)
         self.dtype = np.dtype(self.meta["dtype"])
-        self.index: dict[str, int] = _read_index(self.path, self.shape[0])
+        # index.json's {key: row} as sorted keys (S<longest>) + their rows: no Python object per image.
+        self._sorted_keys, self._sorted_rows = _compact(self.path, _read_index(self.path, self.shape[0]))
         self._offset = _check_array(self.path, self.shape, self.dtype)
         self._row_bytes = self.shape[1] * self.shape[2] * self.dtype.itemsize
         self._fd: int | None = None
@@ -98,14 +104,16 @@ class FeatureCache:
 
     @property
     def keys(self) -> list[str]:
-        """Image keys in row order."""
-        return sorted(self.index, key=self.index.__getitem__)
+        """Image keys in row order (a new list on each call)."""
+        in_rows = np.empty_like(self._sorted_keys)
+        in_rows[self._sorted_rows] = self._sorted_keys
+        return [k.decode() for k in in_rows.tolist()]
 
     def __len__(self) -> int:
         return self.shape[0]
 
     def __contains__(self, key: object) -> bool:
-        return key in self.index
+        return isinstance(key, str) and bool(self._find([key])[1][0])
 
     def __repr__(self) -> str:
         return f"FeatureCache({str(self.path)!r}, shape={self.shape}, dtype={self.dtype.name})"
@@ -140,20 +148,37 @@ class FeatureCache:
         with contextlib.suppress(Exception):
             self.close()
 
+    def _find(self, keys: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """``(rows, found)`` of ``keys``, both ``(B,)``; ``rows`` is meaningless where ``found`` is False."""
+        encoded = [k.encode() for k in keys]
+        wanted = np.array(encoded, dtype=bytes) if encoded else np.empty(0, dtype="S1")
+        if not len(self._sorted_keys):
+            return np.zeros(len(keys), dtype=np.int64), np.zeros(len(keys), dtype=bool)
+        # A longer query compares unequal to every stored key (numpy widens, never truncates, here).
+        pos = np.minimum(np.searchsorted(self._sorted_keys, wanted), len(self._sorted_keys) - 1)
+        found = self._sorted_keys[pos] == wanted
+        if found.any():
+            # Fixed-width bytes ignore trailing NULs ("a" == "a\0"); stored keys never hold a NUL (see
+            # _compact), so a query that does is not in the cache.
+            found &= np.array([b"\0" not in k for k in encoded])
+        return self._sorted_rows[pos], found
+
     def rows(self, keys: Sequence[str]) -> np.ndarray:
         """Row of each key, ``(B,)`` int64; an unknown key raises :class:`CacheKeyError` naming it."""
-        try:
-            return np.fromiter((self.index[k] for k in keys), dtype=np.int64, count=len(keys))
-        except KeyError as e:
-            missing = [k for k in keys if k not in self.index]
+        rows, found = self._find(keys)
+        if not found.all():
+            missing = np.flatnonzero(~found)
             raise CacheKeyError(
-                f"image key {e.args[0]!r} is not in feature cache {self.path} "
+                f"image key {keys[missing[0]]!r} is not in feature cache {self.path} "
                 f"({len(missing)} of the {len(keys)} requested keys missing; the cache holds {len(self)} images)"
-            ) from None
+            )
+        return rows
 
     def missing(self, keys: Iterable[str]) -> list[str]:
         """The keys of ``keys`` that this cache does not hold, in their order."""
-        return [k for k in keys if k not in self.index]
+        keys = list(keys)
+        _, found = self._find(keys)
+        return [k for k, ok in zip(keys, found.tolist(), strict=True) if not ok]
 
     def get(self, keys: Sequence[str], dtype: torch.dtype | None = None) -> Tensor:
         """Features of ``keys`` as one ``(B, T, D)`` tensor (the cache's dtype unless ``dtype``).
@@ -223,6 +248,8 @@ def _read_index(path: Path, num_rows: int) -> dict[str, int]:
         index = json.loads((path / INDEX).read_text())
     except (OSError, ValueError) as e:
         raise CacheCorruptError(f"feature cache {path}: unreadable {INDEX} ({type(e).__name__}: {e})") from e
+    if not isinstance(index, dict):
+        raise CacheCorruptError(f"feature cache {path}: {INDEX} holds a {type(index).__name__}, want {{key: row}}")
     for key, row in index.items():
         if not isinstance(row, int) or not 0 <= row < num_rows:
             raise CacheCorruptError(
@@ -235,6 +262,18 @@ def _read_index(path: Path, num_rows: int) -> dict[str, int]:
             f"but {DATA} holds {num_rows} rows"
         )
     return index
+
+
+def _compact(path: Path, index: dict[str, int]) -> tuple[np.ndarray, np.ndarray]:
+    """``(keys, rows)``: the keys as sorted fixed-width UTF-8 bytes and the row of each."""
+    encoded = [k.encode() for k in index]
+    if any(b"\0" in k for k in encoded):  # fixed-width bytes could not tell "a" from "a\0"
+        bad = next(k for k in index if "\0" in k)
+        raise CacheCorruptError(f"feature cache {path}: {INDEX} lists image {bad!r}, a key holding a NUL character")
+    keys = np.array(encoded, dtype=bytes) if encoded else np.empty(0, dtype="S1")
+    rows = np.fromiter(index.values(), dtype=np.int64, count=len(index))
+    order = np.argsort(keys, kind="stable")
+    return keys[order], rows[order]
 
 
 def _check_array(path: Path, shape: tuple[int, int, int], dtype: np.dtype) -> int:
