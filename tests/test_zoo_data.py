@@ -55,3 +55,11 @@ def test_datamodule_splits_a_folder_and_applies_the_recipe_transform(tmp_path):
     assert torch.equal(batch["size"], torch.tensor([[20, 30], [20, 30]]))
     with pytest.raises(ValueError, match="val_fraction"):
         ZooDataModule(transform=dict, val_fraction=1.5)
+
+
+def test_folder_smaller_than_a_batch_is_refused_naming_folder_count_and_batch_size(tmp_path):
+    folder = _folder(tmp_path / "few", classes=("a",), per_class=6)
+    # 6 images, 1 held out for val: 5 training images never fill one batch of 8 (training drops the rest).
+    with pytest.raises(ValueError, match=r"few'.*6 image\(s\), 5 for training.*batch_size=8"):
+        ZooDataModule(transform=dict, folder=folder, batch_size=8)
+    assert len(ZooDataModule(transform=dict, folder=folder, batch_size=5).train_set) == 5

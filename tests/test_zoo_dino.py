@@ -1,12 +1,13 @@
 """zoo/dino_tiny: self-distillation with an EMA teacher, multi-crop, centring and sharpening."""
 
+import copy
 import math
 
 import pytest
 import pytorch_lightning as pl
 import torch
 from PIL import Image
-from zoo_helpers import first_batch, fit, tiny_encoder
+from zoo_helpers import first_batch, fit, one_thread, seed_all, tiny_encoder
 
 from fusion.zoo.dino import DinoHead, DinoRecipe, dino_loss, multi_crop
 
@@ -54,16 +55,35 @@ class _Record(pl.Callback):
         self.rows.append({k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("train/")})
 
 
+def _fixed_teacher_loss(student: DinoRecipe, teacher: DinoRecipe, batch: dict) -> float:
+    """DINO's total loss of ``student``'s views against ``teacher``'s output on ``batch`` (batch-statistics
+    norms, as in training; one forward per crop)."""
+    hp = teacher.hparams
+    with torch.no_grad(), one_thread():
+        targets = [teacher.teacher_head(teacher.teacher_backbone(c)) for c in batch["global"]]
+        views = [student.head(student.pooled(c)) for c in batch["global"] + batch["local"]]
+        return float(dino_loss(views, targets, teacher.center, hp.student_temp, hp.teacher_temp))
+
+
 def test_short_run_lowers_the_kl_without_collapse_and_the_teacher_is_an_ema():
+    """40 steps: the KL part of the loss falls, neither collapse happens, the teacher is the student's EMA.
+
+    DINO's loss, the cross-entropy from teacher to student, is H(teacher) + KL(teacher || student). Only its
+    KL part is checked to fall over the run: the total also holds the teacher's entropy, which rises as
+    centring spreads the teacher's output, so the logged total need not fall (the full recipe's stayed at
+    about 5: README, "Tiny encoder zoo"). The total is checked against one FIXED teacher output (the trained
+    teacher on a fixed batch), where that entropy is a constant: the trained student scores below its init.
+    """
+    seed_all(0)
     recipe = DinoRecipe(tiny_encoder("dino_tiny"), num_local=2, use_bn=True, lr=1e-3, warmup_ratio=0.0)
+    init = copy.deepcopy(recipe)
     start = recipe.backbone.patch_embed.proj.weight.detach().clone()
     batch = first_batch(recipe, batch_size=4)
     assert [c.shape for c in batch["global"]] == [(4, 3, 48, 48)] * 2
     assert [c.shape for c in batch["local"]] == [(4, 3, 24, 24)] * 2
     record = _Record()
     trainer = fit(recipe, steps=40, callbacks=[record])
-    # DINO's loss is H(teacher) + KL(teacher || student); the teacher's entropy moves as it sharpens and
-    # centres, so the part the student learns, the KL, is what must fall (as in DINO's Fig. 7).
+    # The part the student learns, the KL, is what must fall (as in DINO's Fig. 7).
     first = sum(r["train/kl"] for r in record.rows[:8]) / 8
     last = sum(r["train/kl"] for r in record.rows[-8:]) / 8
     assert last < 0.8 * first, (first, last)
@@ -78,6 +98,11 @@ def test_short_run_lowers_the_kl_without_collapse_and_the_teacher_is_an_ema():
     assert int(recipe.teacher_backbone.n_averaged) == trainer.global_step
     assert recipe.center.abs().sum() > 0
     assert not any(p.requires_grad for p in recipe.teacher_backbone.parameters())
+    # The total loss against a fixed teacher output (the entropy term held constant) fell with training.
+    fixed = first_batch(recipe, batch_size=32)
+    recipe.train(), init.train()
+    before, after = _fixed_teacher_loss(init, recipe, fixed), _fixed_teacher_loss(recipe, recipe, fixed)
+    assert after < 0.85 * before, (before, after)  # 4.08 vs 5.64 when written
 
 
 def test_local_crop_size_must_fit_the_patches():

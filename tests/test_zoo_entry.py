@@ -6,6 +6,8 @@ import json
 import pytest
 from entrypoints import FAST, run
 from omegaconf import OmegaConf
+from safetensors import safe_open
+from zoo_helpers import image_folder
 
 from fusion.zoo.entry import use_zoo_weights
 
@@ -54,3 +56,25 @@ def test_missing_zoo_weights_say_how_to_build_them(tmp_path):
     cfg.zoo.weights = {"vit_tiny": "x"}
     with pytest.raises(ValueError, match="no file for encoder 'clip_tiny'"):
         use_zoo_weights(cfg)
+
+
+@pytest.mark.parametrize("name", ["clip_tiny", "dino_tiny"])
+def test_recipe_trains_on_an_image_folder_through_train_py(tmp_path, name):
+    # 12 images: 1 held out for val, 11 for training = 2 full batches of 4.
+    folder = image_folder(tmp_path / "imgs", 12)
+    short = [a for a in SHORT if not a.startswith("zoo.recipe.") or a.startswith(f"zoo.recipe.{name}.")]
+    proc = run("train.py", [f"+experiment=zoo/{name}", f"zoo.recipe.{name}.data.folder={folder}", "zoo.report=false",
+                            *short], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with safe_open(str(tmp_path / "zoo" / f"{name}.safetensors"), "pt") as f:
+        assert json.loads(f.metadata()["global_step"]) == 2
+
+
+def test_image_folder_smaller_than_a_batch_stops_train_py_before_training(tmp_path):
+    folder = image_folder(tmp_path / "imgs", 4)  # 3 training images after the val hold-out, batch 4
+    short = [a for a in SHORT if not a.startswith("zoo.recipe.") or a.startswith("zoo.recipe.dino_tiny.")]
+    args = ["+experiment=zoo/dino_tiny", f"zoo.recipe.dino_tiny.data.folder={folder}", *short]
+    proc = run("train.py", args, tmp_path)
+    assert proc.returncode != 0
+    assert f"image folder '{folder}': 4 image(s), 3 for training" in proc.stderr and "batch_size=4" in proc.stderr
+    assert not (tmp_path / "zoo" / "dino_tiny.safetensors").exists()  # no random init saved as if trained

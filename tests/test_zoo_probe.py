@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from zoo_helpers import fit, one_thread, tiny_encoder, tiny_text
+from zoo_helpers import fit, one_thread, seed_all, tiny_encoder, tiny_text
 
 from fusion.zoo.clip import ClipRecipe
 from fusion.zoo.dino import DinoRecipe
@@ -20,17 +20,20 @@ TARGETS = {"vit_tiny": "shape", "clip_tiny": "cell_color", "dino_tiny": "count"}
 
 @pytest.fixture(scope="module")
 def zoo(tmp_path_factory):
-    """The three towers after a short run of their recipes, reloaded from their saved files."""
+    """The three towers after a short seeded run of their recipes, reloaded from their saved files."""
     tmp = tmp_path_factory.mktemp("zoo")
     recipes = {
-        "vit_tiny": (SupervisedRecipe(tiny_encoder("vit_tiny"), lr=2e-3, warmup_ratio=0.05), 600),
-        "clip_tiny": (ClipRecipe(tiny_encoder("clip_tiny"), tiny_text(tmp / "text"), lr=2e-3, warmup_ratio=0.05), 1500),
-        "dino_tiny": (DinoRecipe(tiny_encoder("dino_tiny"), num_local=2, use_bn=True, warmup_ratio=0.1), 200),
+        "vit_tiny": (lambda: SupervisedRecipe(tiny_encoder("vit_tiny"), lr=2e-3, warmup_ratio=0.05), 600),
+        "clip_tiny": (
+            lambda: ClipRecipe(tiny_encoder("clip_tiny"), tiny_text(tmp / "text"), lr=2e-3, warmup_ratio=0.05), 1500
+        ),
+        "dino_tiny": (lambda: DinoRecipe(tiny_encoder("dino_tiny"), num_local=2, use_bn=True, warmup_ratio=0.1), 200),
     }
     trained = {}
-    for name, (recipe, steps) in recipes.items():
+    for name, (build, steps) in recipes.items():
+        seed_all(0)  # the heads' init (fit seeds the rest): each tower the same whichever test runs first
         saver = SaveEncoder(tmp / f"{name}.safetensors")
-        fit(recipe, steps=steps, batch_size=64, callbacks=[saver])
+        fit(build(), steps=steps, batch_size=64, callbacks=[saver])
         trained[name] = tiny_encoder(name, weights=str(saver.saved))
     return trained
 
@@ -39,6 +42,7 @@ def zoo(tmp_path_factory):
 @pytest.mark.parametrize("name", list(TARGETS))
 def test_probe_on_zoo_tower_beats_its_random_init_on_the_targeted_attribute(zoo, name):
     group = TARGETS[name]
+    seed_all(0)  # the probes' initial weights
     with one_thread():
         encoders = {"zoo": zoo[name], "init": tiny_encoder(name)}
         result = probe_encoders(encoders, groups=[group], num_train=800, num_test=300)
@@ -47,6 +51,7 @@ def test_probe_on_zoo_tower_beats_its_random_init_on_the_targeted_attribute(zoo,
 
 @pytest.mark.slow
 def test_zoo_towers_differ_from_each_other(zoo):
+    seed_all(0)
     with one_thread():
         result = probe_encoders(zoo, groups=["count"], num_train=64, num_test=300)
     assert set(result["cka"]) == {"vit_tiny|clip_tiny", "vit_tiny|dino_tiny", "clip_tiny|dino_tiny"}
@@ -65,11 +70,13 @@ def test_linear_cka_properties():
 
 
 def test_linear_probe_reads_a_linearly_coded_attribute():
+    seed_all(0)  # the probe's initial weights
     g = torch.Generator().manual_seed(0)
     y = torch.randint(0, 4, (600,), generator=g)
     x = torch.randn(600, 8, generator=g)
     x[:, :4] += 3.0 * torch.nn.functional.one_hot(y, 4)
     assert linear_probe(x[:400], y[:400], x[400:], y[400:], "count") > 0.9
-    assert linear_probe(torch.randn(400, 8), y[:400], torch.randn(200, 8), y[400:], "count") < 0.45
+    noise = torch.randn(600, 8, generator=g)
+    assert linear_probe(noise[:400], y[:400], noise[400:], y[400:], "count") < 0.45
     with pytest.raises(ValueError, match="'size'"):
         linear_probe(x, y, x, y, "size")

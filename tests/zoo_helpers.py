@@ -10,6 +10,7 @@ import pytorch_lightning as pl
 import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
+from PIL import Image
 from safetensors.torch import save_file
 
 from fusion.encoders import TimmEncoder
@@ -33,6 +34,17 @@ def random_towers(folder: Path, names: list[str]) -> Path:
         state = {k: v.contiguous() for k, v in tiny_encoder(name).model.state_dict().items()}
         save_file(state, str(folder / f"{name}.safetensors"))
     return folder
+
+
+def image_folder(root: Path, count: int) -> Path:
+    """``count`` tiny images of random colours, each with its ``<stem>.txt`` caption (what the CLIP recipe needs)."""
+    root.mkdir(parents=True)
+    g = torch.Generator().manual_seed(0)
+    for i in range(count):
+        pixels = torch.randint(0, 256, (30, 20, 3), generator=g, dtype=torch.uint8).numpy()
+        Image.fromarray(pixels).save(root / f"{i}.png")
+        (root / f"{i}.txt").write_text(f"picture number {i}\n")
+    return root
 
 
 def tiny_text(folder: Path) -> TextEncoder:
@@ -59,8 +71,18 @@ def datamodule(recipe: ZooRecipe, batch_size: int = 32, num_train: int = 4096, *
     )
 
 
-def fit(recipe: ZooRecipe, steps: int, batch_size: int = 32, callbacks=(), **data_kwargs) -> pl.Trainer:
-    """Train ``recipe`` for ``steps`` steps on generated scenes (no logger, checkpoint or progress bar)."""
+def seed_all(seed: int = 0) -> None:
+    """Seed Python, NumPy and torch: heads' init, batch order, augmentations and the probes' init repeat."""
+    pl.seed_everything(seed, workers=True, verbose=False)
+
+
+def fit(recipe: ZooRecipe, steps: int, batch_size: int = 32, callbacks=(), seed: int = 0, **data_kwargs) -> pl.Trainer:
+    """Train ``recipe`` for ``steps`` steps on generated scenes (no logger, checkpoint or progress bar).
+
+    Seeded (``seed``): the batch order and the augmentations repeat; seed before building the recipe too
+    (:func:`seed_all`) for its heads' init to repeat.
+    """
+    seed_all(seed)
     trainer = pl.Trainer(
         max_steps=steps, max_epochs=-1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
         enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0, callbacks=list(callbacks),

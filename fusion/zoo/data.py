@@ -104,7 +104,8 @@ class ZooDataModule(pl.LightningDataModule):
     """Generated scenes (``scenes`` = :class:`~fusion.zoo.scenes.SceneDataset` arguments) or ``folder``.
 
     Scenes: ``num_train`` training scenes from stream ``seed`` and ``num_val`` validation scenes from stream
-    ``seed + 1``. Folder: a seeded ``val_fraction`` of its images is held out. ``transform`` and
+    ``seed + 1``. Folder: a seeded ``val_fraction`` of its images is held out, and the rest must fill at least
+    one training batch (``batch_size``). ``transform`` and
     ``collate_fn`` come from the recipe; ``needs`` says what the recipe needs from a folder.
     ``label_groups`` (set up front) are the classification groups of the source: ``{group: classes}``.
     """
@@ -137,8 +138,17 @@ class ZooDataModule(pl.LightningDataModule):
                 raise ValueError(
                     f"image folder {str(folder)!r}: {len(full)} image(s) are too few to hold out a val set"
                 )
+            n_train = len(full) - n_val
+            if n_train < batch_size:
+                # Training keeps full batches only (drop_last): Lightning would run 0 steps and the recipe
+                # would save its random init as if trained.
+                raise ValueError(
+                    f"image folder {str(folder)!r}: {len(full)} image(s), {n_train} for training after holding out "
+                    f"{n_val} for val, fewer than batch_size={batch_size} (training uses full batches only); add "
+                    f"images or lower zoo.recipe.<name>.data.batch_size"
+                )
             generator = torch.Generator().manual_seed(seed)
-            self.train_set, self.val_set = random_split(full, [len(full) - n_val, n_val], generator=generator)
+            self.train_set, self.val_set = random_split(full, [n_train, n_val], generator=generator)
             self.label_groups = dict(full.label_groups)
         else:
             kwargs = dict(scenes or {})
