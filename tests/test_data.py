@@ -1,9 +1,17 @@
+import re
+import shlex
+from collections import Counter
+from pathlib import Path
+
 import pytest
 import timm.data
 import torch
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
 from PIL import Image
 from transformers import BertTokenizerFast
 
+import fusion.data
 from fusion.data import FusionDataModule, VLCollator, VLDataset
 from fusion.images import load_image
 from fusion.tasks.base import Example
@@ -83,6 +91,91 @@ def test_two_images_per_example_each_decoded_once_and_transformed_per_encoder(tm
     # An example with the wrong number of images is named.
     with pytest.raises(ValueError, match="example 'q1' of task 'shapes' has 1 images; the task expects 2"):
         VLDataset([_example(left)], _transforms(), _TwoImageTask(tmp_path))[0]
+
+
+def test_each_image_is_decoded_once_per_sample_whatever_the_number_of_encoders(tmp_path, monkeypatch):
+    paths = []
+    for i in range(4):
+        paths.append(tmp_path / f"img{i}.png")
+        Image.new("RGB", (40, 30), (60 * i, 30, 90)).save(paths[-1])
+    # Two examples share an image pair (NLVR2: two sentences about one pair): still decoded per sample.
+    pairs = [(0, 1), (2, 3), (0, 1)]
+    examples = [
+        Example(f"q{k}", f"k{a}", paths[a], "what color is the circle?", 1, more_images=((f"k{b}", paths[b]),))
+        for k, (a, b) in enumerate(pairs)
+    ]
+    decoded = []
+
+    def counting_load_image(path):
+        decoded.append(path)
+        return load_image(path)
+
+    monkeypatch.setattr(fusion.data, "load_image", counting_load_image)
+    ds = VLDataset(examples, _transforms(), _TwoImageTask(tmp_path))
+    assert len(ds.transforms) == 2
+    for index, (a, b) in enumerate(pairs):
+        decoded.clear()
+        item = ds[index]
+        assert decoded == [paths[a], paths[b]]  # once per image, not once per (image, encoder)
+        assert item["images"]["a"].shape[0] == item["images"]["b"].shape[0] == 2
+    decoded.clear()
+    for index in range(len(ds)):
+        ds[index]
+    assert Counter(decoded) == {paths[0]: 2, paths[1]: 2, paths[2]: 1, paths[3]: 1}
+
+
+# ---- the README's task commands compose -----------------------------------------------------------
+ROOT = Path(__file__).resolve().parents[1]
+# Every task but the generated shapes one.
+DOWNSTREAM = sorted(p.stem for p in (ROOT / "conf" / "task").glob("*.yaml") if p.stem != "shapes")
+
+
+def _readme_task_commands() -> list[list[str]]:
+    """The ``python ...`` commands of the README's downstream-task section, as arguments from ``python`` on."""
+    text = (ROOT / "README.md").read_text()
+    start = text.index("### Downstream tasks")
+    section = text[start : text.index("\n### ", start)]
+    commands = []
+    for block in re.findall(r"```bash\n(.*?)```", section, re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            args = shlex.split(line, comments=True)
+            if "python" in args:
+                commands.append(args[args.index("python") :])
+    return commands
+
+
+def test_readme_multirun_covers_every_task_and_each_run_composes(monkeypatch, tmp_path):
+    (multirun,) = [args for args in _readme_task_commands() if "-m" in args]
+    sweep = dict(arg.split("=", 1) for arg in multirun[2:] if "=" in arg)
+    tasks, seeds = sweep["+experiment"].split(","), sweep["seed"].split(",")
+    assert sorted(tasks) == DOWNSTREAM
+    subsets = [s.split(",") for s in re.findall(r"\[([^\]]*)\]", sweep["encoder"])]
+    assert len({frozenset(s) for s in subsets}) == 7 and set().union(*subsets) == {"clip", "dino", "vit"}
+    monkeypatch.setenv("FUSION_DATA_DIR", str(tmp_path))
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        for task in tasks:
+            overrides = [f"+experiment={task}", f"seed={seeds[-1]}", f"encoder=[{','.join(subsets[4])}]"]
+            cfg = compose("train", overrides=overrides)
+            assert cfg.experiment_name == task and cfg.seed == int(seeds[-1]), task
+            assert list(cfg.encoder) == subsets[4] and cfg.task.root == f"{tmp_path}/{task}", task
+            instantiate(cfg.task)  # the task config fits its loader's arguments (no data is read)
+
+
+def test_readme_gives_train_and_eval_commands_for_every_task_and_they_compose():
+    scripts: dict[str, set[str]] = {}
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        for args in _readme_task_commands():
+            if "-m" in args:
+                continue
+            # Placeholders (<ckpt>) are not valid override values.
+            overrides = [re.sub(r"<[^>]*>", "x", arg) for arg in args[2:]]
+            given = dict(arg.split("=", 1) for arg in overrides)
+            scripts.setdefault(given["+experiment"], set()).add(args[1])
+            cfg = compose(args[1].removesuffix(".py"), overrides=overrides)
+            assert cfg.task.root == given["task.root"]
+            if args[1] == "eval.py":
+                assert cfg.split == given["split"] and cfg.ckpt_path == given["ckpt_path"]
+    assert scripts == {task: {"train.py", "eval.py"} for task in DOWNSTREAM}
 
 
 # ---- feature caches in the data path --------------------------------------------------------------

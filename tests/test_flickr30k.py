@@ -117,7 +117,8 @@ def test_missing_image_and_image_folder_are_named(tmp_path):
     task = Flickr30kTask(root)
     victim = task.examples("val")[0].image_path
     victim.unlink()
-    with pytest.raises(FileNotFoundError, match=rf"image file not found: {victim} \(images\[6\]\.filename in .*json\)"):
+    where = r"images\[6\]\.filename in .*json"
+    with pytest.raises(FileNotFoundError, match=rf"image file not found: {victim} \(referred to by {where}\)"):
         Flickr30kTask(root).examples("val")
     (root / "flickr30k_images").rename(root / "elsewhere")
     with pytest.raises(FileNotFoundError, match=r"flickr30k_images not found.*task.images_dir"):

@@ -2,7 +2,7 @@
 
 import pytest
 
-from fusion.tasks.formats import read_json_lines
+from fusion.tasks.formats import DataFormatError, all_or_none, line_of, read_json_lines
 
 
 def test_blank_lines_are_skipped_but_counted(tmp_path):
@@ -43,3 +43,31 @@ def test_field_and_choice_check_type_and_value(tmp_path):
     assert rec.choice("label", (0, 1)) == 1 and rec.has("label") and not rec.has("x")
     with pytest.raises(ValueError, match=r"line 1: flag True is not one of 0, 1"):
         rec.choice("flag", (0, 1))
+
+
+def test_bytes_that_are_not_utf8_name_file_and_line(tmp_path):
+    path = tmp_path / "x.jsonl"
+    # Far past the first block a text-mode reader decodes ahead, so the line number must come from the line.
+    lines = [b'{"a": 1}'] * 3000
+    lines[2499] = b'{"a": "caf\xe9"}'  # Latin-1
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    with pytest.raises(DataFormatError, match=r"x\.jsonl line 2500: not UTF-8 text \(invalid continuation byte"):
+        read_json_lines(path, "the test file")
+
+
+def test_a_key_is_on_every_line_or_on_none(tmp_path):
+    path = tmp_path / "x.jsonl"
+    path.write_text('{"id": 1}\n{"id": 2}\n')
+    assert all_or_none(read_json_lines(path, "the test file"), "label") is False
+    path.write_text('{"id": 1, "label": 0}\n\n{"id": 2, "label": 1}\n')
+    assert all_or_none(read_json_lines(path, "the test file"), "label") is True
+    path.write_text('{"id": 1, "label": 0}\n{"id": 2}\n{"id": 3, "label": 1}\n')
+    with pytest.raises(DataFormatError, match=r"x\.jsonl line 2: missing field 'label' while other lines have one"):
+        all_or_none(read_json_lines(path, "the test file"), "label")
+
+
+def test_line_of_finds_the_line_by_a_key_compared_as_text(tmp_path):
+    path = tmp_path / "x.jsonl"
+    path.write_text('{"id": 7}\n\n{"id": 42}\n')
+    assert line_of(path, "id", "42") == f"{path} line 3"
+    assert line_of(path, "id", "9") == f"{path}, id '9'"

@@ -162,6 +162,14 @@ def test_missing_and_broken_files_are_named(data, tmp_path):
         _task(data, tmp_path).examples("val")
 
 
+def test_a_missing_image_is_named_with_the_question_that_refers_to_it(data, tmp_path):
+    image = data / "images" / "n21.jpg"
+    image.unlink()
+    question = r"submission_all_questions\.json: question 's1'"
+    with pytest.raises(FileNotFoundError, match=rf"image file not found: {image} \(referred to by .*{question}\)"):
+        _task(data, tmp_path).examples("submission")
+
+
 def test_experiment_config_builds_the_task(data, tmp_path):
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = compose("train", overrides=["+experiment=gqa", f"task.root={data}", f"paths.cache_dir={tmp_path}"])

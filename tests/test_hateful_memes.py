@@ -56,6 +56,8 @@ def test_examples_follow_the_files_and_unlabelled_lines_get_minus_one(tmp_path):
         (1, {"img": None}, r"line 1: missing field 'img'"),
         (2, {"img": "/abs/01.png"}, r"line 2: img '/abs/01.png' is absolute; expected a path relative"),
         (4, {"id": 1.5}, r"line 4: id 1\.5 is not an integer or a string"),
+        # Only a file without any label is unlabelled; a label dropped from a labelled file is an error.
+        (3, {"label": None}, r"line 3: missing field 'label' while other lines have one"),
     ],
 )
 def test_malformed_lines_name_file_line_and_expectation(tmp_path, line, replacement, message):
@@ -78,6 +80,15 @@ def test_missing_split_file_is_named(tmp_path):
     root = write_memes(tmp_path / "memes")
     with pytest.raises(FileNotFoundError, match=r"dev_unseen\.jsonl not found; expected Hateful Memes"):
         HatefulMemesTask(root).check_split("dev_unseen")
+
+
+def test_a_missing_image_is_named_with_the_line_that_refers_to_it(tmp_path):
+    root = write_memes(tmp_path / "memes")
+    image = root / json.loads((root / "dev_seen.jsonl").read_text().splitlines()[1])["img"]
+    image.unlink()
+    where = r".*dev_seen\.jsonl line 2"
+    with pytest.raises(FileNotFoundError, match=rf"image file not found: {image} \(referred to by {where}\)"):
+        HatefulMemesTask(root).check_split("dev_seen")
 
 
 def _logits(probs: list[float]) -> torch.Tensor:

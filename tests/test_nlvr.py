@@ -101,6 +101,8 @@ def test_val_from_train_errors(tmp_path):
         (1, {"identifier": "1572"}, r"line 1: identifier '1572' is not of the form <sentence>-<position>"),
         (2, {"directory": None}, r"line 2: missing field 'directory'"),
         (1, {"sentence": 7}, r"line 1: sentence 7 is not a string"),
+        # Every NLVR file is labelled: no line may lack its label.
+        (2, {"label": None}, r"line 2: missing field 'label'"),
     ],
 )
 def test_malformed_lines_name_file_line_and_expectation(tmp_path, line, replacement, message):
@@ -117,6 +119,23 @@ def test_malformed_lines_name_file_line_and_expectation(tmp_path, line, replacem
     path.write_text("\n".join(lines) + "\n")
     with pytest.raises(ValueError, match=r"dev\.json " + message):
         NLVRTask(root, val_from_train=0).examples("dev")
+
+
+def test_a_missing_image_is_named_with_the_line_that_refers_to_it(tmp_path):
+    root = write_nlvr(tmp_path / "nlvr")
+    image = root / "dev" / "images" / "0" / "dev-20-1-3.png"
+    image.unlink()
+    where = r".*dev\.json line 2"
+    with pytest.raises(FileNotFoundError, match=rf"image file not found: {image} \(referred to by {where}\)"):
+        NLVRTask(root, val_from_train=0).check_split("dev")
+    # A validation split carved from train points into train's file.
+    task = NLVRTask(root, val_from_train=0.3)
+    (directory,) = task.heldout_directories()
+    line, (identifier, _, _) = next((n, s) for n, s in enumerate(TRAIN, start=1) if s[1] == directory)
+    image = root / "train" / "images" / directory / f"train-{identifier}-0.png"
+    image.unlink()
+    with pytest.raises(FileNotFoundError, match=rf"{image} \(referred to by .*train\.json line {line}\)"):
+        task.check_split("val")
 
 
 def _update(task: NLVRTask, metric, stems: list[str], wrong: set[str]) -> None:

@@ -97,6 +97,8 @@ def test_unlabelled_lines_get_no_label(tmp_path):
         (1, {"identifier": "dev-850-0"}, r"dev\.json line 1: identifier 'dev-850-0' is not of the form"),
         (3, {"sentence": None}, r"dev\.json line 3: missing field 'sentence'"),
         (1, {"identifier": 12}, r"dev\.json line 1: identifier 12 is not a string"),
+        # Only a file without any label is unlabelled; a label dropped from a labelled file is an error.
+        (2, {"label": None}, r"dev\.json line 2: missing field 'label' while other lines have one"),
     ],
 )
 def test_malformed_lines_name_file_line_and_expectation(tmp_path, line, replacement, message):

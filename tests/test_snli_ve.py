@@ -76,6 +76,8 @@ def test_images_dir_may_be_absolute_and_is_checked(tmp_path):
         (3, {"Flickr30K_ID": [1]}, r"line 3: Flickr30K_ID \[1\] is not a string or an integer"),
         (4, {"sentence2": "  "}, r"line 4: sentence2 is empty"),
         (5, "{not json", r"line 5: not valid JSON"),
+        # Every SNLI-VE file is labelled: no line may lack its gold label.
+        (6, {"gold_label": None}, r"line 6: missing field 'gold_label'"),
     ],
 )
 def test_malformed_lines_name_file_line_and_expectation(tmp_path, line, replacement, message):
@@ -101,6 +103,15 @@ def test_missing_split_file_is_named(tmp_path):
     root = write_snli_ve(tmp_path / "snli")
     with pytest.raises(FileNotFoundError, match=r"snli_ve_val\.jsonl not found; expected SNLI-VE's JSON lines"):
         SNLIVETask(root).check_split("val")
+
+
+def test_a_missing_image_is_named_with_the_first_line_that_refers_to_it(tmp_path):
+    root = write_snli_ve(tmp_path / "snli")
+    image = root / "flickr30k_images" / f"{IMAGE_IDS[1]}.jpg"
+    image.unlink()
+    where = r".*snli_ve_test\.jsonl line 2"
+    with pytest.raises(FileNotFoundError, match=rf"image file not found: {image} \(referred to by {where}\)"):
+        SNLIVETask(root).check_split("test")
 
 
 def test_metric_reports_accuracy_overall_and_per_label():

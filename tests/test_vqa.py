@@ -237,6 +237,19 @@ def test_missing_and_broken_files_are_named(data, tmp_path):
         VQATask(tmp_path / "nothere").prepare_data()
 
 
+def test_missing_images_are_named_with_the_question_that_refers_to_them(data, tmp_path):
+    image = data / "val2014" / "COCO_val2014_000000000012.jpg"
+    image.unlink()
+    question = r"v2_OpenEnded_mscoco_val2014_questions\.json: question_id 12000"
+    with pytest.raises(FileNotFoundError, match=rf"image file not found: {image} \(referred to by .*{question}\)$"):
+        _task(data, tmp_path).examples("val2014")
+    (data / "val2014" / "COCO_val2014_000000000011.jpg").unlink()
+    # Only the first is traced to its question; the others are counted and listed.
+    more = r"question_id 11000\); 1 more image file\(s\) of split 'val2014' missing: .*0012\.jpg$"
+    with pytest.raises(FileNotFoundError, match=more):
+        _task(data, tmp_path).check_split("val2014")
+
+
 def _compose(overrides: list[str]):
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         return compose("train", overrides=overrides)

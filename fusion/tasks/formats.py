@@ -4,7 +4,7 @@ and what was expected; and checking the file-name patterns of a task's config.""
 from __future__ import annotations
 
 import json
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -110,8 +110,17 @@ def read_json_lines(path: Path, expected: str) -> list[Record]:
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found; expected {expected}")
     records = []
-    with path.open(encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
+    # Bytes, decoded a line at a time: a text-mode reader decodes ahead in blocks, so its UnicodeDecodeError
+    # would name neither the file nor the line.
+    with path.open("rb") as f:
+        for number, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise DataFormatError(
+                    f"{path} line {number}: not UTF-8 text ({err.reason} at byte {err.start} of the line); "
+                    f"expected {expected}"
+                ) from None
             if not line.strip():
                 continue
             try:
@@ -125,3 +134,26 @@ def read_json_lines(path: Path, expected: str) -> list[Record]:
     if not records:
         raise DataFormatError(f"{path} holds no examples; expected {expected}")
     return records
+
+
+def all_or_none(records: Sequence[Record], key: str) -> bool:
+    """Whether the records have ``key``: every one of them (True) or none (False, e.g. an unlabelled test file).
+
+    A file with ``key`` on some lines only fails, naming the first line without it: a label dropped from a
+    labelled file must not make that example silently unlabelled.
+    """
+    having = [r for r in records if r.has(key)]
+    if having and len(having) < len(records):
+        lacking = next(r for r in records if not r.has(key))
+        raise lacking.error(f"missing field {key!r} while other lines have one (e.g. line {having[0].line})")
+    return bool(having)
+
+
+def line_of(path: Path, key: str, value: str) -> str:
+    """``"<path> line <n>"`` for the first line of the JSON-lines file ``path`` whose ``key`` is ``value``
+    (compared as text); ``"<path>, <key> <value>"`` if none is. For error messages: it reads the file again.
+    """
+    for rec in read_json_lines(path, f"the file with {key} {value!r}"):
+        if str(rec.data.get(key)) == value:
+            return rec.where
+    return f"{path}, {key} {value!r}"

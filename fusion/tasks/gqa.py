@@ -155,6 +155,9 @@ class GQATask(FileTask):
         del self._rows[split]
         return examples
 
+    def reference(self, split: str, example: Example) -> str:
+        return f"{self.questions_path(split)}: question {example.question_id!r}"
+
     def loss(self, logits: torch.Tensor, batch: Mapping[str, Any]) -> torch.Tensor:
         """Cross-entropy over the vocabulary; 0 for a batch without any answer in the vocabulary."""
         labels = batch["targets"]

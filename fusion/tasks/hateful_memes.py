@@ -2,9 +2,10 @@
 
 Files under ``root``: ``<split>.jsonl`` (one JSON object a line with ``id``, ``img`` such as
 ``img/42953.png`` relative to ``root``, ``text`` and ``label`` 0/1; unlabelled test splits have no
-``label``) and the images. Metrics: AUROC of P(hateful), the challenge's metric (headline ``auroc``), and
-accuracy (``auroc_acc``); both NaN on a split without labels, AUROC NaN when one class is absent. Prediction
-file: the challenge's submission CSV ``predictions.csv`` with the header ``id,proba,label``.
+``label`` on any line, labelled ones on every line) and the images. Metrics: AUROC of P(hateful), the
+challenge's metric (headline ``auroc``), and accuracy (``auroc_acc``); both NaN on a split without labels,
+AUROC NaN when one class is absent. Prediction file: the challenge's submission CSV ``predictions.csv``
+with the header ``id,proba,label``.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from torchmetrics import Metric
 
 from fusion.tasks.base import Example, FileTask, write_atomic
 from fusion.tasks.binary_metrics import auroc_with_accuracy
-from fusion.tasks.formats import read_json_lines
+from fusion.tasks.formats import all_or_none, line_of, read_json_lines
 
 ANSWERS: tuple[str, ...] = ("not_hateful", "hateful")
 
@@ -58,10 +59,16 @@ class HatefulMemesTask(FileTask):
             raise FileNotFoundError(f"Hateful Memes folder {self.root} not found; set task.root=<folder>")
 
     def read_split(self, split: str) -> list[Example]:
-        """The examples of ``<split>.jsonl`` in file order (label -1 where there is none); parsed once."""
+        """The examples of ``<split>.jsonl`` in file order; parsed once.
+
+        A file without any ``label`` (the unlabelled test releases) gives label -1; in a file with labels
+        every line needs one.
+        """
         path = self.split_file(split)
+        records = read_json_lines(path, f"Hateful Memes' JSON lines for split {split!r} (<split>.jsonl)")
+        labelled = all_or_none(records, "label")
         examples = []
-        for rec in read_json_lines(path, f"Hateful Memes' JSON lines for split {split!r} (<split>.jsonl)"):
+        for rec in records:
             image = rec.field("img")
             if Path(image).is_absolute():
                 raise rec.error(f"img {image!r} is absolute; expected a path relative to the data folder")
@@ -71,10 +78,13 @@ class HatefulMemesTask(FileTask):
                     image_key=f"hateful_memes/{image}",
                     image_path=self.root / image,
                     question=rec.field("text"),
-                    label=rec.choice("label", (0, 1)) if rec.has("label") else -1,
+                    label=rec.choice("label", (0, 1)) if labelled else -1,
                 )
             )
         return examples
+
+    def reference(self, split: str, example: Example) -> str:
+        return line_of(self.split_file(split), "id", example.question_id)
 
     def metric(self) -> Metric:
         return auroc_with_accuracy()

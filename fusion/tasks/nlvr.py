@@ -30,7 +30,7 @@ from torchmetrics import Metric
 
 from fusion.tasks.base import Example, FileTask, write_atomic
 from fusion.tasks.binary_metrics import AccuracyConsistency
-from fusion.tasks.formats import read_json_lines
+from fusion.tasks.formats import line_of, read_json_lines
 
 ANSWERS: tuple[str, ...] = ("false", "true")
 IMAGES_PER_STATEMENT = 6
@@ -168,6 +168,12 @@ class NLVRTask(FileTask):
             for s in self.statements(split)
             for n in range(IMAGES_PER_STATEMENT)
         ]
+
+    def reference(self, split: str, example: Example) -> str:
+        # The question id <file split>-<sentence>-<position>-<n> names the line's file (train's for a carved
+        # validation split) and identifier.
+        source, sentence, position, _ = example.question_id.rsplit("-", 3)
+        return line_of(self.split_file(source), "identifier", f"{sentence}-{position}")
 
     def metric(self) -> Metric:
         return AccuracyConsistency()

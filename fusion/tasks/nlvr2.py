@@ -2,11 +2,11 @@
 
 Files under ``root`` as the official release lays them out: ``<split>.json`` (or ``data/<split>.json``,
 the repository's layout), JSON lines with ``identifier`` ``<split>-<set>-<pair>-<sentence>`` (e.g.
-``dev-850-0-0``), ``sentence`` and ``label`` ``True``/``False``. The two images of a line are
-``<identifier without its last field>-img0.png`` (left) and ``-img1.png`` (right), found by file name
-anywhere below ``images_dir`` (the copies differ: train images sit in numbered subfolders, dev and test
-ones do not). Both images go through every encoder; the model tells them apart by an image-index
-embedding (``FusionModel(num_images=2)``).
+``dev-850-0-0``), ``sentence`` and ``label`` ``True``/``False`` (on every line, or on none: an unlabelled
+copy of the hidden test split). The two images of a line are ``<identifier without its last field>-img0.png``
+(left) and ``-img1.png`` (right), found by file name anywhere below ``images_dir`` (the copies differ: train
+images sit in numbered subfolders, dev and test ones do not). Both images go through every encoder; the
+model tells them apart by an image-index embedding (``FusionModel(num_images=2)``).
 
 Metrics as the official ``nlvr2/eval/metrics.py`` defines them: accuracy (headline ``acc``) and
 consistency (``acc_consistency``): the share of unique sentences (the identifier with its third field,
@@ -27,7 +27,7 @@ from torchmetrics import Metric
 
 from fusion.tasks.base import Example, FileTask, write_atomic
 from fusion.tasks.binary_metrics import AccuracyConsistency
-from fusion.tasks.formats import read_json_lines
+from fusion.tasks.formats import all_or_none, line_of, read_json_lines
 
 ANSWERS: tuple[str, ...] = ("False", "True")
 IDENTIFIER = re.compile(r"([\w]+)-(\d+)-(\d+)-(\d+)")
@@ -114,6 +114,8 @@ class NLVR2Task(FileTask):
     def read_split(self, split: str) -> list[Example]:
         """One example per JSON line, in file order, each with its left and right image."""
         records = read_json_lines(self.split_file(split), f"NLVR2's JSON lines for split {split!r}")
+        # Unlabelled copies of the hidden test split have no label on any line; a labelled file on every one.
+        labelled = all_or_none(records, "label")
         paths = self.image_paths()
         examples, missing = [], []
         for rec in records:
@@ -123,8 +125,7 @@ class NLVR2Task(FileTask):
                     f"identifier {identifier!r} is not of the form <split>-<set>-<pair>-<sentence>, e.g. dev-850-0-0"
                 )
             label = rec.data.get("label")
-            # Unlabelled copies of the hidden test split have no label.
-            if label is None:
+            if not labelled:
                 index = -1
             elif isinstance(label, bool) or (isinstance(label, str) and label.lower() in ("true", "false")):
                 index = int(label if isinstance(label, bool) else label.lower() == "true")
@@ -154,6 +155,9 @@ class NLVR2Task(FileTask):
                 f"{len(missing)} NLVR2 image(s) of split {split!r} not found anywhere below {self.images_dir}: {shown}"
             )
         return examples
+
+    def reference(self, split: str, example: Example) -> str:
+        return line_of(self.split_file(split), "identifier", example.question_id)
 
     def metric(self) -> Metric:
         return AccuracyConsistency()

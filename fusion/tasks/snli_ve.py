@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from fusion.tasks.base import Example, FileTask
-from fusion.tasks.formats import read_json_lines
+from fusion.tasks.formats import line_of, read_json_lines
 
 LABELS: tuple[str, ...] = ("entailment", "neutral", "contradiction")
 
@@ -77,6 +77,9 @@ class SNLIVETask(FileTask):
                 )
             )
         return examples
+
+    def reference(self, split: str, example: Example) -> str:
+        return line_of(self.split_file(split), "pairID", example.question_id)
 
     def prediction_rows(self, logits: torch.Tensor, batch: Mapping[str, Any]) -> list[dict[str, Any]]:
         return [

@@ -253,6 +253,9 @@ class VQATask(FileTask):
         del self._rows[split]  # the examples now hold everything
         return examples
 
+    def reference(self, split: str, example: Example) -> str:
+        return f"{self.questions_path(split)}: question_id {example.question_id}"
+
     # ---- training and evaluation -----------------------------------------------------------------
     def target(self, example: Example) -> torch.Tensor:
         """Soft scores (C,) over the vocabulary; all -1 for an unannotated question (the loss skips it)."""
