@@ -204,7 +204,7 @@ def test_train_then_eval_end_to_end(tmp_path):
     summary = _wandb_summary(offline[0])
     assert "val/acc" in summary["summary"] and "attn/cls/layer0/dino_tiny" in summary["summary"]
     assert "fusion.tasks.shapes.ShapesTask" in json.dumps(summary["config"])  # the resolved config
-    assert _wandb_run_record(offline[0])["group"] == "shapes"  # a single run: its experiment's group
+    assert _wandb_run_record(offline[0])["run_group"] == "shapes"  # a single run: its experiment's group
 
     # Resume from last.ckpt: training continues at epoch 2 instead of starting over.
     resumed = tmp_path / "resumed"

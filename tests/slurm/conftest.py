@@ -20,7 +20,9 @@ def slurm_cluster():
     proc = subprocess.run(["bash", str(HERE / "start_cluster.sh")], capture_output=True, text=True, timeout=900)
     if proc.returncode == 2:
         pytest.skip(f"no SLURM cluster here: {proc.stderr.strip()}")
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    if proc.returncode != 0:  # daemons may be up though the node never went idle: stop what the script started
+        subprocess.run(["bash", str(HERE / "stop_cluster.sh")], timeout=60)
+        pytest.fail(f"start_cluster.sh failed (exit {proc.returncode}): {proc.stdout}{proc.stderr}")
     started = "already up" not in proc.stdout
     yield
     if started:

@@ -4,6 +4,7 @@ in the same run folder and wandb run, and 2-process CPU DDP through srun."""
 import csv
 import json
 import os
+import pickle
 import re
 import subprocess
 import sys
@@ -33,6 +34,37 @@ def _sbatch(tmp_path: Path, args: list[str], **env: str) -> str:
                           capture_output=True, text=True, env=dict(_env(tmp_path), **env), timeout=60)
     assert proc.returncode == 0, proc.stderr
     return proc.stdout.strip().split(";")[0]
+
+
+def _wandb_run(run_dir: Path) -> dict:
+    """The ``run`` record (id, project, group...) of an offline wandb run, read back by wandb itself."""
+    out = subprocess.run([str(Path(sys.executable).with_name("wandb")), "leet", "inspect", "--json", str(run_dir)],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    return next(r["run"] for r in map(json.loads, out.stdout.splitlines()) if r.get("type") == "run")
+
+
+def _wait_for_step(job: str, ckpt: Path, step: int, timeout: float = 600) -> None:
+    """Until the run's step checkpoint has reached ``step`` (the job still pending or running)."""
+    deadline = time.monotonic() + timeout
+    while not (ckpt.is_file() and torch.load(ckpt, weights_only=True)["global_step"] >= step):
+        assert time.monotonic() < deadline and _state(job) in ("PENDING", "RUNNING"), _state(job)
+        time.sleep(0.5)
+
+
+def _release_when_requeued(job: str, timeout: float = 300) -> None:
+    """Once the job has left RUNNING (requeued: pending with a begin time), let it start again now."""
+    deadline = time.monotonic() + timeout
+    while _state(job) in ("RUNNING", "COMPLETING", "REQUEUED"):
+        assert time.monotonic() < deadline, _state(job)
+        time.sleep(1)
+    assert _state(job) == "PENDING", _state(job)
+    subprocess.run(["scontrol", "update", f"jobid={job}", "StartTime=now"], check=True)  # no BeginTime delay
+
+
+def _resumed_step(log: str) -> int:
+    (step,) = re.findall(r"resuming from \S+ \(step (\d+)\)", log)
+    return int(step)
 
 
 def _state(job: str) -> str:
@@ -103,10 +135,13 @@ def test_optuna_search_runs_its_trials_as_slurm_jobs_and_collects_them(slurm_clu
     assert best["best_value"] == pytest.approx(max(trial_values))
 
 
-def test_plain_sbatch_array_elements_failing_before_hydra_are_collected_with_their_reason(slurm_cluster, tmp_path):
+def test_plain_sbatch_array_elements_are_collected_with_failures_and_their_reason(slurm_cluster, tmp_path):
     sweep_file = tmp_path / "sweep.txt"
-    sweep_file.write_text("+experiment=shapes fusion.nope=1\n+experiment=shapes encoder=[nope]\n")
-    array = _sbatch(tmp_path, ["--array=0-1", "--cpus-per-task=1", str(ROOT / "slurm" / "array.sbatch"), "logger=csv"],
+    trains = ["+experiment=shapes", "encoder=[clip_tiny]", *(a for a in TINY if a != "logger=csv"), "logger=wandb",
+              "trainer.max_epochs=1", "+trainer.limit_train_batches=1"]
+    sweep_file.write_text("+experiment=shapes fusion.nope=1 logger=csv\n+experiment=shapes encoder=[nope] logger=csv\n"
+                          + " ".join(trains) + "\n")
+    array = _sbatch(tmp_path, ["--array=0-2", "--cpus-per-task=1", str(ROOT / "slurm" / "array.sbatch")],
                     SWEEP=str(sweep_file))
     deadline = time.monotonic() + 300
     while subprocess.run(["squeue", "-h", "-j", array], capture_output=True, text=True).stdout.strip():
@@ -121,7 +156,10 @@ def test_plain_sbatch_array_elements_failing_before_hydra_are_collected_with_the
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = list(csv.DictReader((sweep / "results.csv").open()))
     assert [(r["job"], r["status"], r["task"], r["encoders"]) for r in rows] == [
-        ("0", "failed", "shapes", "?"), ("1", "failed", "shapes", "nope")]
+        ("0", "failed", "shapes", "?"), ("1", "failed", "shapes", "nope"), ("2", "ok", "shapes", "clip_tiny")]
+    assert rows[2]["test/acc"] and (sweep / "2" / "metrics.json").is_file()
+    (run,) = (sweep / "2" / "wandb").glob("offline-run-*")
+    assert _wandb_run(run)["run_group"] == f"array-{array}"  # the array's runs are one wandb group
     assert rows[0]["error"].startswith("Hydra: Could not override 'fusion.nope'.") and "slurm.out" in rows[0]["error"]
     assert rows[1]["error"].startswith("error: unknown encoder 'nope'")
     assert rows[0]["overrides"] == "+experiment=shapes fusion.nope=1 logger=csv"
@@ -143,11 +181,7 @@ def test_signalled_job_checkpoints_requeues_and_resumes_in_the_same_wandb_run(sl
             "trainer.max_epochs=6", "callbacks.step_checkpoint.every_n_train_steps=1"]
     job = _sbatch(tmp_path, ["--cpus-per-task=1", str(ROOT / "slurm" / "train.sbatch"), *args])
     run = tmp_path / "logs" / "train" / "slurm" / job
-    step_ckpt = run / "checkpoints" / "last_step.ckpt"
-    deadline = time.monotonic() + 600
-    while not (step_ckpt.is_file() and torch.load(step_ckpt, weights_only=True)["global_step"] >= 3):
-        assert time.monotonic() < deadline and _state(job) in ("PENDING", "RUNNING"), _state(job)
-        time.sleep(0.5)
+    _wait_for_step(job, run / "checkpoints" / "last_step.ckpt", 3)
     # What SLURM sends before a time limit or preemption (--signal=USR1@90), to the job's processes.
     subprocess.run(["scancel", "--signal=USR1", job], check=True)
     deadline = time.monotonic() + 300
@@ -157,7 +191,7 @@ def test_signalled_job_checkpoints_requeues_and_resumes_in_the_same_wandb_run(sl
     requeued = torch.load(run / "checkpoints" / "last_requeue.ckpt", weights_only=True)["global_step"]
     assert 3 <= requeued < 30
     assert not (run / "metrics.json").exists()
-    subprocess.run(["scontrol", "update", f"jobid={job}", "StartTime=now"], check=True)  # no BeginTime delay
+    _release_when_requeued(job)
     assert _wait(job) == "COMPLETED", (tmp_path / "logs" / "slurm" / f"{job}.out").read_text()[-3000:]
 
     log = (run / "train.log").read_text()
@@ -171,6 +205,68 @@ def test_signalled_job_checkpoints_requeues_and_resumes_in_the_same_wandb_run(sl
     assert runs[0].name.endswith((run / "wandb_id").read_text().strip())
     out = (tmp_path / "logs" / "slurm" / f"{job}.out").read_text()
     assert "(restart 0)" in out and "(restart 1)" in out
+
+
+def test_job_requeued_by_scontrol_while_training_resumes_from_its_step_checkpoint(slurm_cluster, tmp_path):
+    """``scontrol requeue`` from outside (no signal beforehand: SIGTERM, then SIGKILL): the requeued job resumes
+    from the newest step checkpoint; its step count continues and one wandb run id covers both attempts."""
+    args = ["+experiment=shapes", "encoder=[clip_tiny]", *TINY, "logger=wandb", "trainer.max_epochs=6",
+            "callbacks.step_checkpoint.every_n_train_steps=1"]
+    job = _sbatch(tmp_path, ["--cpus-per-task=1", str(ROOT / "slurm" / "train.sbatch"), *args])
+    run = tmp_path / "logs" / "train" / "slurm" / job
+    _wait_for_step(job, run / "checkpoints" / "last_step.ckpt", 3)
+    subprocess.run(["scontrol", "requeue", job], check=True)
+    _release_when_requeued(job)
+    assert _wait(job) == "COMPLETED", (tmp_path / "logs" / "slurm" / f"{job}.out").read_text()[-3000:]
+
+    log = (run / "train.log").read_text()
+    assert 3 <= _resumed_step(log) < 30  # from the step checkpoint, not from 0
+    assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 30
+    assert "test/acc" in json.loads((run / "metrics.json").read_text())
+    runs = sorted((run / "wandb").glob("offline-run-*"))
+    assert len(runs) == 2 and {r.name.rsplit("-", 1)[1] for r in runs} == {(run / "wandb_id").read_text().strip()}
+    out = (tmp_path / "logs" / "slurm" / f"{job}.out").read_text()
+    assert "(restart 0)" in out and "(restart 1)" in out
+
+
+def test_submitit_job_signalled_before_its_limit_requeues_and_the_sweep_gets_the_final_value(slurm_cluster, tmp_path):
+    """hydra/launcher=slurm: on submitit's USR2 the callback checkpoints, requeues and ends the attempt without
+    a result, so the launcher waits for the requeued attempt and returns its value (not an empty one)."""
+    logs = tmp_path / "logs"
+    sweep = subprocess.Popen(
+        [sys.executable, str(ROOT / "train.py"), "-m", "+experiment=shapes", "encoder=[clip_tiny]",
+         "hydra/launcher=slurm", "hydra.launcher.cpus_per_task=1", "hydra.launcher.timeout_min=20",
+         "hydra.launcher.partition=debug", *(a for a in TINY if a != "logger=csv"), "logger=wandb",
+         "trainer.max_epochs=6", "callbacks.step_checkpoint.every_n_train_steps=1"],
+        cwd=tmp_path, env=_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        deadline = time.monotonic() + 300
+        while not list((logs / "train" / "multiruns").glob("*/.submitit/[0-9]*")):
+            assert time.monotonic() < deadline and sweep.poll() is None, sweep.stderr.read()[-3000:]
+            time.sleep(0.5)
+        (folder,) = (logs / "train" / "multiruns").glob("*/.submitit/[0-9]*")
+        sweep_dir, job = folder.parents[1], folder.name
+        run = sweep_dir / "0"
+        _wait_for_step(job, run / "checkpoints" / "last_step.ckpt", 3)
+        subprocess.run(["scancel", "--signal=USR2", job], check=True)  # what submitit asks SLURM for
+        _release_when_requeued(job)
+        _, err = sweep.communicate(timeout=900)
+    finally:
+        if sweep.poll() is None:
+            sweep.kill()
+    assert sweep.returncode == 0, err[-3000:]
+
+    log = (run / "train.log").read_text()
+    assert f"requeueing SLURM job {job}" in log and 3 <= _resumed_step(log) < 30
+    assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 30
+    metrics = json.loads((run / "metrics.json").read_text())
+    # The launcher's result is the requeued attempt's return value: train.py's validation metric.
+    status, returned = pickle.loads((folder / f"{job}_0_result.pkl").read_bytes())
+    assert status == "success" and returned.return_value == pytest.approx(metrics["val/acc"])
+    runs = sorted((run / "wandb").glob("offline-run-*"))
+    assert len(runs) == 2 and {r.name.rsplit("-", 1)[1] for r in runs} == {(run / "wandb_id").read_text().strip()}
+    assert _wandb_run(runs[-1])["run_group"] == f"sweep-{sweep_dir.name}"
 
 
 def test_two_process_gloo_ddp_through_srun_reports_the_single_process_metrics(slurm_cluster, tmp_path):
