@@ -11,7 +11,7 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.loggers import WandbLogger
 from torch import nn
-from torchmetrics import MeanMetric
+from torchmetrics import MeanMetric, Metric
 from transformers import get_cosine_schedule_with_warmup
 
 from fusion.distributed import gather_prediction_rows
@@ -27,6 +27,13 @@ from fusion.text import TextEncoder
 log = logging.getLogger(__name__)
 
 ENCODER_PREFIX = "encoders."
+
+
+def annotated_count(batch: Mapping[str, Any]) -> int:
+    """How many examples of ``batch`` the task's loss averages over: those whose ``targets`` are not -1 (a
+    label index (B,), or soft scores (B, C) that are all -1 for an unannotated question)."""
+    targets = batch["targets"]
+    return int((targets.reshape(targets.shape[0], -1)[:, 0] >= 0).sum())
 
 
 class FusionLitModule(pl.LightningModule):
@@ -73,9 +80,10 @@ class FusionLitModule(pl.LightningModule):
         self.head = head(width=self.fusion.width, num_classes=task.num_classes)
         self.ve_dropout = EncoderDropout(self.encoder_names, p=ve_dropout, drop_encoders=list(drop_encoders))
         self.metrics = nn.ModuleDict({stage: task.metric() for stage in ("val", "test")})
-        # The evaluation loss, per example over all ranks. Not self.log(sync_dist=True): Lightning mean-syncs its
-        # integer batch-size count, which floors when ranks hold unequal shares (Lightning issue #21838). A
-        # batch without any labelled example has a NaN loss and is left out; a split without labels, no loss.
+        # The evaluation loss, per annotated example over all ranks (score_batch). Not self.log(sync_dist=True):
+        # Lightning mean-syncs its integer batch-size count, which floors when ranks hold unequal shares
+        # (Lightning issue #21838). A batch without any annotated example weighs 0 (its loss may be NaN: left
+        # out); a split without labels has no loss.
         self.eval_loss = nn.ModuleDict({stage: MeanMetric(nan_strategy="ignore") for stage in ("val", "test")})
         self.train_acc = MeanMetric()
         self.attention_stats = attention_stats
@@ -139,11 +147,24 @@ class FusionLitModule(pl.LightningModule):
         return loss
 
     # ---- evaluation ----------------------------------------------------------------------------
+    def score_batch(
+        self, batch: Mapping[str, Any], metric: Metric, loss_mean: MeanMetric, output_attentions: bool = False
+    ) -> tuple[torch.Tensor, FusionOutput]:
+        """Forward one batch, feed the task ``metric`` and the running mean loss ``loss_mean``; returns the logits
+        ``(B, num_classes)`` and the fusion output.
+
+        The one scoring step of evaluation (``validation_step`` / ``test_step``) and of the analysis modes
+        (``fusion.analysis.common.evaluate``), so an analysis's unablated numbers are eval.py's. The task's loss
+        is a mean over the batch's annotated examples, so it is weighted by their count: the split's loss is
+        the mean over its annotated examples, however they fall into batches (a batch without any weighs 0).
+        """
+        logits, out = self(batch, output_attentions=output_attentions)
+        self.task.update_metric(metric, logits, batch)
+        loss_mean.update(self.task.loss(logits, batch).detach().float(), weight=annotated_count(batch))
+        return logits, out
+
     def _eval_step(self, batch: Mapping[str, Any], stage: str) -> None:
-        logits, out = self(batch, output_attentions=self.attention_stats)
-        size = batch["labels"].shape[0]
-        self.eval_loss[stage].update(self.task.loss(logits, batch).detach().float(), weight=size)
-        self.task.update_metric(self.metrics[stage], logits, batch)
+        logits, out = self.score_batch(batch, self.metrics[stage], self.eval_loss[stage], self.attention_stats)
         if self.predictions_path is not None:
             self._prediction_rows.extend(self.task.prediction_rows(logits, batch))
         if self.attention_stats:

@@ -3,9 +3,9 @@
 
 import pytest
 import torch
-from analysis_helpers import ENCODERS, run_mode, tiny_checkpoint
+from analysis_helpers import ENCODERS, check_wandb, run_mode, tiny_checkpoint
 
-from fusion.analysis.attention import rank_heads
+from fusion.analysis.attention import largest_parts, rank_heads
 
 GROUPS = [*ENCODERS, "text", "cls"]
 
@@ -59,13 +59,38 @@ def test_report_files_and_wandb(attention):
     _, run_dir = attention
     folder = run_dir / "attention"
     report = (folder / "report.md").read_text()
-    for name in ("cls_layers", "text_heads", "heads_ranked", "cls_by_answer_type"):
+    for name in ("cls_layers", "text_heads", "heads_ranked", "cls_by_answer_type", "text_by_answer_type_layers"):
         assert (folder / f"{name}.png").stat().st_size > 5_000 and f"]({name}.png)" in report
     assert (folder / "heads.csv").read_text().count("\n") == 1 + 4
-    offline = list((run_dir / "wandb").glob("offline-run-*"))
-    assert len(offline) == 1
-    media = offline[0] / "files" / "media"
-    assert list(media.glob("images/analysis/attention/*.png")) and list(media.glob("table/analysis/attention/*"))
+    summary = check_wandb(run_dir, "attention")
+    assert summary["analysis/attention/table/heads"]["nrows"] == 4
+
+
+def test_every_heatmap_is_the_json_statistics(attention):
+    results, _ = attention
+    figures = results["figures"]
+    types = ["color", "count", "position", "shape"]
+    for query in ("cls", "text"):
+        mass = torch.tensor(results[query])  # (L, H, G)
+        assert torch.tensor(figures[f"{query}_layers"]["values"]).allclose(mass.mean(1))
+        assert torch.tensor(figures[f"{query}_heads"]["values"]).allclose(mass.flatten(0, 1))
+        by_type = figures[f"{query}_by_answer_type"]
+        assert by_type["rows"] == types and by_type["columns"] == GROUPS
+        for row, name in zip(by_type["values"], types, strict=True):
+            assert torch.tensor(row).allclose(torch.tensor(results["by"][name][query]).mean((0, 1)))
+        # Per layer: one panel (layers x groups) per answer type, the type's masses averaged over heads.
+        layers = figures[f"{query}_by_answer_type_layers"]
+        assert layers["rows"] == ["layer 0", "layer 1"] and layers["columns"] == GROUPS
+        assert list(layers["panels"]) == types
+        for name, values in layers["panels"].items():
+            assert torch.tensor(values).allclose(torch.tensor(results["by"][name][query]).mean(1))
+    assert set(figures) == {f"{q}_{f}" for q in ("cls", "text")
+                            for f in ("layers", "heads", "by_answer_type", "by_answer_type_layers")}
+
+
+def test_largest_parts_keeps_the_most_frequent_values_in_order():
+    by = {"a": {"n": 1}, "b": {"n": 5}, "c": {"n": 3}, "d": {"n": 4}}
+    assert largest_parts(by, 2) == ["b", "d"] and largest_parts(by, 9) == ["a", "b", "c", "d"]
 
 
 def test_rank_heads_counts_fused_tokens_as_image():

@@ -4,7 +4,7 @@ import csv
 
 import pytest
 import torch
-from analysis_helpers import ENCODERS, run_mode, tiny_checkpoint
+from analysis_helpers import ENCODERS, check_wandb, eval_metrics, run_mode, tiny_checkpoint
 
 from fusion.analysis.common import mask_text
 
@@ -13,7 +13,8 @@ from fusion.analysis.common import mask_text
 def ablation(tmp_path_factory):
     ckpt, workdir = tiny_checkpoint(tmp_path_factory)
     folder = workdir / "eval_cross_modal_ablation" / "cross_modal_ablation"
-    return run_mode("cross_modal_ablation", ckpt, workdir), folder
+    # With a wandb logger too: the tables and figures go there as well (offline run in the run folder).
+    return run_mode("cross_modal_ablation", ckpt, workdir, "logger=wandb"), folder
 
 
 def test_every_condition_is_scored_on_the_whole_split(ablation):
@@ -34,6 +35,16 @@ def test_changes_are_against_the_unablated_model(ablation):
     assert results["summary"]["vision_for_language"]["all"] == results["changes"]["vision:all"]
 
 
+def test_the_unablated_condition_is_what_eval_py_reports(ablation, tmp_path_factory):
+    results, _ = ablation
+    # Both score batches with FusionLitModule.score_batch: the same metric and loss on the same split.
+    metrics = eval_metrics(*tiny_checkpoint(tmp_path_factory), split="val")
+    clean = {k: v for k, v in results["conditions"]["none"].items() if k != "n"}
+    assert {"acc", "acc_color", "loss"} <= set(clean)
+    # Equal up to float32 rounding (eval.py sums with torch's default thread count, the analysis with one).
+    assert {k: metrics[f"val/{k}"] for k in clean} == pytest.approx(clean, rel=1e-6)
+
+
 def test_the_trained_model_needs_both_modalities(ablation):
     results, _ = ablation
     changes = results["changes"]
@@ -52,6 +63,8 @@ def test_report_folder(ablation):
     assert order == ["none", *(f"vision:{e}" for e in ENCODERS), "vision:all", "text", "vision:all+text"]
     assert (folder / "changes.png").stat().st_size > 10_000
     assert "](changes.png)" in (folder / "report.md").read_text()
+    summary = check_wandb(folder.parent, "cross_modal_ablation")
+    assert summary["analysis/cross_modal_ablation/table/conditions"]["nrows"] == len(order)
 
 
 def test_mask_text_replaces_only_real_non_special_tokens():

@@ -4,7 +4,7 @@ import csv
 import math
 
 import pytest
-from analysis_helpers import ENCODERS, run_mode, tiny_checkpoint
+from analysis_helpers import ENCODERS, check_wandb, run_mode, tiny_checkpoint
 
 from fusion.analysis.encoder_ablation import NONE, marginal_contributions
 
@@ -12,7 +12,9 @@ from fusion.analysis.encoder_ablation import NONE, marginal_contributions
 @pytest.fixture(scope="module")
 def ablation(tmp_path_factory):
     ckpt, workdir = tiny_checkpoint(tmp_path_factory)
-    return run_mode("encoder_ablation", ckpt, workdir), workdir / "eval_encoder_ablation" / "encoder_ablation"
+    # With a wandb logger too: the tables and figures go there as well (offline run in the run folder).
+    results = run_mode("encoder_ablation", ckpt, workdir, "logger=wandb")
+    return results, workdir / "eval_encoder_ablation" / "encoder_ablation"
 
 
 def test_every_subset_is_evaluated_on_the_whole_split(ablation):
@@ -54,6 +56,12 @@ def test_report_folder_has_table_plots_and_markdown(ablation):
         assert (folder / png).stat().st_size > 10_000
         assert f"]({png})" in (folder / "report.md").read_text()
     assert (folder / "marginal.csv").is_file() and (folder / "results.json").is_file()
+
+
+def test_tables_and_figures_are_in_wandb(ablation):
+    _, folder = ablation
+    summary = check_wandb(folder.parent, "encoder_ablation")
+    assert summary["analysis/encoder_ablation/table/subsets"]["nrows"] == 4
 
 
 def test_shapley_of_an_additive_score_is_each_encoders_weight():

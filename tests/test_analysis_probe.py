@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from analysis_helpers import run_mode, tiny_checkpoint
+from analysis_helpers import check_wandb, run_mode, tiny_checkpoint
 
 from fusion.analysis.probe import fit_probe, probe_accuracy, shapes_properties
 from fusion.tasks.base import Example
@@ -14,7 +14,8 @@ DEPTHS = ["input", "layer 0", "final"]
 @pytest.fixture(scope="module")
 def probes(tmp_path_factory):
     ckpt, workdir = tiny_checkpoint(tmp_path_factory)
-    results = run_mode("probe", ckpt, workdir, "analysis.probe.max_fit=600")
+    # With a wandb logger too: the tables and figures go there as well (offline run in the run folder).
+    results = run_mode("probe", ckpt, workdir, "analysis.probe.max_fit=600", "logger=wandb")
     return results, workdir / "eval_probe" / "probe"
 
 
@@ -61,6 +62,9 @@ def test_modality_importance_and_report(probes):
     for png in ("probe_curves.png", "modality_importance.png"):
         assert (folder / png).stat().st_size > 10_000 and f"]({png})" in report
     assert (folder / "probes.csv").read_text().count("\n") == 1 + 5 * 2 * 3
+    assert results["figures"]["modality_importance"]["rows"] == ["L0 H0", "L0 H1", "L1 H0", "L1 H1"]
+    summary = check_wandb(folder.parent, "probe")
+    assert summary["analysis/probe/table/probes"]["nrows"] == 5 * 2 * 3
 
 
 def test_shapes_properties_read_the_pixels(tmp_path):

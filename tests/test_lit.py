@@ -2,11 +2,12 @@
 
 import pytest
 import torch
+from torchmetrics import MeanMetric
 
 from fusion.encoders import HFVisionEncoder, TimmEncoder
 from fusion.fusers import ResamplerFuser
 from fusion.heads import ClassifierHead
-from fusion.lit import FusionLitModule
+from fusion.lit import FusionLitModule, annotated_count
 from fusion.model import FusionModel
 from fusion.tasks.shapes import ShapesTask
 from fusion.text import TextEncoder, build_tiny_bert
@@ -170,3 +171,27 @@ def test_checkpoint_carries_the_answer_vocabulary_and_refuses_another(parts):
     short = ckpt["task_answers"][:3]
     with pytest.raises(ValueError, match=r"trained with a 3-answer vocabulary .* index 3: checkpoint \(end\)"):
         _module(parts).on_load_checkpoint({**ckpt, "task_answers": short, "state_dict": dict(ckpt["state_dict"])})
+
+
+def test_score_batch_means_the_loss_over_annotated_examples_across_batches(parts):
+    module = _module(parts).eval()
+    full = _batch(parts)
+    # One batch with both examples annotated, one with only its first, one with none (its loss is NaN).
+    half = dict(full, labels=torch.tensor([0, -1]), targets=torch.tensor([0, -1]))
+    unannotated = dict(full, labels=torch.tensor([-1, -1]), targets=torch.tensor([-1, -1]))
+    metric, loss_mean = module.task.metric(), MeanMetric(nan_strategy="ignore")
+    with torch.no_grad():
+        for batch in (full, half, unannotated):
+            logits, out = module.score_batch(batch, metric, loss_mean)
+            assert logits.shape == (2, module.task.num_classes) and out.pooled.shape[0] == 2
+        per_example = torch.nn.functional.cross_entropy(module(full)[0], full["targets"], reduction="none")
+    expected = (per_example.sum() + per_example[0]) / 3
+    torch.testing.assert_close(loss_mean.compute(), expected)
+    hits = (logits.argmax(-1) == full["labels"]).float()
+    torch.testing.assert_close(metric.compute()[""], (hits.sum() + hits[0]) / 3)
+
+
+def test_annotated_count_reads_label_indices_and_soft_scores():
+    assert annotated_count({"targets": torch.tensor([3, -1, 0])}) == 2
+    soft = torch.tensor([[0.0, 1.0], [-1.0, -1.0], [0.3, 0.0]])  # VQA: all -1 for an unannotated question
+    assert annotated_count({"targets": soft}) == 2

@@ -10,7 +10,10 @@ to [CLS]. The report adds
 - heads ranked by cross-modal mass: the text queries' mass on image tokens (all encoders and ``fused``),
   i.e. which heads read the image for the words and which stay within the text,
 - the same statistics per answer type (``analysis.attention.split_by: answer_type``) or per gold label
-  (``label``); ``auto`` takes answer types when the task has them, else labels.
+  (``label``); ``auto`` takes answer types when the task has them, else labels: a heatmap value x groups
+  (mean over layers and heads) and one per layer (layers x groups, one panel per value, mean over heads).
+
+Every heatmap's matrix is in results.json under ``figures.<figure name>``.
 """
 
 from __future__ import annotations
@@ -21,7 +24,6 @@ import torch
 from omegaconf import DictConfig
 
 from fusion.analysis.common import AnalysisContext, Batch, evaluate, new_report, open_analysis
-from fusion.analysis.report import heatmap
 from fusion.model import FusionOutput
 from fusion.stats import QUERY_KINDS, AttentionOverEncoders, stats_rows
 
@@ -148,20 +150,16 @@ def attention(ctx: AnalysisContext) -> dict[str, Any]:
         "sample's real tokens) to each encoder's tokens, the text and [CLS]; each (query, layer, head) row sums "
         "to 1. `results.json` holds `cls` and `text` as [layer][head][group] with `groups` in order."
     )
+    layers = [f"layer {i}" for i in range(L)]
     for qi, query in enumerate(QUERY_KINDS):
-        report.figure(
-            f"{query}_layers",
-            heatmap(stats[qi].mean(1), [f"layer {i}" for i in range(L)], groups,
-                    f"Attention mass from {_label(query)} per layer (mean over heads)", "key group", "layer",
-                    "attention mass"),
-            f"{_label(query)}: attention mass per layer and key group",
-        )
-        report.figure(
-            f"{query}_heads",
-            heatmap(stats[qi].flatten(0, 1), [f"L{i} H{h}" for i in range(L) for h in range(H)], groups,
-                    f"Attention mass from {_label(query)} per head", "key group", "layer, head", "attention mass"),
-            f"{_label(query)}: attention mass per head and key group",
-        )
+        report.heatmap(f"{query}_layers", stats[qi].mean(1), layers, groups,
+                       f"{_label(query)}: attention mass per layer and key group",
+                       title=f"Attention mass from {_label(query)} per layer (mean over heads)", xlabel="key group",
+                       ylabel="layer", colorbar="attention mass")
+        report.heatmap(f"{query}_heads", stats[qi].flatten(0, 1), [f"L{i} H{h}" for i in range(L) for h in range(H)],
+                       groups, f"{_label(query)}: attention mass per head and key group",
+                       title=f"Attention mass from {_label(query)} per head", xlabel="key group",
+                       ylabel="layer, head", colorbar="attention mass")
     rows = stats_rows(stats, groups)
     report.table("attention", list(rows[0]), [list(r.values()) for r in rows], show=False)
 
@@ -184,15 +182,38 @@ def attention(ctx: AnalysisContext) -> dict[str, Any]:
             for qi, query in enumerate(QUERY_KINDS):
                 part_rows.append([name, n, query, *(float(v) for v in s[qi].mean((0, 1)))])
         report.table(f"by_{by}", [by, "n", "query", *groups], part_rows)
-        for qi, query in enumerate(QUERY_KINDS):
-            values = torch.stack([by_part[n][0][qi].mean((0, 1)) for n in names])  # (parts, G)
-            report.figure(
-                f"{query}_by_{by}",
-                heatmap(values, names, groups, f"Attention mass from {_label(query)} by {by.replace('_', ' ')} "
-                        "(mean over layers and heads)", "key group", by.replace("_", " "), "attention mass"),
-                f"{_label(query)}: attention mass by {by.replace('_', ' ')}",
-            )
+        what = by.replace("_", " ")
+        # Per layer from the JSON's own `by` data: the figures are the numbers results.json holds.
+        shown = largest_parts(report.results["by"], MAX_PANELS)
+        if len(shown) < len(names):
+            report.text(f"Per-layer figures: the {len(shown)} most frequent values of {len(names)}.")
+        for query in QUERY_KINDS:
+            values = torch.stack([torch.tensor(report.results["by"][n][query]).mean((0, 1)) for n in names])
+            report.heatmap(f"{query}_by_{by}", values, names, groups, f"{_label(query)}: attention mass by {what}",
+                           title=f"Attention mass from {_label(query)} by {what} (mean over layers and heads)",
+                           xlabel="key group", ylabel=what, colorbar="attention mass")
+            report.heatmaps(f"{query}_by_{by}_layers", layer_masses(report.results["by"], query, shown), layers,
+                            groups, f"{_label(query)}: attention mass per layer, one panel per {what}",
+                            title=f"Attention mass from {_label(query)} per layer and {what} (mean over heads)",
+                            xlabel="key group", ylabel="layer", colorbar="attention mass")
     return report.write()
+
+
+# Panels of a per-layer figure split by answer type / label: a label split has one value per answer.
+MAX_PANELS = 12
+
+
+def largest_parts(by: dict[str, dict[str, Any]], limit: int) -> list[str]:
+    """The (at most ``limit``) values of the split with the most examples, in ``by``'s order (results.json's
+    ``by``: value -> ``{"n", "cls", "text"}``)."""
+    kept = set(sorted(by, key=lambda name: -by[name]["n"])[:limit])
+    return [name for name in by if name in kept]
+
+
+def layer_masses(by: dict[str, dict[str, Any]], query: str, names: list[str]) -> dict[str, torch.Tensor]:
+    """Per value of the split in ``names``: the attention mass from ``query`` per layer and key group, mean over
+    heads (L, G), from results.json's ``by`` (``[layer][head][group]`` lists)."""
+    return {name: torch.tensor(by[name][query]).mean(1) for name in names}
 
 
 def _label(query: str) -> str:

@@ -8,11 +8,15 @@ clean run, and the score that comes back says how much that state carries the di
 - per (layer, position): block ``l``'s output at one sequence position ([CLS], a text token, one visual
   token of one encoder) replaced by the clean run's;
 - per (layer, head): one head's output (its slice of the attention output before the projection) at every
-  position replaced by the clean run's.
+  position replaced by the clean run's. Restoring every head of a layer at once must equal restoring the
+  layer's attention output (after the projection); that is checked bitwise on every batch.
 
 Recovery = ``(patched - corrupted) / (clean - corrupted)`` of the mean scores over pairs: 1 = the state
-alone restores the clean answer. Restoring every position of a layer gives the clean score exactly (the
-rest of the network then sees the clean state); restoring none gives the corrupted one; both are recorded.
+alone restores the clean answer. A position's recovery is over the pairs that have it (a real token, not
+padding); a position no traced pair has (the batch's longest question is not traced) has none: null in
+results.json, an empty cell in positions.csv, a grey cell in the heatmap, and it is not ranked. Restoring
+every position of a layer gives the clean score exactly (the rest of the network then sees the clean state);
+restoring none gives the corrupted one; both are recorded. Head recovery: ``heads.csv`` and ``heads.png``.
 
 Corruptions (``analysis.causal_trace.corrupt``):
 
@@ -41,7 +45,6 @@ from omegaconf import DictConfig
 
 from fusion.analysis.common import AnalysisContext, Batch, new_report, open_analysis
 from fusion.analysis.pairs import Corrupter, make_pairs, select
-from fusion.analysis.report import heatmap
 from fusion.model import CLS_GROUP, TEXT_GROUP
 
 
@@ -54,10 +57,11 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 class Patcher:
     """Forward hooks that record the clean run's states and write them into the corrupted run.
 
-    With ``recording`` set, a forward pass keeps every block's output (B, S, D) and every attention's
-    pre-projection output (B, S, D, heads side by side). ``action`` arms the replacement of later passes:
-    ``("positions", l, [p, ...])`` restores block ``l``'s output at those positions (all of them, or none),
-    ``("head", l, h)`` head ``h`` of layer ``l`` at every position.
+    With ``recording`` set, a forward pass keeps every block's output (B, S, D), every attention's
+    pre-projection output (B, S, D, heads side by side) and its output after the projection (B, S, D).
+    ``action`` arms the replacement of later passes: ``("positions", l, [p, ...])`` restores block ``l``'s
+    output at those positions (all of them, or none), ``("heads", l, [h, ...])`` those heads of layer ``l`` at
+    every position, ``("attn", l, None)`` layer ``l``'s whole attention output.
     """
 
     def __init__(self, ctx: AnalysisContext) -> None:
@@ -65,12 +69,14 @@ class Patcher:
         self.head_dim = ctx.model.fusion.width // ctx.model.fusion.num_heads
         self.clean_out: list[torch.Tensor | None] = [None] * len(self.blocks)
         self.clean_heads: list[torch.Tensor | None] = [None] * len(self.blocks)
+        self.clean_attn: list[torch.Tensor | None] = [None] * len(self.blocks)
         self.recording = False
         self.action: tuple[str, int, Any] | None = None
         self.handles = []
         for i, block in enumerate(self.blocks):
             self.handles.append(block.register_forward_hook(self._block_hook(i)))
             self.handles.append(block.attn.proj.register_forward_pre_hook(self._head_hook(i)))
+            self.handles.append(block.attn.register_forward_hook(self._attn_hook(i)))
 
     def _block_hook(self, layer: int) -> Callable:
         def hook(module: Any, args: Any, out: tuple[torch.Tensor, Any]) -> Any:
@@ -91,11 +97,23 @@ class Patcher:
             (x,) = args
             if self.recording:
                 self.clean_heads[layer] = x.detach().clone()
-            elif self.action and self.action[0] == "head" and self.action[1] == layer:
-                lo = self.action[2] * self.head_dim
+            elif self.action and self.action[0] == "heads" and self.action[1] == layer:
                 x = x.clone()
-                x[..., lo : lo + self.head_dim] = self.clean_heads[layer][..., lo : lo + self.head_dim]
+                for head in self.action[2]:
+                    lo = head * self.head_dim
+                    x[..., lo : lo + self.head_dim] = self.clean_heads[layer][..., lo : lo + self.head_dim]
                 return (x,)
+            return None
+
+        return hook
+
+    def _attn_hook(self, layer: int) -> Callable:
+        def hook(module: Any, args: Any, out: tuple[torch.Tensor, Any]) -> Any:
+            x, probs = out
+            if self.recording:
+                self.clean_attn[layer] = x.detach().clone()
+            elif self.action and self.action[0] == "attn" and self.action[1] == layer:
+                return self.clean_attn[layer].clone(), probs
             return None
 
         return hook
@@ -151,7 +169,9 @@ def causal_trace(ctx: AnalysisContext) -> dict[str, Any]:
     head_sum = torch.zeros(layers, heads, dtype=torch.float64)
     layer_all = torch.zeros(layers, dtype=torch.float64)
     layer_none = torch.zeros(layers, dtype=torch.float64)
-    exact = {"all": True, "none": True}
+    layer_attn = torch.zeros(layers, dtype=torch.float64)
+    # Restoring a whole layer gives the clean score, none the corrupted one, every head the attention output's.
+    exact = {"all": True, "none": True, "heads": True}
     clean_sum = corrupt_sum = 0.0
     pairs: list[dict[str, Any]] = []
     questions = {e.question_id: e.question for e in ctx.task.examples(ctx.split)}
@@ -200,9 +220,15 @@ def causal_trace(ctx: AnalysisContext) -> dict[str, Any]:
                     sums[:, layer] += (torch.stack([s, s_clean, s_corr, torch.ones_like(s)]).double() @ real).cpu()
 
                 for h in range(heads):
-                    patcher.action = ("head", layer, h)
+                    patcher.action = ("heads", layer, [h])
                     s, _ = scores(ctx, corrupted, answer)
                     head_sum[layer, h] += float(s.sum())
+                patcher.action = ("attn", layer, None)
+                s_attn, _ = scores(ctx, corrupted, answer)
+                layer_attn[layer] += float(s_attn.sum())
+                patcher.action = ("heads", layer, range(heads))
+                s, _ = scores(ctx, corrupted, answer)
+                exact["heads"] &= bool(torch.equal(s, s_attn))
                 patcher.action = None
             clean_sum += float(s_clean.sum())
             corrupt_sum += float(s_corr.sum())
@@ -220,7 +246,7 @@ def causal_trace(ctx: AnalysisContext) -> dict[str, Any]:
                          f"{min_effect}: {candidates} candidate pairs, the model's answer changed on {changed}; "
                          "lower analysis.causal_trace.min_effect (e.g. 0, or -1 for every pair) or check "
                          "analysis.causal_trace.corrupt / pairs / swaps")
-    restored = {"all": (layer_all / n).tolist(), "none": (layer_none / n).tolist()}
+    restored = {"all": (layer_all / n).tolist(), "none": (layer_none / n).tolist(), "attn": (layer_attn / n).tolist()}
     counts = {"candidate_pairs": candidates, "answer_changed": changed,
               "answer_changed_share": changed / candidates if candidates else 0.0}
     return _report(ctx, pairs, clean_sum / n, corrupt_sum / n, restored, exact, pos_sum, head_sum / n, counts)
@@ -242,32 +268,57 @@ def _order(labels: Sequence[str], encoder_names: Sequence[str]) -> list[str]:
     return sorted(labels, key=key)
 
 
+def defined(values: torch.Tensor) -> torch.Tensor:
+    """``values`` with every non-finite entry (0/0: no pair to average over) set to NaN: undefined."""
+    return values.where(values.isfinite(), torch.full_like(values, float("nan")))
+
+
+def top_positions(recovery: torch.Tensor, labels: Sequence[str], k: int) -> list[dict[str, Any]]:
+    """The ``k`` (layer, position) cells of ``recovery`` (layers, positions) with the highest recovery, undefined
+    (NaN) cells left out (a descending sort would put them first)."""
+    flat = recovery.flatten()
+    finite = flat.isfinite().nonzero().flatten()
+    order = finite[flat[finite].argsort(descending=True, stable=True)][:k]
+    return [{"layer": int(i) // len(labels), "position": labels[int(i) % len(labels)], "recovery": float(flat[i])}
+            for i in order]
+
+
+def _range(values: torch.Tensor) -> tuple[float, float]:
+    """Colour range of a recovery heatmap: at least [0, 1], wider if a defined value lies outside."""
+    finite = values[values.isfinite()]
+    if finite.numel() == 0:
+        return 0.0, 1.0
+    return min(0.0, float(finite.min())), max(1.0, float(finite.max()))
+
+
 def _report(ctx: AnalysisContext, pairs: list[dict], clean: float, corrupted: float, restored: dict[str, list],
             exact: dict[str, bool], pos_sum: dict[str, torch.Tensor], heads: torch.Tensor,
             counts: dict[str, Any]) -> dict[str, Any]:
     layers = heads.shape[0]
     labels = _order(list(pos_sum), ctx.encoder_names)
     sums = torch.stack([pos_sum[k] for k in labels], 2)  # (4, layers, positions): patched, clean, corrupted, n
-    mean = sums[0] / sums[3].clamp_min(1)  # mean patched score over the pairs that have the position
-    # Each position's recovery over its own pairs (a late text position exists in long questions only).
-    position_recovery = (sums[0] - sums[2]) / (sums[1] - sums[2])
+    # Means and recovery over the pairs that have the position (a late text position exists in long questions
+    # only); undefined (NaN) where no traced pair has it.
+    mean = defined(sums[0] / sums[3])
+    position_recovery = defined((sums[0] - sums[2]) / (sums[1] - sums[2]))
+    position_pairs = sums[3, 0].long()  # (positions,) the same at every layer
 
     def recovery(x: torch.Tensor) -> torch.Tensor:
-        return (x - corrupted) / (clean - corrupted)
+        return defined((x - corrupted) / (clean - corrupted))
 
-    top_k = int(ctx.settings.get("top_positions", 10))
-    flat = position_recovery.flatten()
-    top = [{"layer": int(i) // len(labels), "position": labels[int(i) % len(labels)], "recovery": float(flat[i])}
-           for i in flat.argsort(descending=True)[:top_k]]
+    head_recovery = recovery(heads)
+    top = top_positions(position_recovery, labels, int(ctx.settings.get("top_positions", 10)))
     report = new_report(ctx, f"Causal tracing ({ctx.task.name}, {ctx.split})")
     report.results.update({
         "corrupt": str(ctx.settings.get("corrupt", "text")), "pairs": pairs, "num_pairs": len(pairs),
         "clean_score": clean, "corrupted_score": corrupted, "restore_all_score": restored["all"],
         "restore_none_score": restored["none"], "restore_all_exact": exact["all"],
-        "restore_none_exact": exact["none"], "positions": labels,
-        "position_score": mean.tolist(), "position_recovery": position_recovery.tolist(),
-        "head_score": heads.tolist(), "head_recovery": recovery(heads).tolist(), "top_positions": top, **counts,
+        "restore_none_exact": exact["none"], "restore_attention_score": restored["attn"],
+        "restore_heads_exact": exact["heads"], "positions": labels, "position_pairs": position_pairs.tolist(),
+        "position_score": mean, "position_recovery": position_recovery,
+        "head_score": heads, "head_recovery": head_recovery, "top_positions": top, **counts,
     })
+    undefined = int((position_pairs == 0).sum())
     report.text(
         f"{counts['candidate_pairs']} candidate pairs in the batches read; the corruption changed the model's "
         f"answer in {counts['answer_changed']} of them ({100 * counts['answer_changed_share']:.1f}%). "
@@ -276,31 +327,30 @@ def _report(ctx: AnalysisContext, pairs: list[dict], clean: float, corrupted: fl
         f"of the clean answer: clean {clean:.4f}, corrupted {corrupted:.4f}. Restoring every position of a layer gives "
         f"{', '.join(f'{v:.4f}' for v in restored['all'])} per layer (equal to the clean scores bitwise: "
         f"{exact['all']}), restoring none {', '.join(f'{v:.4f}' for v in restored['none'])} (equal to the "
-        f"corrupted scores bitwise: {exact['none']}). "
-        "Recovery = (patched - corrupted) / (clean - corrupted)."
+        f"corrupted scores bitwise: {exact['none']}), restoring a layer's attention output "
+        f"{', '.join(f'{v:.4f}' for v in restored['attn'])} (equal to restoring all its heads bitwise: "
+        f"{exact['heads']}). Recovery = (patched - corrupted) / (clean - corrupted), each position's over the "
+        "pairs that have it"
+        + (f"; {undefined} positions no traced pair has (padding in all of them) have none (grey, not ranked)."
+           if undefined else ".")
     )
     rows = [f"layer {i}" for i in range(layers)]
     # Positions down the side: a sequence of ~70 tokens does not fit across a page.
-    lo, hi = min(0.0, float(position_recovery.min())), max(1.0, float(position_recovery.max()))
-    report.figure(
-        "positions",
-        heatmap(position_recovery.T, labels, rows, "Recovery when one position of one layer is restored",
-                "block output", "sequence position", "recovery of the clean score", vmin=lo, vmax=hi),
-        "Recovery per position and layer",
-    )
-    report.table("positions", ["layer", "position", "score", "recovery"],
-                 [[i, p, float(mean[i, j]), float(position_recovery[i, j])] for i in range(layers)
-                  for j, p in enumerate(labels)], show=False)
+    lo, hi = _range(position_recovery)
+    report.heatmap("positions", position_recovery.T, labels, rows, "Recovery per position and layer",
+                   title="Recovery when one position of one layer is restored", xlabel="block output",
+                   ylabel="sequence position", colorbar="recovery of the clean score", vmin=lo, vmax=hi)
+    report.table("positions", ["layer", "position", "pairs", "score", "recovery"],
+                 [[i, p, int(position_pairs[j]), float(mean[i, j]), float(position_recovery[i, j])]
+                  for i in range(layers) for j, p in enumerate(labels)], show=False)
     report.text("Top positions:\n\n" + "\n".join(
         f"- layer {t['layer']}, {t['position']}: recovery {t['recovery']:.3f}" for t in top))
-    head_recovery = recovery(heads)
-    report.figure(
-        "heads",
-        heatmap(head_recovery, rows, [f"head {h}" for h in range(heads.shape[1])],
-                "Recovery when one head's output (all positions) is restored", "head", "layer",
-                "recovery of the clean score", vmin=min(0.0, float(head_recovery.min())),
-                vmax=max(1.0, float(head_recovery.max()))),
-        "Recovery per layer and head",
-    )
+    lo, hi = _range(head_recovery)
+    report.heatmap("heads", head_recovery, rows, [f"head {h}" for h in range(heads.shape[1])],
+                   "Recovery per layer and head", title="Recovery when one head's output (all positions) is restored",
+                   xlabel="head", ylabel="layer", colorbar="recovery of the clean score", vmin=lo, vmax=hi)
+    report.table("heads", ["layer", "head", "score", "recovery"],
+                 [[i, h, float(heads[i, h]), float(head_recovery[i, h])] for i in range(layers)
+                  for h in range(heads.shape[1])], show=False)
     report.table("pairs", list(pairs[0]), [list(p.values()) for p in pairs], show=False)
     return report.write()

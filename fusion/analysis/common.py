@@ -4,7 +4,7 @@ An analysis runs on the model :func:`fusion.run.build` makes from the run's conf
 weights loaded through the module's own ``on_load_checkpoint`` (encoder fingerprints and answer vocabulary
 are checked as in ``eval.py``). The loop :func:`evaluate` feeds the split's batches through
 ``FusionLitModule.forward`` (the attention read-out is the model's own ``output_attentions``) and scores
-them with the task's loss and metric, as ``FusionLitModule._eval_step`` does; modes change what goes in
+them with ``FusionLitModule.score_batch``, the step ``_eval_step`` scores with; modes change what goes in
 (which encoders are kept, which features or tokens) through the batch or the VE-dropout module, never
 through a second copy of the model.
 
@@ -33,6 +33,7 @@ from lightning_utilities.core.apply_func import apply_to_collection
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.loggers import Logger
 from torch import nn
+from torchmetrics import MeanMetric
 
 from fusion.analysis.report import Report
 from fusion.data import FusionDataModule
@@ -270,30 +271,27 @@ def evaluate(
     output_attentions: bool = False,
     split: str | None = None,
 ) -> dict[str, float]:
-    """The task metric and mean loss of the model on a split, as ``FusionLitModule._eval_step`` scores it.
+    """The task metric and mean loss of the model on a split, scored by ``FusionLitModule.score_batch`` (the
+    step ``eval.py`` evaluates with: unablated, the same numbers as its metrics.json).
 
     ``transform`` changes each batch before the forward pass (an ablation); ``on_output(batch, logits
     (B, C), out)`` sees every forward pass (statistics). Returns the metric values plus ``loss`` (mean over
-    labelled examples) and ``n`` (examples).
+    annotated examples; NaN on a split without any) and ``n`` (examples).
     """
-    model, task = ctx.model, ctx.task
-    metric = task.metric().to(model.device)  # as the module's own metrics: states beside the logits
-    loss_sum, labelled, n = 0.0, 0, 0
+    model = ctx.model
+    # Fresh states beside the logits, as the module's own val/test metrics.
+    metric = ctx.task.metric().to(model.device)
+    loss_mean = MeanMetric(nan_strategy="ignore").to(model.device)
+    n = 0
     for batch in ctx.batches(split):
         if transform is not None:
             batch = transform(batch)
-        logits, out = model(batch, output_attentions=output_attentions)
-        task.update_metric(metric, logits, batch)
-        # The task's loss is a batch mean over labelled examples; weight it back into a split mean.
-        size = int((batch["labels"] >= 0).sum())
-        if size:
-            loss_sum += float(task.loss(logits, batch)) * size
-        labelled += size
+        logits, out = model.score_batch(batch, metric, loss_mean, output_attentions=output_attentions)
         n += logits.shape[0]
         if on_output is not None:
             on_output(batch, logits, out)
-    values = metric_values(task, metric.compute())
-    values["loss"] = loss_sum / max(labelled, 1)
+    values = metric_values(ctx.task, metric.compute())
+    values["loss"] = float(loss_mean.compute())
     values["n"] = float(n)
     return values
 

@@ -27,7 +27,6 @@ from omegaconf import DictConfig
 
 from fusion.analysis.attention import rank_heads
 from fusion.analysis.common import AnalysisContext, Batch, new_report, open_analysis, random_subsets
-from fusion.analysis.report import heatmap
 from fusion.images import load_image
 from fusion.model import FusionOutput
 from fusion.stats import AttentionOverEncoders
@@ -221,14 +220,11 @@ def probe(ctx: AnalysisContext) -> dict[str, Any]:
     report.table("modality_importance", ["layer", "head", *columns],
                  [[h["layer"], h["head"], *(h[c] for c in columns)] for h in ordered], show=False)
     values = torch.tensor([[h[c] for c in columns] for h in ordered])
-    report.figure(
-        "modality_importance",
-        heatmap(values, [f"L{h['layer']} H{h['head']}" for h in ordered],
-                ["[CLS] -> image", "[CLS] -> text", "text -> image", "text -> text"],
-                "Modality importance per head: attention mass by query and key modality", "query -> key modality",
-                "layer, head", "attention mass", vmin=0.0, vmax=1.0),
-        "Modality importance of each head",
-    )
+    report.heatmap("modality_importance", values, [f"L{h['layer']} H{h['head']}" for h in ordered],
+                   ["[CLS] -> image", "[CLS] -> text", "text -> image", "text -> text"],
+                   "Modality importance of each head",
+                   title="Modality importance per head: attention mass by query and key modality",
+                   xlabel="query -> key modality", ylabel="layer, head", colorbar="attention mass", vmin=0.0, vmax=1.0)
     return report.write()
 
 
