@@ -176,6 +176,7 @@ class FusionDataModule(pl.LightningDataModule):
         # Training order is a function of (seed, epoch); a resumed run starts where its checkpoint stopped.
         self.seed = seed
         self._resume_at: dict[str, int] = {}
+        self._images_checked: set[str] = set()
 
     def state_dict(self) -> dict[str, int]:
         # Lightning stores this in every checkpoint and hands it back to load_state_dict on resume.
@@ -207,16 +208,30 @@ class FusionDataModule(pl.LightningDataModule):
             home = next(encoder.parameters()).device
             # Encoders run only when a cache is (re)built; then on the build device, and back afterwards.
             encoder.to(device if build else home)
-            caches[name] = ensure_cache(
-                encoder, images, self.cache.dir, dtype=self.cache.dtype, rebuild=self.cache.rebuild and build,
-                batch_size=self.cache.batch_size, num_workers=self.cache.num_workers,
-            )
+            try:
+                caches[name] = ensure_cache(
+                    encoder, images, self.cache.dir, dtype=self.cache.dtype, rebuild=self.cache.rebuild and build,
+                    batch_size=self.cache.batch_size, num_workers=self.cache.num_workers,
+                )
+            except FileNotFoundError:
+                # A build met a missing image: name the annotation that refers to it. Not checked before the
+                # build: a complete cache needs no image files at all.
+                for split in self.cached_splits():
+                    self._check_images(split)
+                raise
             encoder.to(home)
         return caches
+
+    def _check_images(self, split: str) -> None:
+        if split not in self._images_checked:
+            self.task.check_images(split)
+            self._images_checked.add(split)
 
     def dataset(self, split: str) -> VLDataset:
         cached = set(self.caches or {})
         online = {n: tf for n, tf in self.transforms.items() if n not in cached}
+        if online:  # pixels will be decoded: a missing image fails now, naming its annotation, not in a worker
+            self._check_images(split)
         return VLDataset(self.task.examples(split), online, self.task)
 
     def _loader(self, split: str, shuffle: bool, batch_size: int) -> DataLoader:

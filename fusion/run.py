@@ -244,6 +244,8 @@ def extract(cfg: DictConfig) -> dict[str, str]:
     task: VLTask = instantiate(cfg.task)
     task.prepare_data()
     splits = list(cfg.cache.get("splits") or dict.fromkeys(task.splits))
+    for split in splits:  # extraction decodes the images: a missing one is named with its annotation now
+        task.check_images(split)
     images = images_of(ex for split in splits for ex in task.examples(split))
     shard, num_shards = cfg.cache.get("shard"), cfg.cache.get("num_shards")
     if (shard is None) != (num_shards is None):

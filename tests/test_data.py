@@ -256,3 +256,33 @@ def test_cached_features_through_two_loader_workers_and_two_images(tmp_path, tok
     pixels = encoders["b"].preprocess.transform()(load_image(paths[0]))
     with torch.no_grad():
         torch.testing.assert_close(feats[1, 1], encoders["b"](pixels[None])[0], atol=1e-5, rtol=0)
+
+
+def test_a_complete_cache_needs_no_image_files_and_pixels_need_every_one(tmp_path):
+    from fusion.data import CacheSettings
+
+    task = ShapesTask(tmp_path / "shapes", num_train=6, num_val=5, num_test=3)
+    encoders = _tiny_encoders()
+    transforms = {n: e.preprocess.transform() for n, e in encoders.items()}
+    _, text = _module(encoders, task, tmp_path / "bert")
+
+    def datamodule(cache_dir=None):
+        cache = CacheSettings(cache_dir, dtype="float32", num_workers=0) if cache_dir else None
+        dm = FusionDataModule(task, transforms, text.tokenizer, batch_size=5, encoders=encoders, cache=cache)
+        dm.prepare_data()
+        dm.setup("fit")
+        return dm
+
+    datamodule(tmp_path / "cache")  # builds the caches from the images
+    for path in task.data_dir.rglob("*.png"):  # e.g. training on a node that has the caches, not the images
+        path.unlink()
+    batch = next(iter(datamodule(tmp_path / "cache").val_dataloader()))
+    assert batch["images"] == {} and set(batch["features"]) == {"a", "b"}
+
+    def missing(split):
+        return rf"image file not found: {task.data_dir}\S+\.png \(referred to by question '\S+' of split '{split}'\)"
+
+    with pytest.raises(FileNotFoundError, match=missing("val")):  # pixels for the encoders: named as the loader is made
+        datamodule().val_dataloader()
+    with pytest.raises(FileNotFoundError, match=rf"{missing('train')}; 5 more image file\(s\)"):  # a cache to build
+        datamodule(tmp_path / "other_cache")

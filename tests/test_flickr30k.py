@@ -119,7 +119,7 @@ def test_missing_image_and_image_folder_are_named(tmp_path):
     victim.unlink()
     where = r"images\[6\]\.filename in .*json"
     with pytest.raises(FileNotFoundError, match=rf"image file not found: {victim} \(referred to by {where}\)"):
-        Flickr30kTask(root).examples("val")
+        Flickr30kTask(root).check_images("val")
     (root / "flickr30k_images").rename(root / "elsewhere")
     with pytest.raises(FileNotFoundError, match=r"flickr30k_images not found.*task.images_dir"):
         Flickr30kTask(root).prepare_data()

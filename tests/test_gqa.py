@@ -167,7 +167,7 @@ def test_a_missing_image_is_named_with_the_question_that_refers_to_it(data, tmp_
     image.unlink()
     question = r"submission_all_questions\.json: question 's1'"
     with pytest.raises(FileNotFoundError, match=rf"image file not found: {image} \(referred to by .*{question}\)"):
-        _task(data, tmp_path).examples("submission")
+        _task(data, tmp_path).check_images("submission")
 
 
 def test_experiment_config_builds_the_task(data, tmp_path):

@@ -88,7 +88,7 @@ def test_a_missing_image_is_named_with_the_line_that_refers_to_it(tmp_path):
     image.unlink()
     where = r".*dev_seen\.jsonl line 2"
     with pytest.raises(FileNotFoundError, match=rf"image file not found: {image} \(referred to by {where}\)"):
-        HatefulMemesTask(root).check_split("dev_seen")
+        HatefulMemesTask(root).check_images("dev_seen")
 
 
 def _logits(probs: list[float]) -> torch.Tensor:

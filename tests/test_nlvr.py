@@ -127,7 +127,7 @@ def test_a_missing_image_is_named_with_the_line_that_refers_to_it(tmp_path):
     image.unlink()
     where = r".*dev\.json line 2"
     with pytest.raises(FileNotFoundError, match=rf"image file not found: {image} \(referred to by {where}\)"):
-        NLVRTask(root, val_from_train=0).check_split("dev")
+        NLVRTask(root, val_from_train=0).check_images("dev")
     # A validation split carved from train points into train's file.
     task = NLVRTask(root, val_from_train=0.3)
     (directory,) = task.heldout_directories()
@@ -135,7 +135,7 @@ def test_a_missing_image_is_named_with_the_line_that_refers_to_it(tmp_path):
     image = root / "train" / "images" / directory / f"train-{identifier}-0.png"
     image.unlink()
     with pytest.raises(FileNotFoundError, match=rf"{image} \(referred to by .*train\.json line {line}\)"):
-        task.check_split("val")
+        task.check_images("val")
 
 
 def _update(task: NLVRTask, metric, stems: list[str], wrong: set[str]) -> None:

@@ -111,7 +111,7 @@ def test_a_missing_image_is_named_with_the_first_line_that_refers_to_it(tmp_path
     image.unlink()
     where = r".*snli_ve_test\.jsonl line 2"
     with pytest.raises(FileNotFoundError, match=rf"image file not found: {image} \(referred to by {where}\)"):
-        SNLIVETask(root).check_split("test")
+        SNLIVETask(root).check_images("test")
 
 
 def test_metric_reports_accuracy_overall_and_per_label():

@@ -242,12 +242,12 @@ def test_missing_images_are_named_with_the_question_that_refers_to_them(data, tm
     image.unlink()
     question = r"v2_OpenEnded_mscoco_val2014_questions\.json: question_id 12000"
     with pytest.raises(FileNotFoundError, match=rf"image file not found: {image} \(referred to by .*{question}\)$"):
-        _task(data, tmp_path).examples("val2014")
+        _task(data, tmp_path).check_images("val2014")
     (data / "val2014" / "COCO_val2014_000000000011.jpg").unlink()
     # Only the first is traced to its question; the others are counted and listed.
     more = r"question_id 11000\); 1 more image file\(s\) of split 'val2014' missing: .*0012\.jpg$"
     with pytest.raises(FileNotFoundError, match=more):
-        _task(data, tmp_path).check_split("val2014")
+        _task(data, tmp_path).check_images("val2014")
 
 
 def _compose(overrides: list[str]):

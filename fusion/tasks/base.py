@@ -99,6 +99,34 @@ class VLTask(ABC):
         """Fail early, naming the split, if its data cannot be read (``examples`` raises)."""
         self.examples(split)
 
+    def reference(self, split: str, example: Example) -> str:
+        """Where ``split``'s annotation files refer to ``example`` (file and line or key), for error messages."""
+        return f"question {example.question_id!r} of split {split!r}"
+
+    def check_images(self, split: str) -> None:
+        """Fail, naming the annotation that refers to it, if an image file of ``split`` does not exist.
+
+        Called where pixels are needed (the data module before an encoder runs online or a feature cache is
+        built), not when a split is read: training from a complete feature cache needs no image files. One
+        stat per distinct image (VQAv2 train: 443k questions on 83k images). Only existence is checked: an
+        unreadable file still fails when it is decoded (:func:`fusion.images.load_image`), which would cost
+        a full read of every image here.
+        """
+        first_use: dict[Path, Example] = {}
+        for example in self.examples(split):
+            for _, path in example.images:
+                first_use.setdefault(path, example)
+        missing = [path for path in first_use if not path.is_file()]
+        if not missing:
+            return
+        path = missing[0]
+        # Only the first is traced: a reference may mean re-reading an annotation file.
+        message = f"image file not found: {path} (referred to by {self.reference(split, first_use[path])})"
+        if len(missing) > 1:
+            shown = ", ".join(map(str, missing[1:4])) + (", ..." if len(missing) > 4 else "")
+            message += f"; {len(missing) - 1} more image file(s) of split {split!r} missing: {shown}"
+        raise FileNotFoundError(message)
+
     def target(self, example: Example) -> int | torch.Tensor:
         """What the loss trains towards for ``example``: the label index (soft scores in VQA)."""
         return example.label
@@ -144,9 +172,9 @@ class VLTask(ABC):
 class FileTask(VLTask):
     """A task whose examples are read from files under ``root``; each split is read once per instance.
 
-    Subclasses implement :meth:`read_split`; :meth:`examples` returns a fresh list of its cached result,
-    after checking that every image it refers to exists (:meth:`check_images`), and may override
-    :meth:`reference` so that a missing image is traced to its line or key in the annotation files.
+    Subclasses implement :meth:`read_split`; :meth:`examples` returns a fresh list of its cached result.
+    They may override :meth:`reference` so that a missing image is traced to its line or key in the
+    annotation files (:meth:`VLTask.check_images`).
     """
 
     def __init__(
@@ -162,36 +190,8 @@ class FileTask(VLTask):
 
     def examples(self, split: str) -> list[Example]:
         if split not in self._examples:
-            examples = self.read_split(split)
-            self.check_images(split, examples)
-            self._examples[split] = examples
+            self._examples[split] = self.read_split(split)
         return list(self._examples[split])
-
-    def reference(self, split: str, example: Example) -> str:
-        """Where ``split``'s annotation files refer to ``example`` (file and line or key), for error messages."""
-        return f"question {example.question_id!r} of split {split!r}"
-
-    def check_images(self, split: str, examples: list[Example]) -> None:
-        """Fail now, naming the annotation that refers to it, if an image file of ``split`` does not exist.
-
-        One stat per distinct image (VQAv2 train: 443k questions on 83k images). Only existence is checked:
-        an unreadable file still fails when it is decoded (:func:`fusion.images.load_image`), which would
-        cost a full read of every image here.
-        """
-        first_use: dict[Path, Example] = {}
-        for example in examples:
-            for _, path in example.images:
-                first_use.setdefault(path, example)
-        missing = [path for path in first_use if not path.is_file()]
-        if not missing:
-            return
-        path = missing[0]
-        # Only the first is traced: a reference may mean re-reading an annotation file.
-        message = f"image file not found: {path} (referred to by {self.reference(split, first_use[path])})"
-        if len(missing) > 1:
-            shown = ", ".join(map(str, missing[1:4])) + (", ..." if len(missing) > 4 else "")
-            message += f"; {len(missing) - 1} more image file(s) of split {split!r} missing: {shown}"
-        raise FileNotFoundError(message)
 
 
 def write_atomic(path: Path, text: str) -> None:
