@@ -94,24 +94,26 @@ def wandb_group(experiment_name: str) -> str:
     return experiment_name
 
 
-def _logger(cfg: DictConfig, output_dir: Path, experiment_name: str) -> Logger:
+def _logger(cfg: DictConfig, output_dir: Path, experiment_name: str, resumable: bool) -> Logger:
     if not cfg.get("_target_", "").endswith("WandbLogger"):
         return instantiate(cfg)
     extra: dict[str, Any] = {}
     if cfg.get("group") is None:
         extra["group"] = wandb_group(experiment_name)
     # Only rank 0 keeps the id file (the other DDP ranks' wandb loggers never start a run).
-    if cfg.get("id") is None and is_rank_zero():
+    if resumable and cfg.get("id") is None and is_rank_zero():
         extra.update(id=_wandb_run_id(output_dir), resume="allow")
     return instantiate(cfg, **extra)
 
 
 def make_loggers(cfg: DictConfig) -> list[Logger]:
-    """The run's loggers from ``cfg.logger`` (a wandb run resumes its id file; its group is its sweep's,
-    :func:`wandb_group`), with the config logged."""
+    """The run's loggers from ``cfg.logger``, with the config logged. A training run's wandb run resumes the id
+    kept in its folder (a requeued or resumed job continues it); an evaluation or analysis is a new run each
+    time, even in a folder used before. The group is the run's sweep (:func:`wandb_group`)."""
     output_dir = Path(cfg.paths.output_dir)
     name = str(cfg.get("experiment_name") or cfg.get("task_name") or "fusion")
-    loggers = [_logger(c, output_dir, name) for c in (cfg.get("logger") or {}).values() if c is not None]
+    resumable = cfg.get("task_name") == "train"
+    loggers = [_logger(c, output_dir, name, resumable) for c in (cfg.get("logger") or {}).values() if c is not None]
     resolved = OmegaConf.to_container(cfg, resolve=True)
     for logger in loggers:
         logger.log_hyperparams(resolved)

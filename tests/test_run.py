@@ -140,6 +140,25 @@ def test_wandb_group_is_the_sweep_of_the_run(tmp_path, monkeypatch):
     assert wandb_group("shapes") == "shapes"
 
 
+def test_a_training_folder_keeps_its_wandb_run_and_an_evaluation_starts_a_new_one(tmp_path, monkeypatch):
+    from fusion.run import finish_loggers, make_loggers
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.delenv("SLURM_ARRAY_JOB_ID", raising=False)
+    ids = {}
+    for config in ("train", "eval"):
+        with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+            overrides = ["+experiment=shapes", "logger=wandb", f"paths.output_dir={tmp_path / config}"]
+            cfg = compose(config, overrides=overrides)
+        ids[config] = []
+        for _ in range(2):  # the same folder twice: a requeued / resumed job, or an evaluation run again
+            (logger,) = make_loggers(cfg)
+            ids[config].append(logger.experiment.id)
+            finish_loggers([logger])
+    assert ids["train"][0] == ids["train"][1] == (tmp_path / "train" / "wandb_id").read_text().strip()
+    assert ids["eval"][0] != ids["eval"][1] and not (tmp_path / "eval" / "wandb_id").exists()
+
+
 # ---- entry points as subprocesses ---------------------------------------------------------------
 
 SMALL = ["task.num_train=24", "task.num_val=8", "task.num_test=8", "data.num_workers=0", "data.batch_size=16"]
