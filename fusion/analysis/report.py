@@ -131,25 +131,15 @@ class Report:
         return self.results
 
 
-def heatmap(
-    values: torch.Tensor,
-    rows: Sequence[str],
-    columns: Sequence[str],
-    title: str,
-    xlabel: str,
-    ylabel: str,
-    colorbar: str,
-    vmin: float | None = 0.0,
-    vmax: float | None = None,
-    cmap: str = "viridis",
-) -> Any:
+def heatmap(values: torch.Tensor, rows: Sequence[str], columns: Sequence[str], title: str, **labels: Any) -> Any:
     """A labelled heatmap of ``values`` (R, C) with a colour bar; cells annotated while they stay legible.
-    Non-finite cells (NaN: undefined) are masked: grey, no annotation."""
+    Non-finite cells (NaN: undefined) are masked: grey, no annotation. ``labels``: :func:`heatmap_axes`'s
+    ``xlabel``, ``ylabel``, ``colorbar`` and optionally ``vmin``, ``vmax``, ``cmap``."""
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(2.5 + min(0.7 * values.shape[1], 16), 1.6 + min(0.4 * values.shape[0], 12)),
                  layout="constrained")
-    heatmap_axes(fig.add_subplot(), values, rows, columns, title, xlabel, ylabel, colorbar, vmin, vmax, cmap)
+    heatmap_axes(fig.add_subplot(), values, rows, columns, title, **labels)
     return fig
 
 
@@ -158,16 +148,13 @@ def heatmap_panels(
     rows: Sequence[str],
     columns: Sequence[str],
     title: str,
-    xlabel: str,
-    ylabel: str,
-    colorbar: str,
-    vmin: float | None = 0.0,
     vmax: float | None = None,
-    cmap: str = "viridis",
     per_row: int = 4,
+    **labels: Any,
 ) -> Any:
     """One labelled heatmap (R, C) per entry of ``panels`` (titled with its name), ``per_row`` side by side, on
-    one colour scale (``vmax`` None: the largest finite value of any panel), under the overall ``title``."""
+    one colour scale (``vmax`` None: the largest finite value of any panel), under the overall ``title``.
+    ``labels`` as in :func:`heatmap`."""
     from matplotlib.figure import Figure
 
     n_rows, n_cols = next(iter(panels.values())).shape
@@ -180,7 +167,7 @@ def heatmap_panels(
                  layout="constrained")
     axes = fig.subplots(down, across, squeeze=False).flatten()
     for ax, (name, values) in zip(axes, panels.items(), strict=False):
-        heatmap_axes(ax, values, rows, columns, str(name), xlabel, ylabel, colorbar, vmin, vmax, cmap)
+        heatmap_axes(ax, values, rows, columns, str(name), vmax=vmax, **labels)
     for ax in axes[len(panels):]:
         ax.remove()  # an empty slot of the last row
     fig.suptitle(title)
@@ -200,7 +187,8 @@ def heatmap_axes(
     vmax: float | None = None,
     cmap: str = "viridis",
 ) -> Any:
-    """:func:`heatmap` drawn into the matplotlib axes ``ax`` (one panel of a larger figure); returns the image."""
+    """A labelled heatmap of ``values`` (R, C) drawn into the matplotlib axes ``ax`` (:func:`heatmap`'s figure,
+    or one panel of :func:`heatmap_panels`'); returns the image."""
     import matplotlib
     import numpy as np
 
