@@ -44,16 +44,16 @@ def slurm_job_id() -> str | None:
     return os.environ.get("SLURM_JOB_ID")
 
 
+# Not 0: this attempt did not finish the run (SLURM has requeued the job whatever the code).
+REQUEUED_EXIT_CODE = 3
+
+
 class Requeued(SystemExit):
     """Raised by the training entry point after a requeue: this attempt ends, the job is not finished."""
 
     def __init__(self, job: str | None) -> None:
         super().__init__(REQUEUED_EXIT_CODE)
         self.job = job
-
-
-# Not 0: this attempt did not finish the run (SLURM has requeued the job whatever the code).
-REQUEUED_EXIT_CODE = 3
 
 
 class RequeueOnSignal(pl.Callback):

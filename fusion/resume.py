@@ -112,7 +112,7 @@ class RestoreRNG(pl.Callback):
             self._pending = None
 
 
-def _global_step(path: Path) -> int:
+def checkpoint_step(path: Path) -> int:
     """The checkpoint's step; -1, with a warning, for a file that cannot be read (Lightning writes checkpoints
     atomically, but a file copied in or cut short by a full disk may be anything), so that resuming takes
     the next newest instead of failing."""
@@ -136,7 +136,7 @@ def resume_path(ckpt_path: str | None, run_dir: Path) -> Path | None:
         if not path.is_file():
             raise FileNotFoundError(f"ckpt_path={ckpt_path!r} is not a checkpoint file")
         return path
-    steps = {p: _global_step(p) for p in run_checkpoints(run_dir)}
+    steps = {p: checkpoint_step(p) for p in run_checkpoints(run_dir)}
     found = [p for p, step in steps.items() if step >= 0]
     if not found:
         return None
@@ -144,10 +144,6 @@ def resume_path(ckpt_path: str | None, run_dir: Path) -> Path | None:
     # Lightning writes as training stops for the requeue (same step, written later) marks the epoch as done.
     return max(found, key=lambda p: (steps[p], p.name == "last_requeue.ckpt", p.stat().st_mtime))
 
-
-def checkpoint_step(path: Path) -> int:
-    """The global step a checkpoint was saved at (-1 if it cannot be read)."""
-    return _global_step(path)
 
 
 def check_compatible(path: Path, model: torch.nn.Module, skip_prefix: str = "encoders.") -> None:
