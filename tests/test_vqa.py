@@ -163,6 +163,55 @@ def test_metric_predictions_and_majority(data, tmp_path):
     assert task.majority_accuracy("val2014") == pytest.approx(1 / 6)
 
 
+def _write_split(root: Path, split: str, rows: list[tuple[str, list, str]], image_id: int) -> None:
+    """One VQAv2-format split: (question, answers, answer type) about one image; answers are strings (each
+    with its own answer_id, as in the official files) or ready answer dicts."""
+    questions, annotations = [], []
+    for k, (text, answers, answer_type) in enumerate(rows):
+        qid = 900000 + k
+        questions.append({"image_id": image_id, "question": text, "question_id": qid})
+        entries = [
+            a if isinstance(a, dict) else {"answer": a, "answer_confidence": "yes", "answer_id": i + 1}
+            for i, a in enumerate(answers)
+        ]
+        annotations.append({
+            "question_id": qid, "image_id": image_id, "question_type": "what", "answer_type": answer_type,
+            "multiple_choice_answer": entries[0]["answer"], "answers": entries,
+        })
+    (root / VQAV2["questions_file"].format(split=split)).write_text(json.dumps({"questions": questions}))
+    (root / VQAV2["annotations_file"].format(split=split)).write_text(json.dumps({"annotations": annotations}))
+
+
+def test_vocabulary_targets_and_labels_use_the_evaluators_form_of_the_answers(tmp_path):
+    # Training answers that the official evaluator compares in different forms (module docstring of
+    # fusion.tasks.vqa_metric): processed where annotators disagree, left as they are where all ten agree.
+    root = tmp_path / "vqa"
+    (root / "train2014").mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(root / "train2014" / "COCO_train2014_000000000001.jpg")
+    _write_split(root, "train2014", [
+        ("how many?", ["Two"] * 10, "number"),  # all identical: the evaluator rewards exactly "Two"
+        ("how many?", ["two"] * 4 + ["2"] * 2 + ["3\n"] * 4, "number"),  # mixed: "2" x6, "3" x4
+        ("what?", ["The Dog."] * 3 + ["dog"] * 7, "other"),  # mixed: "dog" x10
+    ], image_id=1)
+    (root / "val2014").mkdir()
+    _write_split(root, "val2014", [("how many?", ["2"] * 10, "number")], image_id=1)
+    task = VQATask(root, cache_dir=tmp_path / "cache", image_splits={"val2014": "train2014"})
+    # Counted in the evaluator's form: "dog" 10, "Two" 10, "2" 6, "3" 4 (ties alphabetical: "Two" < "dog").
+    assert task.answers == ["Two", "dog", "2", "3"]
+    same, mixed, dog = task.examples("train2014")
+    # Each entry's target is the accuracy the evaluator gives it as the prediction:
+    # ten "Two": "Two" -> 1; "2" is not processed against unanimous answers -> 0.
+    assert task.target(same).tolist() == pytest.approx([1.0, 0.0, 0.0, 0.0])
+    # Mixed: "Two" -> "2" (6 matches -> 1.0) like "2" itself; "3": 4 matches -> 1.0.
+    assert task.target(mixed).tolist() == pytest.approx([1.0, 0.0, 1.0, 1.0])
+    assert task.target(dog).tolist() == pytest.approx([0.0, 1.0, 0.0, 0.0])
+    # The label is the multiple-choice answer in the evaluator's form ("two" -> "2" where mixed).
+    assert [task.answers[e.label] for e in (same, mixed, dog)] == ["Two", "2", "dog"]
+    # Majority baseline on val: always "Two" (10 votes, first of the tie alphabetically) against ten "2":
+    # nothing is processed, "Two" != "2" -> 0.
+    assert task.majority_accuracy("val2014") == 0.0
+
+
 def test_loss_is_bce_summed_over_answers(data, tmp_path):
     task = _task(data, tmp_path)
     examples = task.examples("train2014")[:4]
@@ -316,3 +365,50 @@ def test_train_then_eval_writes_the_official_results_file(data, tmp_path):
     for row in rows:
         assert set(row) == {"question_id", "answer"} and isinstance(row["question_id"], int)
         assert isinstance(row["answer"], str) and row["answer"] in vocab
+
+    # The official evaluator's rules on a split whose answers exercise each of them (images of val2014).
+    # Per question: the answers, the answer type, and by hand, the accuracy of every vocabulary entry that can
+    # score (write_vqa's training vocabulary: red/blue/green, dark <colour>, yes, no, maybe, 1, 2); any other
+    # prediction scores 0.
+    twins = [{"answer": a, "answer_confidence": "yes"} for a in ["no"] * 4 + ["yes"] * 6]  # no answer_id
+    rules = [
+        # mixed -> processed: "Red!" -> "red" (2 of 10 -> 0.6), "blue." -> "blue" (8 -> 1.0)
+        ("what color is the image?", ["Red!"] * 2 + ["blue."] * 8, "other", {"red": 0.6, "blue": 1.0}),
+        # ten identical "Red": nothing processed, "red" != "Red" -> every entry scores 0
+        ("what color is the image?", ["Red"] * 10, "other", {}),
+        ("what color is the image?", ["red"] * 10, "other", {"red": 1.0}),
+        # newline/tab cleaned first: yes x8, no x2 -> yes 1.0, no 0.6
+        ("is the image red?", ["yes\n"] * 5 + [" yes"] * 3 + ["\tno"] * 2, "yes/no", {"yes": 1.0, "no": 0.6}),
+        # number words mapped on the human side too: "2" x3 (-> 0.9), "1" x7 (-> 1.0)
+        ("how many colors are there?", ["two"] * 2 + ["Two."] + ["one"] * 3 + ["1"] * 4, "number",
+         {"2": 0.9, "1": 1.0}),
+        # ten identical "one": not mapped, so "1" scores 0
+        ("how many colors are there?", ["one"] * 10, "number", {}),
+        # articles dropped: "a red" -> red (1 -> 0.3), "the blue" -> blue (3 -> 0.9); "dont know" -> "don't know"
+        ("what color is the image?", ["a red"] + ["the blue"] * 3 + ["dont know"] * 6, "other",
+         {"red": 0.3, "blue": 0.9}),
+        # entries without answer_id: equal dicts drop each other; "no": (4 x 0 + 6 x 1) / 10, "yes": 4 / 10
+        ("is it dark?", twins, "yes/no", {"no": 0.6, "yes": 0.4}),
+        # "dark-red" -> "dark red" (a mark touching no space becomes one): 4 -> 1.0; maybe 6 -> 1.0
+        ("what color is the image?", ["dark-red"] * 3 + ["dark red"] + ["maybe"] * 6, "other",
+         {"dark red": 1.0, "maybe": 1.0}),
+    ]
+    _write_split(data, "rules2014", [r[:3] for r in rules], image_id=11)
+    checked = tmp_path / "rules"
+    proc = _run(
+        "eval.py",
+        [*common, f"ckpt_path={ckpt}", "split=rules2014", "+task.image_splits.rules2014=val2014",
+         f"hydra.run.dir={checked}"],
+        tmp_path, tmp_path / "cache",
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    predicted = {r["question_id"]: r["answer"] for r in json.loads((checked / "predictions.json").read_text())}
+    assert sorted(predicted) == [900000 + k for k in range(len(rules))]
+    scores: dict[str, list[float]] = {}
+    for k, (_, _, answer_type, table) in enumerate(rules):
+        score = table.get(predicted[900000 + k], 0.0)
+        scores.setdefault("", []).append(score)
+        scores.setdefault("_" + answer_type.replace("/", "_"), []).append(score)
+    metrics = json.loads((checked / "metrics.json").read_text())
+    for suffix, values in scores.items():
+        assert metrics[f"rules2014/acc{suffix}"] == pytest.approx(sum(values) / len(values), abs=1e-6), suffix

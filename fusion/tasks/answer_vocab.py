@@ -15,7 +15,7 @@ from fusion.tasks.formats import DataFormatError, field, read_json
 log = logging.getLogger(__name__)
 
 # Bump when the vocabulary recipe (normalisation, counting, ordering) changes: old cache files are ignored.
-VOCAB_VERSION = 1
+VOCAB_VERSION = 2  # 2: VQA answers in the form the official evaluator compares them
 
 
 def vocab_cache_path(cache_dir: str | Path | None, task: str, source: Path, top_k: int | None) -> Path | None:

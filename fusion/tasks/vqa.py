@@ -24,13 +24,7 @@ from torchmetrics import Metric
 from fusion.tasks.answer_vocab import load_or_build_vocab, vocab_cache_path
 from fusion.tasks.base import Example, FileTask
 from fusion.tasks.formats import DataFormatError, check_pattern, field, read_json
-from fusion.tasks.vqa_metric import (
-    VQAAccuracy,
-    leave_one_out_accuracy,
-    normalize_answer,
-    official_references,
-    soft_scores,
-)
+from fusion.tasks.vqa_metric import References, VQAAccuracy, clean, normalize_answer
 
 log = logging.getLogger(__name__)
 
@@ -48,15 +42,20 @@ class _Row:
     answer_type: str = ""
     answers: tuple[str, ...] = ()  # raw human answers; empty without annotations
     multiple_choice: str = ""
+    references: References | None = None  # the answers as the official evaluator compares them
 
 
 class VQATask(FileTask):
     """VQA-format data (VQAv2, OK-VQA) below ``root``; splits are the names in the file names.
 
-    Targets are soft scores over the vocabulary (each answer's leave-one-out VQA accuracy, from the
-    normalised human answers); the loss is binary cross-entropy with logits summed over classes and
-    averaged over examples (= mean x num_classes, as in bottom-up attention / ViLT). The metric is the
-    official VQA accuracy, overall and per answer type. A split other than the train/val splits may
+    The vocabulary, the training targets, the label and the majority baseline all use the human answers
+    in the form the official evaluator compares them (:class:`~fusion.tasks.vqa_metric.References`:
+    cleaned, and processed only when a question's annotators disagree), and every vocabulary entry's target
+    on a question is exactly the official accuracy the evaluator gives that entry as the prediction: the
+    answer the model is trained towards is the one the evaluator rewards. The loss is binary cross-entropy
+    with logits summed over classes and averaged over examples (= mean x num_classes, as in bottom-up
+    attention / ViLT). The metric is the official VQA accuracy, overall and per answer type.
+    A split other than the train/val splits may
     lack its annotations file (VQAv2 test-dev): its examples have label -1 and no answers.
     """
 
@@ -99,13 +98,17 @@ class VQATask(FileTask):
         self._vocab: list[str] | None = None
         self._vocab_counts: list[int] = []
         self._label: dict[str, int] = {}
-        self._pred_norm: list[str] = []
+        # Each vocabulary entry as the evaluator compares it: (cleaned, processed), and the entries by form.
+        self._pred_forms: list[tuple[str, str]] = []
+        self._by_clean: dict[str, list[int]] = {}
+        self._by_normalized: dict[str, list[int]] = {}
         self._rows: dict[str, list[_Row]] = {}
         # Per question id (str), filled as splits load: what update_metric and target() look up.
-        self._references: dict[str, tuple[str, ...]] = {}
+        self._references: dict[str, References] = {}
         self._soft: dict[str, tuple[tuple[int, ...], tuple[float, ...]]] = {}
-        # Raw answer -> normalised answer: ~10x fewer distinct answers than answers.
+        # Raw answer -> processed answer: ~10x fewer distinct answers than answers.
         self._normalized: dict[str, str] = {}
+        self._pool: dict[str, str] = {}  # one object per distinct answer string in the references
 
     # ---- files -----------------------------------------------------------------------------------
     def questions_path(self, split: str) -> Path:
@@ -130,6 +133,13 @@ class VQATask(FileTask):
             norm = self._normalized[answer] = normalize_answer(answer)
         return norm
 
+    def _intern(self, references: References) -> References:
+        """Share one string object per distinct processed answer (VQAv2 train: 4.4M answers)."""
+        pool = self._pool
+        return References(
+            tuple(pool.setdefault(a, a) for a in references.answers), references.normalized, references.ties
+        )
+
     def _read_annotations(self, path: Path) -> dict[int, dict[str, Any]]:
         data = read_json(path, f"{self.name} annotations file")
         entries = field(data, "annotations", list, str(path), "a list of annotation objects")
@@ -145,6 +155,8 @@ class VQATask(FileTask):
             for j, a in enumerate(answers):
                 text = field(a, "answer", str, f"{where}, answers[{j}]", "a string")
                 texts.append(pool.setdefault(text, text))
+            if qid in out:
+                raise DataFormatError(f"{where}: question_id annotated twice (annotations[{i}] repeats it)")
             answer_type = field(ann, "answer_type", str, where, f"one of {self._answer_types}")
             if answer_type not in self._answer_types:
                 raise DataFormatError(
@@ -153,6 +165,7 @@ class VQATask(FileTask):
             out[qid] = {
                 "image_id": field(ann, "image_id", int, where, "an integer"),
                 "answers": tuple(texts),
+                "references": self._intern(References.from_entries(answers, self._normalize)),
                 "answer_type": answer_type,
                 "multiple_choice": field(ann, "multiple_choice_answer", str, where, "a string"),
             }
@@ -191,15 +204,19 @@ class VQATask(FileTask):
                     f"the question in {qpath} has {image_id}"
                 )
             rows.append(
-                _Row(qid, image_id, question, ann["answer_type"], ann["answers"], ann["multiple_choice"])
+                _Row(
+                    qid, image_id, question, ann["answer_type"], ann["answers"], ann["multiple_choice"],
+                    ann["references"],
+                )
             )
         self._rows[split] = rows
         return rows
 
     # ---- vocabulary ------------------------------------------------------------------------------
     def _count_training_answers(self) -> Counter[str]:
-        # Every annotator's answer counts once, so answers several people give rank first.
-        return Counter(self._normalize(a) for row in self._parse(self.train_split) for a in row.answers)
+        # Every annotator's answer counts once, in the form the evaluator compares it, so that answers several
+        # people give rank first and every entry is a string the evaluator can reward.
+        return Counter(a for row in self._parse(self.train_split) if row.references for a in row.references.answers)
 
     def _load_vocab(self) -> list[str]:
         if self._vocab is None:
@@ -209,8 +226,12 @@ class VQATask(FileTask):
             self._vocab = [a for a, _ in ranked]
             self._vocab_counts = [c for _, c in ranked]
             self._label = {a: i for i, a in enumerate(self._vocab)}
-            # What the official script compares a predicted vocabulary entry as (it normalises predictions).
-            self._pred_norm = [normalize_answer(a) for a in self._vocab]
+            # A prediction is cleaned, and processed too where the annotators disagree: both forms, once.
+            self._pred_forms = [(clean(a), self._normalize(a)) for a in self._vocab]
+            self._by_clean, self._by_normalized = {}, {}
+            for i, (cleaned, normalized) in enumerate(self._pred_forms):
+                self._by_clean.setdefault(cleaned, []).append(i)
+                self._by_normalized.setdefault(normalized, []).append(i)
         return self._vocab
 
     @property
@@ -234,24 +255,44 @@ class VQATask(FileTask):
         for row in rows:
             qid = str(row.question_id)
             image_split = self.image_splits.get(split, split)
-            if row.answers:
-                self._references[qid] = official_references(row.answers)
-                scores = soft_scores(self._normalize(a) for a in row.answers)
-                known = sorted((self._label[a], s) for a, s in scores.items() if a in self._label and s > 0)
-                self._soft[qid] = (tuple(i for i, _ in known), tuple(s for _, s in known))
+            refs = row.references
+            if refs is not None:
+                self._references[qid] = refs
+                self._soft[qid] = self._soft_targets(refs)
             examples.append(
                 Example(
                     question_id=qid,
                     image_key=f"{self.image_key_prefix}/{image_split}/{row.image_id}",
                     image_path=self.image_path(split, row.image_id),
                     question=row.question,
-                    label=self._label.get(self._normalize(row.multiple_choice), -1) if row.answers else -1,
+                    label=self._label.get(refs.form(row.multiple_choice), -1) if refs is not None else -1,
                     answer_type=row.answer_type,
                     answers=row.answers,
                 )
             )
         del self._rows[split]  # the examples now hold everything
         return examples
+
+    def _soft_targets(self, refs: References) -> tuple[tuple[int, ...], tuple[float, ...]]:
+        """The vocabulary entries the evaluator rewards on a question, with the accuracy it gives each.
+
+        An entry scores only if its form (processed or cleaned, as the question's annotators agree or not)
+        equals one of the answers, so only those entries are scored; several entries may share a form.
+        """
+        by_form = self._by_normalized if refs.normalized else self._by_clean
+        side = 1 if refs.normalized else 0
+        known = []
+        for form in set(refs.answers):
+            for i in by_form.get(form, ()):
+                score = refs.score_form(self._pred_forms[i][side])
+                if score > 0:
+                    known.append((i, score))
+        known.sort()
+        return tuple(i for i, _ in known), tuple(s for _, s in known)
+
+    def _score(self, refs: References, entry: int) -> float:
+        """The official accuracy of vocabulary entry ``entry`` as the prediction for a question."""
+        return refs.score_form(self._pred_forms[entry][1 if refs.normalized else 0])
 
     def reference(self, split: str, example: Example) -> str:
         return f"{self.questions_path(split)}: question_id {example.question_id}"
@@ -285,9 +326,8 @@ class VQATask(FileTask):
         preds = logits.argmax(-1).tolist()
         for qid, pred, answer_type in zip(batch["question_ids"], preds, batch["answer_types"].tolist(), strict=True):
             references = self._references.get(qid)
-            if references:
-                matches = references.count(self._pred_norm[pred])
-                scores.append(leave_one_out_accuracy(matches, len(references)))
+            if references is not None:
+                scores.append(self._score(references, pred))
                 types.append(answer_type)
         if scores:
             metric.update(torch.tensor(scores, dtype=torch.float64), torch.tensor(types, dtype=torch.long))
@@ -306,7 +346,4 @@ class VQATask(FileTask):
         scored = [e for e in self.examples(split) if e.answers]
         if not scored:
             return None
-        top = self._pred_norm[0]
-        return sum(
-            leave_one_out_accuracy(self._references[e.question_id].count(top), len(e.answers)) for e in scored
-        ) / len(scored)
+        return sum(self._score(self._references[e.question_id], 0) for e in scored) / len(scored)

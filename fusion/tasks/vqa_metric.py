@@ -1,21 +1,33 @@
-"""The official VQA accuracy (VQAv2, OK-VQA): answer normalisation, leave-one-out scoring, a DDP metric.
+"""The official VQA accuracy (VQAv2, OK-VQA): answer processing, leave-one-out scoring, a DDP metric.
 
-Answer processing reproduces ``vqaEval.py`` of the official VQA API (github.com/GT-Vision-Lab/VQA,
-``PythonEvaluationTools/vqaEvaluation``), quirks included, so numbers match the evaluation server:
+Rules read from the current ``vqaEval.py`` of the official VQA API (GT-Vision-Lab/VQA,
+``PythonEvaluationTools/vqaEvaluation/vqaEval.py``, after its commit "Fixed processing answers bug"; the
+evaluation server and published VQAv2 numbers use this revision), quirks included:
 
-- a predicted answer gets ``\\n``/``\\t`` -> space, ``strip``, :func:`process_punctuation`, then
-  :func:`process_digit_article` (lower case, number words -> digits, articles dropped, contractions);
-- the human answers only get :func:`process_punctuation`, and only when the ten of them are not all
-  identical (the released answers are already normalised);
-- accuracy = mean over the ten leave-one-out subsets of nine annotators of ``min(#matches / 3, 1)``.
+1. Every human answer and the predicted answer get ``\\n`` and ``\\t`` replaced by a space and are stripped
+   (:func:`clean`).
+2. Only if the (cleaned) human answers of the question are **not all identical**, every human answer **and** the
+   prediction get :func:`process_punctuation` and then :func:`process_digit_article` (lower case, number words
+   to digits, articles dropped, contractions restored). If they are all identical, neither side is processed
+   further: ``"Two"`` against ten ``"2"`` scores 0, ``"2"`` against ten ``"Two"`` too.
+3. For each human answer entry, the evaluator counts the matches among "the other" entries, ``[e for e in
+   answers if e != entry]``: a comparison of whole answer dicts (answer, answer_confidence, answer_id, after
+   step 2), so an entry identical to it in every field is dropped with it. In the official files every entry
+   has its own ``answer_id`` and this is plain leave-one-out; :class:`References` keeps the multiplicity so
+   that files without ids score as the evaluator scores them.
+4. Accuracy = mean over the entries of ``min(1, matches among the others / 3)``; overall and per answer type
+   are plain means over questions (the script reports them x100, rounded to 2 decimals; we keep fractions).
 """
 
 from __future__ import annotations
 
+import json
 import re
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from types import MappingProxyType
+from typing import Any
 
 import torch
 from torchmetrics import Metric
@@ -85,17 +97,78 @@ def process_digit_article(text: str) -> str:
     return " ".join(CONTRACTIONS.get(w, w) for w in words if w not in ARTICLES)
 
 
+def clean(answer: str) -> str:
+    """Step 1, applied to every answer: newline and tab become a space, then ``strip``."""
+    return answer.replace("\n", " ").replace("\t", " ").strip()
+
+
 def normalize_answer(answer: str) -> str:
-    """A predicted answer as the official script compares it: ``"Two."`` -> ``"2"``, ``"a dog"`` -> ``"dog"``."""
-    answer = answer.replace("\n", " ").replace("\t", " ").strip()
-    return process_digit_article(process_punctuation(answer))
+    """Step 2, applied to both sides when the humans disagree: ``"Two."`` -> ``"2"``, ``"a dog"`` -> ``"dog"``."""
+    return process_digit_article(process_punctuation(clean(answer)))
 
 
-def official_references(answers: Sequence[str]) -> tuple[str, ...]:
-    """The human answers as the official script compares them (punctuation only, and only if they differ)."""
-    if len(set(answers)) > 1:
-        return tuple(process_punctuation(a) for a in answers)
-    return tuple(answers)
+def _entry_identity(entry: Mapping[str, Any]) -> str:
+    """The fields of an answer entry other than its text, as the evaluator's ``!=`` compares them."""
+    return json.dumps({k: v for k, v in entry.items() if k != "answer"}, sort_keys=True, default=str)
+
+
+@dataclass(frozen=True, slots=True)
+class References:
+    """The human answers of one question as the official evaluator compares them (rules 1-3 above).
+
+    ``answers``: one string per entry, cleaned and, when ``normalized``, processed. ``normalized``: whether the
+    humans disagreed, so that predictions are processed too. ``ties``: per entry, how many entries equal it in
+    every field (itself included), ``None`` when each entry is unique (the official files: distinct
+    ``answer_id``).
+    """
+
+    answers: tuple[str, ...]
+    normalized: bool
+    ties: tuple[int, ...] | None = None
+
+    @classmethod
+    def from_entries(
+        cls, entries: Sequence[str | Mapping[str, Any]], normalize: Callable[[str], str] = normalize_answer
+    ) -> References:
+        """From the raw ``answers`` of an annotation: ``{"answer": ..., ...}`` dicts, or bare strings (each one
+        entry of its own).
+
+        ``normalize``: :func:`normalize_answer` or a memoised version of it (millions of answers, few distinct).
+        """
+        if not entries:
+            raise ValueError("VQA accuracy needs at least one human answer")
+        texts = [clean(e if isinstance(e, str) else e["answer"]) for e in entries]
+        normalized = len(set(texts)) > 1
+        if normalized:
+            texts = [normalize(t) for t in texts]
+        # A bare string stands for an entry of its own (as with the official files' distinct answer_id).
+        keys = [
+            (t, i if isinstance(e, str) else _entry_identity(e))
+            for i, (t, e) in enumerate(zip(texts, entries, strict=True))
+        ]
+        counts = Counter(keys)
+        ties = tuple(counts[k] for k in keys) if any(c > 1 for c in counts.values()) else None
+        return cls(tuple(texts), normalized, ties)
+
+    def form(self, prediction: str) -> str:
+        """``prediction`` as the evaluator compares it against these answers."""
+        return normalize_answer(prediction) if self.normalized else clean(prediction)
+
+    def score_form(self, form: str) -> float:
+        """The accuracy of a prediction already in :meth:`form` (rules 3 and 4)."""
+        matches = self.answers.count(form)
+        if matches == 0:
+            return 0.0
+        if self.ties is None:
+            return leave_one_out_accuracy(matches, len(self.answers))
+        total = 0.0
+        for answer, tie in zip(self.answers, self.ties, strict=True):
+            total += min(1.0, (matches - tie if answer == form else matches) / 3)
+        return total / len(self.answers)
+
+    def score(self, prediction: str) -> float:
+        """The official VQA accuracy of the raw ``prediction``."""
+        return self.score_form(self.form(prediction))
 
 
 def leave_one_out_accuracy(matches: int, n: int) -> float:
@@ -111,21 +184,9 @@ def leave_one_out_accuracy(matches: int, n: int) -> float:
     return (matches * min(1.0, (matches - 1) / 3) + (n - matches) * min(1.0, matches / 3)) / n
 
 
-def vqa_accuracy(prediction: str, answers: Sequence[str]) -> float:
+def vqa_accuracy(prediction: str, answers: Sequence[str | Mapping[str, Any]]) -> float:
     """The official VQA accuracy of one predicted answer against the raw human answers of a question."""
-    references = official_references(answers)
-    return leave_one_out_accuracy(references.count(normalize_answer(prediction)), len(references))
-
-
-def soft_scores(answers: Iterable[str]) -> dict[str, float]:
-    """Training target: each distinct answer's VQA accuracy were it predicted (answers already normalised).
-
-    The leave-one-out average is exactly the accuracy the metric would give that answer, so the loss
-    trains towards the expected score (a smooth ``min(#/3, 1)`` would overrate 1-3 votes).
-    """
-    counts = Counter(answers)
-    n = sum(counts.values())
-    return {a: leave_one_out_accuracy(m, n) for a, m in counts.items()}
+    return References.from_entries(answers).score(prediction)
 
 
 class VQAAccuracy(Metric):
