@@ -7,10 +7,21 @@ against the model**: all wrong candidates scoring at least as high as the best c
 A constant scorer therefore gets rank ``1 + #wrong``, never R@1 = 1. Recall@K is the share of queries
 with rank <= K; image -> text hits if any of the image's captions is within the top K.
 
+The standard Karpathy-split protocol (VSE++, fartashf/vsepp ``evaluation.py`` ``i2t`` / ``t2i``; ALBEF and
+ViLT's ``itm_eval`` follow it): text -> image, each caption ranks every image of the split and hits at K
+when its own image is among the first K, R@K = hits / captions; image -> text, each image ranks every
+caption and hits at K when the best-placed of its captions (five per image) is among the first K, R@K =
+hits / images; rsum = the six recalls added. Those scripts report percentages (rsum <= 600), order with
+``numpy.argsort`` (ties in whatever order the sort leaves them) and count ranks from 0 (hit: rank < K);
+here recalls are fractions (rsum <= 6), ranks count from 1 (hit: rank <= K) and ties go against the model,
+which only differs where scores tie exactly.
+
 Re-ranking: the cheap first stage scores all pairs; for each query its top-``k`` candidates by the first
 stage are re-scored by an expensive scorer (the fusion model's image-text matching score). The final
 order is those ``k`` candidates by the expensive score, then every other candidate by the first stage.
-With ``k >= C`` this is exactly exhaustive scoring by the expensive scorer.
+With ``k >= C`` this is exactly exhaustive scoring by the expensive scorer. The ranks and the top lists of
+the prediction file come from that one order (:func:`two_stage_order`), so R@K read off the file is R@K
+as reported.
 """
 
 from __future__ import annotations
@@ -48,29 +59,27 @@ def top_candidates(first: Tensor, k: int) -> Tensor:
     return first.topk(min(int(k), first.shape[1]), dim=1).indices
 
 
-def two_stage_rank(first: Tensor, rescored: Tensor, members: Tensor, positives: Tensor) -> Tensor:
-    """Pessimistic ranks ``(Q,)`` in the re-ranked order (see the module docstring).
+def two_stage_order(first: Tensor, rescored: Tensor, members: Tensor, positives: Tensor) -> Tensor:
+    """The re-ranked order ``(Q, C)`` of every query's candidates, best first (see the module docstring).
 
     ``first`` ``(Q, C)`` first-stage scores; ``rescored`` ``(Q, C)`` expensive scores, read at ``members``
-    only (the re-scored candidates, ``(Q, C)`` bool); ``positives`` ``(Q, C)`` bool.
+    only (the re-scored candidates, ``(Q, C)`` bool); ``positives`` ``(Q, C)`` bool. Members come first (even
+    one scoring -inf), by the expensive score, then the others by the first-stage score; among equal scores
+    wrong candidates precede correct ones (ties against the model), then lower candidate indices.
     """
-    among = pessimistic_rank(rescored, positives, members)
-    rest = pessimistic_rank(first, positives, ~members)
-    return torch.where(among > 0, among, members.sum(dim=1) + rest)
+    score = torch.where(members, rescored, first)
+    # Stable sorts from the least significant key up: index (the identity), correctness, score, membership.
+    order = torch.sort(positives.long(), dim=1, stable=True).indices
+    order = order.gather(1, torch.sort(score.gather(1, order), dim=1, descending=True, stable=True).indices)
+    key = members.long().gather(1, order)
+    return order.gather(1, torch.sort(key, dim=1, descending=True, stable=True).indices)
 
 
-def two_stage_order(first: Tensor, rescored: Tensor, members: Tensor, top: int) -> Tensor:
-    """The first ``top`` candidates ``(Q, min(top, C))`` of the re-ranked order, best first.
-
-    Ties in the expensive score are broken by the first-stage score, then by candidate index.
-    """
-    by_first = torch.sort(first, dim=1, descending=True, stable=True).indices
-    key = rescored.masked_fill(~members, float("-inf")).gather(1, by_first)
-    # Members first (a re-scored candidate may itself score -inf), then by the expensive score.
-    member = members.gather(1, by_first)
-    order = torch.sort(key, dim=1, descending=True, stable=True).indices
-    order = order.gather(1, torch.sort(member.gather(1, order).long(), dim=1, descending=True, stable=True).indices)
-    return by_first.gather(1, order)[:, :top]
+def rank_in_order(order: Tensor, positives: Tensor) -> Tensor:
+    """``(Q,)`` 1-based position in ``order`` ``(Q, C)`` of each query's first correct candidate; 0 if none."""
+    correct = positives.bool().gather(1, order)
+    first = correct.long().argmax(dim=1)  # the first maximum: the first correct position
+    return torch.where(correct.any(dim=1), first + 1, torch.zeros_like(first))
 
 
 @dataclass
@@ -104,11 +113,13 @@ def rerank(first: Tensor, positives: Tensor, k: int, scorer: PairScorer, top: in
     t_idx, i_idx = scored.nonzero(as_tuple=True)  # row-major: sorted by (text, image)
     rescored = torch.full((T, I), float("nan"), dtype=torch.float32, device=first.device)
     rescored[t_idx, i_idx] = scorer(t_idx, i_idx).float().to(first.device)
+    t2i = two_stage_order(first, rescored, members_t2i, positives)
+    i2t = two_stage_order(first.T, rescored.T, members_i2t, positives.T)
     return Reranked(
-        t2i_ranks=two_stage_rank(first, rescored, members_t2i, positives),
-        i2t_ranks=two_stage_rank(first.T, rescored.T, members_i2t, positives.T),
-        t2i_top=two_stage_order(first, rescored, members_t2i, top),
-        i2t_top=two_stage_order(first.T, rescored.T, members_i2t, top),
+        t2i_ranks=rank_in_order(t2i, positives),
+        i2t_ranks=rank_in_order(i2t, positives.T),
+        t2i_top=t2i[:, :top],
+        i2t_top=i2t[:, :top],
         pairs_scored=int(t_idx.numel()),
     )
 

@@ -6,9 +6,11 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from entrypoints import FAST, train_then_eval
 from PIL import Image
 
+from fusion.ranking import RetrievalRecall, rerank
 from fusion.tasks.flickr30k import Flickr30kTask
 
 SPLITS = {"train": 6, "val": 3, "test": 4}
@@ -125,6 +127,65 @@ def test_missing_image_and_image_folder_are_named(tmp_path):
         Flickr30kTask(root).prepare_data()
 
 
+# ---- the metric against the standard protocol, read off the prediction file -----------------------
+
+
+def official_recalls(predictions_json: Path, dataset_json: Path, split: str) -> dict[str, float]:
+    """R@1/5/10 both ways and rsum (as fractions) by the Karpathy-split protocol of VSE++'s evaluation.py,
+    read off the written top-10 lists: a caption hits at K when its image is among its first K images
+    (divided by the split's captions); an image hits at K when any of its captions is among its first K
+    captions (divided by the split's images)."""
+    predictions = json.loads(predictions_json.read_text())
+    images = [img for img in json.loads(dataset_json.read_text())["images"] if img["split"] == split]
+    owner = {f"{img['filename']}#{n}": img["filename"] for img in images for n in range(len(img["sentences"]))}
+    t2i, i2t = predictions["text_to_image"], predictions["image_to_text"]
+    # One entry per caption and per image of the split (the scripts index the full score matrix).
+    assert sorted(p["caption_id"] for p in t2i) == sorted(owner)
+    assert sorted(p["image"] for p in i2t) == sorted(img["filename"] for img in images)
+    out = {}
+    for K in (1, 5, 10):
+        out[f"t2i_r{K}"] = sum(owner[p["caption_id"]] in p["images"][:K] for p in t2i) / len(owner)
+        out[f"i2t_r{K}"] = sum(any(owner[c] == p["image"] for c in p["captions"][:K]) for p in i2t) / len(images)
+    out["rsum"] = sum(out.values())
+    return out
+
+
+def test_recalls_match_the_protocol_on_the_written_rankings_with_ties_and_ranks_at_k(tmp_path):
+    root = write_flickr30k(tmp_path / "f30k", {"test": 4})
+    task = Flickr30kTask(root)
+    examples = task.examples("test")
+    keys = list(dict.fromkeys(e.image_key for e in examples))
+    # ITM scores (20 captions x 4 images); captions 5i..5i+4 describe image i.
+    scores = torch.zeros(20, 4)
+    scores[5:9, 0], scores[0, 0], scores[1:5, 0] = 0.9, 0.8, 0.1  # image 0: its best caption (0) 5th
+    scores[5, 1] = scores[16, 1] = 0.7  # image 1: its caption 5 ties with the wrong caption 16 at the top
+    scores[0:9, 2], scores[10, 2] = 0.6, 0.5  # image 2: caption 10 after 9 wrong ones: 10th
+    scores[0:10, 3], scores[15, 3] = 0.6, 0.5  # image 3: caption 15 after 10 wrong ones: 11th
+    positives = torch.arange(20)[:, None] // 5 == torch.arange(4)[None, :]
+    # k >= every candidate: exhaustive ITM scoring (the constant first stage only picks the candidates).
+    result = rerank(torch.zeros(20, 4), positives, k=100, scorer=lambda t, i: scores[t, i])
+    metric = RetrievalRecall()
+    metric.update("t2i", result.t2i_ranks)
+    metric.update("i2t", result.i2t_ranks)
+    reported = {k or "rsum": v.item() for k, v in metric.compute().items()}
+    task.write_rankings(
+        [e.question_id for e in examples],
+        [[keys[j] for j in row] for row in result.t2i_top.tolist()],
+        keys,
+        [[examples[j].question_id for j in row] for row in result.i2t_top.tolist()],
+        tmp_path / "predictions.json",
+    )
+    # By hand, ties against the model. Image -> text ranks 5, 2 (the tie), 10, 11: R@1 0, R@5 2/4, R@10 3/4.
+    # Text -> image (4 images, so R@5 = R@10 = 1): R@1 only for captions 0 (0.8 beats 0.0, 0.6, 0.6),
+    # 10 and 15 (0.5 against zeros); every other caption has a wrong image scoring at least its own.
+    expected = {"t2i_r1": 3 / 20, "t2i_r5": 1.0, "t2i_r10": 1.0, "i2t_r1": 0.0, "i2t_r5": 0.5, "i2t_r10": 0.75}
+    expected["rsum"] = sum(expected.values())
+    assert reported == pytest.approx(expected)
+    assert official_recalls(tmp_path / "predictions.json", root / "dataset_flickr30k.json", "test") == pytest.approx(
+        expected
+    )
+
+
 # ---- train.py / eval.py as a user runs them -----------------------------------------------------
 
 
@@ -155,8 +216,6 @@ def test_train_then_eval_writes_recalls_and_the_rankings(tmp_path):
         assert set(p) == {"caption_id", "images"} and sorted(p["images"]) == sorted(names)  # 4 images < 10
     for p in predictions["image_to_text"]:
         assert set(p) == {"image", "captions"} and len(set(p["captions"])) == 10 and set(p["captions"]) <= set(captions)
-    # The file scores as the logged metric at R@1 (no ties among float scores here).
-    t2i_r1 = sum(p["images"][0] == p["caption_id"].split("#")[0] for p in predictions["text_to_image"]) / len(captions)
-    i2t_r1 = sum(p["captions"][0].split("#")[0] == p["image"] for p in predictions["image_to_text"]) / len(names)
-    assert metrics["test/t2i_r1"] == pytest.approx(t2i_r1)
-    assert metrics["test/i2t_r1"] == pytest.approx(i2t_r1)
+    # The file scores as the logged metrics, every recall, by the standard protocol.
+    official = official_recalls(out / "predictions.json", root / "dataset_flickr30k.json", "test")
+    assert {k: metrics[f"test/{k}"] for k in official} == pytest.approx(official)

@@ -5,7 +5,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fusion.ranking import RetrievalRecall, exhaustive_scores, pessimistic_rank, rerank, two_stage_order
+from fusion.ranking import (
+    RetrievalRecall,
+    exhaustive_scores,
+    pessimistic_rank,
+    rank_in_order,
+    rerank,
+    top_candidates,
+    two_stage_order,
+)
 
 
 def test_rank_counts_ties_against_the_model():
@@ -104,16 +112,52 @@ def test_each_pair_is_scored_once_and_only_candidates():
     assert sorted(pairs) == list(zip(t_idx.tolist(), i_idx.tolist(), strict=True))  # sorted (text, image)
 
 
-def test_order_puts_candidates_first_and_breaks_ties_by_the_first_stage():
+def test_order_puts_candidates_first_and_breaks_ties_against_the_model():
     first = torch.tensor([[0.9, 0.8, 0.7, 0.6, 0.5]])
     rescored = torch.tensor([[1.0, 2.0, 1.0, float("nan"), float("nan")]])
     members = torch.tensor([[True, True, True, False, False]])
-    # Candidate 0 and 2 tie at 1.0: the better first-stage score (0) comes first.
-    assert two_stage_order(first, rescored, members, top=10).tolist() == [[1, 0, 2, 3, 4]]
-    assert two_stage_order(first, rescored, members, top=2).tolist() == [[1, 0]]
+    # Candidates 0 and 2 tie at 1.0; both wrong: the lower index first.
+    none = torch.zeros(1, 5, dtype=torch.bool)
+    assert two_stage_order(first, rescored, members, none).tolist() == [[1, 0, 2, 3, 4]]
+    # Candidate 0 correct: the tied wrong candidate 2 goes before it, so its rank is 3, not 2.
+    positives = torch.tensor([[True, False, False, False, False]])
+    order = two_stage_order(first, rescored, members, positives)
+    assert order.tolist() == [[1, 2, 0, 3, 4]]
+    assert rank_in_order(order, positives).tolist() == [3]
     # A candidate scoring -inf still precedes every non-candidate.
     rescored[0, 1] = float("-inf")
-    assert two_stage_order(first, rescored, members, top=10).tolist() == [[0, 2, 1, 3, 4]]
+    assert two_stage_order(first, rescored, members, none).tolist() == [[0, 2, 1, 3, 4]]
+    # A correct non-candidate comes after the 3 candidates, then by the first stage (tie with 4 -> 4 first).
+    first[0, 4] = first[0, 3]
+    positives = torch.tensor([[False, False, False, True, False]])
+    order = two_stage_order(first, rescored, members, positives)
+    assert order.tolist() == [[0, 2, 1, 4, 3]] and rank_in_order(order, positives).tolist() == [5]
+    assert rank_in_order(order, none).tolist() == [0]
+
+
+@pytest.mark.parametrize("k", [1, 3, 5])
+def test_ranks_and_top_lists_come_from_one_order_even_with_ties(k):
+    # Scores on a coarse grid: ties everywhere, in both stages.
+    g = torch.Generator().manual_seed(1)
+    first = torch.randint(0, 3, (15, 5), generator=g).float()
+    expensive = torch.randint(0, 3, (15, 5), generator=g).float()
+    positives = torch.arange(15)[:, None] // 3 == torch.arange(5)[None, :]
+    result = rerank(first, positives, k, lambda t, i: expensive[t, i], top=10)
+    for ranks, top, pos, scores, firsts in (
+        (result.t2i_ranks, result.t2i_top, positives, expensive, first),
+        (result.i2t_ranks, result.i2t_top, positives.T, expensive.T, first.T),
+    ):
+        members = torch.zeros_like(pos)
+        members[torch.arange(len(pos))[:, None], top_candidates(firsts, k)] = True
+        # The rank is read off the written top list: the 1-based position of the first correct entry...
+        for q in range(len(pos)):
+            listed = top[q].tolist()
+            hit = [n + 1 for n, j in enumerate(listed) if pos[q, j]]
+            assert (hit[0] if hit else None) == (int(ranks[q]) if 0 < ranks[q] <= len(listed) else None)
+        # ... and is the pessimistic rank among the re-scored candidates, else after them by the first stage.
+        among = pessimistic_rank(scores, pos, members)
+        rest = members.sum(dim=1) + pessimistic_rank(firsts, pos, ~members)
+        assert torch.equal(ranks, torch.where(among > 0, among, rest))
 
 
 def test_rerank_k_must_be_positive():

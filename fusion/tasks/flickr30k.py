@@ -10,12 +10,20 @@ Examples are the positive (image, caption) pairs, one per caption, in file order
 Training turns them into image-text matching with hard negatives and a contrastive first stage
 (:mod:`fusion.retrieval_lit`); evaluation ranks every image of the split for every caption and every
 caption for every image. Metrics (:class:`~fusion.ranking.RetrievalRecall`): ``t2i_r1/5/10``,
-``i2t_r1/5/10`` and their sum ``rsum``, as fractions (rsum <= 6). Prediction file ``predictions.json``::
+``i2t_r1/5/10`` and their sum ``rsum``, by the standard Karpathy-split protocol of VSE++ (fartashf/vsepp,
+``evaluation.py`` ``t2i`` / ``i2t``; 1,000 test images, five captions each): t2i R@K = the share of
+captions whose own image is among their first K images; i2t R@K = the share of images with at least one
+of their captions among their first K captions (the best-placed one counts). Values are fractions
+(rsum <= 6; the papers print percentages, rsum <= 600); exact score ties are broken against the model
+(:mod:`fusion.ranking`). Prediction file ``predictions.json``::
 
     {"text_to_image": [{"caption_id": "1000092795.jpg#0", "images": ["1000092795.jpg", ...]}, ...],
      "image_to_text": [{"image": "1000092795.jpg", "captions": ["1000092795.jpg#0", ...]}, ...]}
 
-with the top-10 ranked candidates of every query, best first, queries in split order.
+with the top-10 ranked candidates of every query, best first, queries in split order: the order the
+recalls are computed from, so R@1/5/10 read off the file (a caption hits when its ``<filename>`` is among
+its first K images; an image when one of its ``<filename>#<n>`` is among its first K captions) are the
+reported ones.
 """
 
 from __future__ import annotations
