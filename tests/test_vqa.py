@@ -393,6 +393,13 @@ def test_train_then_eval_writes_the_official_results_file(data, tmp_path):
         ("what color is the image?", ["dark-red"] * 3 + ["dark red"] + ["maybe"] * 6, "other",
          {"dark red": 1.0, "maybe": 1.0}),
     ]
+    # Whatever the tiny model answers, some questions score it by rules an older evaluator did not have: per
+    # vocabulary entry v, the humans' "the v" is processed to "v" where they disagree (3 of 10 -> 0.9), and
+    # four equal entries without answer_id drop each other (v: 6 others see 4 matches -> 6 / 10 = 0.6).
+    for v in vocab:
+        rules.append(("what is it?", [f"the {v}"] * 3 + ["zzz"] * 7, "other", {v: 0.9}))
+        twins_v = [{"answer": a, "answer_confidence": "yes"} for a in [v] * 4 + ["zzz"] * 6]
+        rules.append(("what is it?", twins_v, "other", {v: 0.6}))
     _write_split(data, "rules2014", [r[:3] for r in rules], image_id=11)
     checked = tmp_path / "rules"
     proc = _run(
