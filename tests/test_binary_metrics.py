@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from fusion.tasks.binary_metrics import AccuracyConsistency, HeadlineCollection, auroc_with_accuracy
+from fusion.tasks.binary_metrics import AccuracyConsistency, HeadlineCollection, auroc_with_accuracy, group_id
 
 
 def test_auroc_of_processes_merged_equals_auroc_of_all():
@@ -44,3 +44,11 @@ def test_consistency_without_examples_is_nan_and_shapes_must_agree():
 def test_headline_must_be_one_of_the_metrics():
     with pytest.raises(ValueError, match=r"headline 'auc' is not among the metrics \['acc'\]"):
         HeadlineCollection({"acc": AccuracyConsistency()}, headline="auc")
+
+
+def test_group_ids_keep_the_equality_of_the_official_group_strings():
+    keys = ["dev-850--0", "dev-850--1", "test1-850--0", "dev-850--00", "7", "07", ""]
+    ids = [group_id(k) for k in keys]
+    assert len(set(ids)) == len(keys)  # strings an integer packing would merge stay apart
+    assert group_id("dev-850--0") == ids[0]  # a digest, not Python's per-process salted hash()
+    assert torch.tensor(ids).dtype == torch.long  # signed 64 bits: a metric state DDP can gather

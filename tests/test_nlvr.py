@@ -186,6 +186,34 @@ def official_image_metrics(predictions_csv: Path, gold_json: Path) -> tuple[floa
     return correct / (6 * len(examples)), sum(consistent.values()) / len(consistent)
 
 
+def test_the_written_csv_scores_officially_as_the_metric_reports(tmp_path):
+    # Lines (identifier, label); sentence = the identifier's first field, compared as a string.
+    lines = [("5-0", "true"), ("5-1", "false"), ("7-0", "true"), ("07-1", "false"), ("8-0", "true")]
+    gold = tmp_path / "dev.json"
+    gold.write_text("".join(json.dumps({"identifier": i, "label": lab, "sentence": "s", "directory": "0"}) + "\n"
+                            for i, lab in lines))
+    # Wrong images: one of 5-1 (sentence 5 inconsistent, although 5-0 is all right), all of 8-0.
+    wrong = {"dev-5-1-3"} | {f"dev-8-0-{n}" for n in range(6)}
+    stems = [f"dev-{i}-{n}" for i, _ in lines for n in range(6)]
+    labels = torch.tensor([int(lab == "true") for _, lab in lines for _ in range(6)])
+    preds = torch.where(torch.tensor([s in wrong for s in stems]), 1 - labels, labels)
+    logits = torch.nn.functional.one_hot(preds, 2).float()
+    task = NLVRTask("/nonexistent")
+    metric = task.metric()
+    rows = []
+    for part in (slice(0, 8), slice(8, 30)):  # two batches, splitting the first line's images
+        batch = {"labels": labels[part], "question_ids": stems[part]}
+        task.update_metric(metric, logits[part], batch)
+        rows += task.prediction_rows(logits[part], batch)
+    task.write_predictions(rows, tmp_path / "predictions.csv")
+    reported = {k: v.item() for k, v in metric.compute().items()}
+    # 30 images, 7 wrong; sentences "5", "7", "07", "8": "7" and "07" (two sentences as strings) consistent.
+    assert reported == pytest.approx({"": 23 / 30, "consistency": 2 / 4})
+    assert official_image_metrics(tmp_path / "predictions.csv", gold) == pytest.approx((23 / 30, 2 / 4))
+    with pytest.raises(ValueError, match="question id 'dev-5-0' is not of the form <split>-<sentence>-<position>-<n>"):
+        task.update_metric(metric, logits[:1], {"labels": labels[:1], "question_ids": ["dev-5-0"]})
+
+
 def test_train_then_eval_writes_metrics_and_the_official_csv(tmp_path):
     root = write_nlvr(tmp_path / "nlvr")
     done = train_then_eval(["+experiment=nlvr", f"task.root={root}", "task.val_from_train=0.3", *FAST], "dev", tmp_path)

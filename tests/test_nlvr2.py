@@ -133,8 +133,12 @@ def test_missing_files_and_images_are_named(tmp_path):
 
 def test_consistency_groups_the_pairs_of_one_sentence():
     # The pair field is blanked: dev-850-0-0 and dev-850-1-0 are one sentence, dev-850-0-1 another.
-    assert sentence_group("dev-850-0-0") == sentence_group("dev-850-1-0") != sentence_group("dev-850-0-1")
+    assert sentence_group("dev-850-0-0") == sentence_group("dev-850-1-0") == "dev-850--0"
+    assert sentence_group("dev-850-0-0") != sentence_group("dev-850-0-1")
     assert sentence_group("dev-850-0-0") != sentence_group("dev-851-0-0")
+    # Compared as strings, split included, as the official script does.
+    assert sentence_group("dev-850-0-0") != sentence_group("test1-850-0-0")
+    assert sentence_group("dev-850-0-07") != sentence_group("dev-850-1-7")
     task = NLVR2Task("/nonexistent")
     metric = task.metric()
     ids = [row[0] for row in DEV]
@@ -149,6 +153,9 @@ def test_consistency_groups_the_pairs_of_one_sentence():
     assert out["consistency"] == pytest.approx(2 / 3)
     with pytest.raises(ValueError, match="identifier 'dev-1' is not of the form"):
         sentence_group("dev-1")
+    # A fifth field would move the pair field the official script blanks: refused, not guessed.
+    with pytest.raises(ValueError, match="identifier 'dev-850-0-0-1' is not of the form"):
+        sentence_group("dev-850-0-0-1")
 
 
 def official_metrics(predictions_csv: Path, gold_json: Path) -> tuple[float, float]:
@@ -167,6 +174,36 @@ def official_metrics(predictions_csv: Path, gold_json: Path) -> tuple[float, flo
         else:
             consistent[key] = False
     return correct / len(examples), sum(consistent.values()) / len(consistent)
+
+
+def test_the_written_csv_scores_officially_as_the_metric_reports(tmp_path):
+    # Sentences (split-set--sentence): dev-850--0 (pairs 0, 1, 2), dev-850--1 (pairs 0, 1), dev-851--0,
+    # dev-850--07 (a leading zero: its own sentence for the official string comparison), and test1-850--0
+    # (another split's prefix in the same file: also its own sentence).
+    rows = [
+        ("dev-850-0-0", "True", 1), ("dev-850-1-0", "False", 1), ("dev-850-2-0", "True", 1),  # one wrong
+        ("dev-850-0-1", "False", 0), ("dev-850-1-1", "True", 1),  # all right
+        ("dev-851-0-0", "True", 0),  # wrong
+        ("dev-850-3-07", "False", 0),  # right
+        ("test1-850-0-0", "True", 1),  # right
+    ]
+    gold = tmp_path / "dev.json"
+    gold.write_text("".join(json.dumps({"identifier": i, "label": lab, "sentence": "s"}) + "\n" for i, lab, _ in rows))
+    task = NLVR2Task("/nonexistent")
+    metric = task.metric()
+    ids = [i for i, _, _ in rows]
+    labels = torch.tensor([int(lab == "True") for _, lab, _ in rows])
+    logits = torch.nn.functional.one_hot(torch.tensor([pred for _, _, pred in rows]), 2).float()
+    csv_rows = []
+    for part in (slice(0, 3), slice(3, 8)):  # two batches, splitting sentence dev-850--0's pairs
+        batch = {"labels": labels[part], "question_ids": ids[part]}
+        task.update_metric(metric, logits[part], batch)
+        csv_rows += task.prediction_rows(logits[part], batch)
+    task.write_predictions(csv_rows, tmp_path / "predictions.csv")
+    reported = {k: v.item() for k, v in metric.compute().items()}
+    # 6 of 8 lines right; sentences right: dev-850--1, dev-850--07, test1-850--0 = 3 of 5.
+    assert reported == pytest.approx({"": 6 / 8, "consistency": 3 / 5})
+    assert official_metrics(tmp_path / "predictions.csv", gold) == pytest.approx((6 / 8, 3 / 5))
 
 
 def test_train_then_eval_writes_metrics_and_the_official_csv(tmp_path):

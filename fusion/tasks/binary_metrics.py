@@ -1,5 +1,14 @@
 """Metrics of the binary tasks: AUROC with accuracy (Hateful Memes), accuracy with consistency (NLVR).
 
+Hateful Memes, as the challenge scored a submission (``id,proba,label``; the DrivenData challenge and
+facebookresearch/mmf, ``mmf/modules/metrics.py`` ``ROC_AUC`` / ``Accuracy``): AUROC is scikit-learn's
+``roc_auc_score`` of the gold label against ``proba``, the probability of class 1 (hateful); tied scores
+count half (the trapezoid between distinct thresholds), and torchmetrics' exact ``BinaryAUROC``
+(``thresholds=None``) computes the same area. Accuracy is the share of memes whose submitted ``label``
+equals the gold one; :class:`BinaryAccuracyOrNaN` thresholds as ``proba > 0.5``, which is the label the
+project writes (MMF writes the argmax of the two logits: the same decision unless the logits differ by
+less than float32 rounding of the softmax).
+
 Each ``compute()`` returns ``{"": headline, "<name>": value}``: the LightningModule logs the headline as
 ``<stage>/<task.metric_name>`` and the others as ``<stage>/<task.metric_name>_<name>``. Undefined values
 (no labelled example, AUROC without both classes) are NaN rather than a number that looks like a result.
@@ -7,6 +16,7 @@ Each ``compute()`` returns ``{"": headline, "<name>": value}``: the LightningMod
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping
 
 import torch
@@ -16,6 +26,17 @@ from torchmetrics.classification import BinaryAccuracy, BinaryAUROC
 from torchmetrics.utilities import dim_zero_cat, rank_zero_warn
 
 NAN = float("nan")
+
+
+def group_id(key: str) -> int:
+    """A signed 64-bit integer standing for the string ``key``: equal keys, equal ids, on every process.
+
+    The consistency groups of NLVR's official scripts are strings; a metric state must be a tensor that
+    DDP can gather. A 64-bit BLAKE2b digest keeps the strings' equality (two different keys share an id
+    with probability about n^2 / 2^65 for n groups: ~3e-12 for NLVR2's 7k test sentences), where Python's
+    ``hash`` would differ between processes.
+    """
+    return int.from_bytes(hashlib.blake2b(key.encode("utf-8"), digest_size=8).digest(), "little", signed=True)
 
 
 class BinaryAUROCOrNaN(BinaryAUROC):

@@ -6,10 +6,18 @@ directly under ``root`` also works), JSON lines with ``sentence``, ``label`` ``t
 ``<split>/images/<directory>/<split>-<identifier>-<n>.png``, n = 0..5, and each is one example with the
 line's label.
 
-Metrics as the official ``metrics_images.py`` defines them: accuracy over images (headline ``acc``) and
-consistency (``acc_consistency``): the share of sentences (the identifier's first part, shared by up to
-four presentations) all of whose images are predicted correctly. Prediction file: the official CSV
-``predictions.csv``, no header, one ``<split>-<identifier>-<n>.png,true|false`` line per image.
+Metrics as the official evaluator computes them (lil-lab/nlvr, ``nlvr/metrics_images.py``), and the
+rules it applies: it reads the CSV ``<image file name>,<prediction>`` and keys each row by the file name
+without ``.png`` and without its first ``-`` field (the split), i.e. ``<sentence>-<position>-<n>``; every
+line of the labels file needs all six of its rows (the script stops, scoring nothing, unless it has exactly
+6 x lines distinct keys); a row is correct when the prediction equals the line's ``label`` ignoring case.
+Accuracy (it prints "precision"; headline ``acc``) = correct rows / (6 x lines). Consistency
+(``acc_consistency``) = the share of sentences, the identifier's first ``-`` field compared as a string
+(shared by up to four presentations), all of whose rows are correct. Here the question id is the image
+name without ``.png``, one example per row, and the sentence is its field before the last two
+(``<split>-<sentence>-<position>-<n>``).
+Prediction file: the official CSV ``predictions.csv``, no header, one ``<split>-<identifier>-<n>.png,true|false``
+line per image, in split order.
 
 ``val_from_train`` > 0 carves the validation split out of train by whole image directories, as the NLVR
 authors advise: a directory holds every presentation and permutation of its sentences, so none of them
@@ -29,7 +37,7 @@ import torch
 from torchmetrics import Metric
 
 from fusion.tasks.base import Example, FileTask, write_atomic
-from fusion.tasks.binary_metrics import AccuracyConsistency
+from fusion.tasks.binary_metrics import AccuracyConsistency, group_id
 from fusion.tasks.formats import line_of, read_json_lines
 
 ANSWERS: tuple[str, ...] = ("false", "true")
@@ -52,9 +60,13 @@ class Statement:
         return f"{self.split}-{self.identifier}-{n}"
 
 
-def sentence_of(question_id: str) -> int:
-    """The sentence number of an example's question id ``<split>-<sentence>-<position>-<n>``."""
-    return int(question_id.rsplit("-", 3)[1])
+def sentence_of(question_id: str) -> str:
+    """The consistency group of an example's question id ``<split>-<sentence>-<position>-<n>``: the
+    sentence field as the official script compares it, a string (``"07"`` and ``"7"`` are two sentences)."""
+    parts = question_id.rsplit("-", 3)
+    if len(parts) != 4 or not IDENTIFIER.fullmatch(f"{parts[1]}-{parts[2]}") or not parts[3].isdigit():
+        raise ValueError(f"question id {question_id!r} is not of the form <split>-<sentence>-<position>-<n>")
+    return parts[1]
 
 
 class NLVRTask(FileTask):
@@ -179,8 +191,8 @@ class NLVRTask(FileTask):
         return AccuracyConsistency()
 
     def update_metric(self, metric: Metric, logits: torch.Tensor, batch: Mapping[str, Any]) -> None:
-        # The question id is the image name, which carries the sentence number; no lookup table needed.
-        sentences = torch.tensor([sentence_of(q) for q in batch["question_ids"]], device=logits.device)
+        # The question id is the image name, which carries the sentence; no lookup table needed.
+        sentences = torch.tensor([group_id(sentence_of(q)) for q in batch["question_ids"]], device=logits.device)
         metric.update(logits.argmax(-1), batch["labels"], sentences)
 
     def prediction_rows(self, logits: torch.Tensor, batch: Mapping[str, Any]) -> list[dict[str, Any]]:

@@ -8,10 +8,17 @@ copy of the hidden test split). The two images of a line are ``<identifier witho
 images sit in numbered subfolders, dev and test ones do not). Both images go through every encoder; the
 model tells them apart by an image-index embedding (``FusionModel(num_images=2)``).
 
-Metrics as the official ``nlvr2/eval/metrics.py`` defines them: accuracy (headline ``acc``) and
-consistency (``acc_consistency``): the share of unique sentences (the identifier with its third field,
-the image pair, blanked) all of whose examples are predicted correctly. Prediction file: the official
-``predictions.csv``, no header, one ``<identifier>,True|False`` line per example.
+Metrics as the official evaluator computes them (lil-lab/nlvr, ``nlvr2/eval/metrics.py``), and the
+rules it applies: it reads the CSV ``<identifier>,<prediction>`` keyed by the identifier as written; it
+stops, scoring nothing, when it has fewer distinct identifiers than the labels file has lines (extra
+rows are ignored; a missing one for a labelled line is an error); a line is correct when the prediction
+equals its ``label`` ignoring case. Accuracy (it prints "precision"; headline ``acc``) = correct lines /
+all lines of the labels file. Consistency (``acc_consistency``) = the share of unique sentences all of whose
+lines are correct, a sentence being the identifier split at ``-`` with its third field (the pair) emptied
+and joined again, compared as a string: ``dev-850-0-0`` and ``dev-850-1-0`` are the sentence
+``dev-850--0``; the split and set fields take part, so ``"07"`` and ``"7"`` differ. Only labelled lines
+are scored. Prediction file: the official ``predictions.csv``, no header, one ``<identifier>,True|False``
+line per example, in split order.
 """
 
 from __future__ import annotations
@@ -26,25 +33,20 @@ import torch
 from torchmetrics import Metric
 
 from fusion.tasks.base import Example, FileTask, write_atomic
-from fusion.tasks.binary_metrics import AccuracyConsistency
+from fusion.tasks.binary_metrics import AccuracyConsistency, group_id
 from fusion.tasks.formats import all_or_none, line_of, read_json_lines
 
 ANSWERS: tuple[str, ...] = ("False", "True")
 IDENTIFIER = re.compile(r"([\w]+)-(\d+)-(\d+)-(\d+)")
-# Sentence numbers within a set are small; packing (set, sentence) into one integer keeps the metric state
-# a plain tensor that DDP can gather.
-_SENTENCE_BITS = 20
 
 
-def sentence_group(identifier: str) -> int:
-    """The official consistency group of an identifier (its pair field blanked) as an integer id."""
-    match = IDENTIFIER.fullmatch(identifier)
-    if match is None:
+def sentence_group(identifier: str) -> str:
+    """The official consistency group of an identifier: its third field (the image pair) emptied."""
+    if IDENTIFIER.fullmatch(identifier) is None:
         raise ValueError(f"identifier {identifier!r} is not of the form <split>-<set>-<pair>-<sentence>")
-    set_id, sentence = int(match.group(2)), int(match.group(4))
-    if sentence >= 1 << _SENTENCE_BITS:
-        raise ValueError(f"identifier {identifier!r}: sentence number {sentence} is out of range")
-    return (set_id << _SENTENCE_BITS) | sentence
+    fields = identifier.split("-")
+    fields[2] = ""
+    return "-".join(fields)
 
 
 def image_names(identifier: str) -> tuple[str, str]:
@@ -163,7 +165,7 @@ class NLVR2Task(FileTask):
         return AccuracyConsistency()
 
     def update_metric(self, metric: Metric, logits: torch.Tensor, batch: Mapping[str, Any]) -> None:
-        groups = torch.tensor([sentence_group(q) for q in batch["question_ids"]], device=logits.device)
+        groups = torch.tensor([group_id(sentence_group(q)) for q in batch["question_ids"]], device=logits.device)
         labelled = batch["labels"] >= 0
         metric.update(logits.argmax(-1)[labelled], batch["labels"][labelled], groups[labelled])
 
