@@ -24,7 +24,8 @@ from PIL import Image
 from fusion.encoders import TimmEncoder
 from fusion.images import load_image
 
-CONF = Path(__file__).resolve().parents[1] / "conf" / "encoder"
+ROOT = Path(__file__).resolve().parents[1]
+CONF = ROOT / "conf" / "encoder"
 
 
 def tiny_encoder(name: str = "clip_tiny", **overrides) -> TimmEncoder:
@@ -67,6 +68,13 @@ def run_worker(root: Path, images_json: Path, *args: str, wait: bool = True) -> 
     if wait:
         proc.wait(timeout=120)
     return proc
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    """``python -m fusion.cache <args>`` in a new process, from the repository, as a user runs it."""
+    return subprocess.run(
+        [sys.executable, "-m", "fusion.cache", *args], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
 
 
 def _main() -> None:

@@ -66,7 +66,9 @@ def test_fp16_cache_is_the_online_features_rounded(enc, images, tmp_path):
 
 def test_layout_on_disk_and_reads_are_memory_mapped(enc, images, tmp_path):
     cache = ensure_cache(enc, images, tmp_path / "cache", **FAST)
-    assert sorted(p.name for p in cache.path.iterdir()) == ["COMPLETE", "features.npy", "index.json", "meta.json"]
+    assert sorted(p.name for p in cache.path.iterdir()) == [
+        "COMPLETE", "checksums.npy", "features.npy", "index.json", "meta.json"
+    ]
     assert cache.path.name.startswith("clip_tiny-")
     meta = json.loads((cache.path / "meta.json").read_text())
     assert meta["fingerprint"]["sha256"] == enc.fingerprint()["sha256"] and meta["fingerprint"]["dtype"] == "float16"
@@ -236,6 +238,9 @@ def test_sharded_build_and_merge_equal_unsharded(enc, images, tmp_path):
     merged = merge_shards(root, cache_fingerprint(enc, "float32"), 3)
     assert merged.path.name == whole.path.name and merged.keys == whole.keys
     assert (merged.path / "features.npy").read_bytes() == (whole.path / "features.npy").read_bytes()
+    # The merge recomputed the checksums as it copied the rows: the same as the unsharded build's.
+    assert (merged.path / "checksums.npy").read_bytes() == (whole.path / "checksums.npy").read_bytes()
+    assert merged.meta["integrity"] == whole.meta["integrity"] and merged.verify() == len(images)
     assert not any(p.exists() for p in (x.path for x in parts))  # shards removed after the merge
 
 

@@ -1,4 +1,4 @@
-"""Feature cache faults: unwritable folder, full disk, damaged files, killed and concurrent builds."""
+"""Feature cache faults: empty builds, unwritable folder, full disk, damaged files, killed and concurrent builds."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import time
 
 import pytest
 import torch
-from cache_helpers import make_images, online, run_worker, tiny_encoder, write_images_json
+from cache_helpers import make_images, online, run_cli, run_worker, tiny_encoder, write_images_json
 
 from fusion.cache import (
     CacheCorruptError,
@@ -23,6 +23,7 @@ from fusion.cache import (
     cache_path,
     ensure_cache,
 )
+from fusion.cache.__main__ import main as cli
 from fusion.cache.writer import PartialCache
 
 FAST = dict(batch_size=2, num_workers=0, progress=False, sync_every=0.0)
@@ -66,6 +67,40 @@ def readonly_dir(tmp_path):
 def _only_published(root):
     """Names in the cache root apart from lock files: builds in progress or trash would show here."""
     return sorted(p.name for p in root.iterdir() if not p.name.endswith(".lock"))
+
+
+def test_cli_build_from_a_missing_or_empty_image_folder_stops_naming_it(tmp_path):
+    root, empty = tmp_path / "cache", tmp_path / "empty"
+    (empty / "sub").mkdir(parents=True)
+    (empty / "notes.txt").write_text("no images here")
+    (empty / "sub" / "scan.tiff").write_bytes(b"")  # not a suffix the builder reads
+    cases = {
+        tmp_path / "nope": f"error: image folder --image-dir {tmp_path / 'nope'} does not exist; nothing to build",
+        empty: f"error: no images under --image-dir {empty} (images are files ending in .bmp, .gif, .jpeg, .jpg, "
+        ".png, .webp, any case); nothing to build",
+    }
+    for folder, message in cases.items():
+        proc = run_cli("build", "--encoder", "clip_tiny", "--image-dir", str(folder), "--root", str(root))
+        assert proc.returncode == 1 and proc.stdout == "" and message in proc.stderr, proc.stderr
+        assert not root.exists()  # nothing published, nothing created
+    listing = tmp_path / "images.json"
+    listing.write_text("{}")
+    with pytest.raises(SystemExit, match=rf"error: the image list --images {listing} lists no images"):
+        cli(["build", "--encoder", "clip_tiny", "--images", str(listing), "--root", str(root)])
+    assert not root.exists()
+
+
+def test_build_of_no_images_raises_and_writes_nothing(enc, images, tmp_path):
+    """E.g. a task whose splits hold no examples; an empty shard of a non-empty image set is still built."""
+    root = tmp_path / "cache"
+    with pytest.raises(ValueError, match=rf"no images to cache for encoder 'clip_tiny' under {root}: the image set is "
+                       r"empty .*nothing was built"):
+        ensure_cache(enc, {}, root, **FAST)
+    assert not root.exists()
+    one = dict(list(images.items())[:1])
+    shards = [build_cache(enc, one, root, shard=i, num_shards=2, **FAST) for i in range(2)]
+    assert [len(s) for s in shards] == [0, 1]
+    assert len(ensure_cache(enc, one, root, **FAST)) == 1  # the shards merge
 
 
 def test_unwritable_cache_folder_is_named(enc, images, readonly_dir):
@@ -180,6 +215,7 @@ def test_killed_build_leaves_nothing_complete_and_resumes(enc, images, tmp_path)
     assert rows == [6, 7]  # resumed after the 4 rows the killed build had recorded
     keys = sorted(images)
     assert torch.equal(cache.get(keys), online(enc, images, keys))
+    assert cache.verify() == len(keys)  # the resumed build recomputed the checksums of the rows already written
     assert _only_published(root) == [final.name]
 
 

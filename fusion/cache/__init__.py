@@ -2,7 +2,8 @@
 
 - :func:`ensure_cache` (build on first use) / :func:`build_cache` (one cache or one shard of it) /
   :func:`merge_shards` write caches; :class:`FeatureCache` reads one: ``cache.get(image_keys)`` ->
-  ``(B, T, D)`` tensor.
+  ``(B, T, D)`` tensor; ``cache.verify()`` (``python -m fusion.cache verify <folder>``) checks every row
+  against the checksums the build recorded.
 - On-disk layout: :mod:`fusion.cache.store`; naming: :mod:`fusion.cache.layout`; what identifies a
   cache: :mod:`fusion.cache.fingerprint`; command line: ``python -m fusion.cache --help``.
 """
@@ -13,6 +14,7 @@ from fusion.cache.errors import (
     CacheError,
     CacheKeyError,
     CacheNotFoundError,
+    CacheUnverifiableError,
     CacheWriteError,
     FingerprintMismatchError,
 )
@@ -26,6 +28,7 @@ __all__ = [
     "CacheError",
     "CacheKeyError",
     "CacheNotFoundError",
+    "CacheUnverifiableError",
     "CacheWriteError",
     "FeatureCache",
     "FingerprintMismatchError",

@@ -1,13 +1,18 @@
-"""Command line for the feature cache: build (a shard of) a cache, merge shards, describe a cache.
+"""Command line for the feature cache: build (a shard of) a cache, merge shards, describe or verify a cache.
 
     python -m fusion.cache build --encoder clip_tiny --image-dir data/imgs --key-prefix coco/ --root cache
     python -m fusion.cache build --encoder clip --set weights=/models/clip.safetensors \\
         --images images.json --root cache --shard $SLURM_ARRAY_TASK_ID --num-shards 8
     python -m fusion.cache merge --encoder clip --set weights=/models/clip.safetensors --root cache --num-shards 8
     python -m fusion.cache info cache/clip-0123456789ab
+    python -m fusion.cache verify cache/clip-0123456789ab
 
 ``--encoder`` is a name under ``conf/encoder/`` or a YAML file in that format; ``--set key=value``
-overrides its fields. ``--images`` is a JSON object ``{image_key: path}`` or lines ``key<TAB>path``.
+overrides its fields. ``--images`` is a JSON object ``{image_key: path}`` or lines ``key<TAB>path``;
+``--image-dir`` takes every file below it whose name ends in one of ``IMAGE_SUFFIXES``; an image list or
+folder without images stops the build (exit status 1) naming it. ``verify`` checks every row against the
+checksums written at build time and exits 1 naming the file and the first bad rows (or saying the cache
+has no checksums); a damaged cache is rebuilt with ``build ... --force`` or by deleting its folder.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ from fusion.cache.build import build_cache
 from fusion.cache.errors import CacheError
 from fusion.cache.fingerprint import cache_fingerprint
 from fusion.cache.merge import merge_shards
-from fusion.cache.store import FeatureCache
+from fusion.cache.store import CHECKSUMS, INDEX, FeatureCache
 
 CONF_ENCODER = Path(__file__).resolve().parents[2] / "conf" / "encoder"
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp"}
@@ -45,15 +50,41 @@ def load_encoder(spec: str, overrides: list[str]) -> Any:
 
 
 def load_images(images: str | None, image_dir: str | None, key_prefix: str) -> dict[str, str]:
-    """``{image_key: path}`` from ``--images`` or ``--image-dir`` (key = prefix + relative path sans suffix)."""
+    """``{image_key: path}`` from ``--images`` or ``--image-dir`` (key = prefix + relative path sans suffix).
+
+    A missing list or folder, or one without images, exits naming it: an empty build would publish an
+    empty cache that every later run takes for a complete one.
+    """
     if images:
-        text = Path(images).read_text()
+        try:
+            text = Path(images).read_text()
+        except OSError as e:
+            raise SystemExit(f"error: cannot read the image list --images {images} ({e.strerror or e})") from e
         if text.lstrip().startswith("{"):
-            return {str(k): str(v) for k, v in json.loads(text).items()}
-        return dict(line.split("\t", 1) for line in text.splitlines() if line.strip())
+            listed = {str(k): str(v) for k, v in json.loads(text).items()}
+        else:
+            listed = dict(line.split("\t", 1) for line in text.splitlines() if line.strip())
+        if not listed:
+            raise SystemExit(f"error: the image list --images {images} lists no images; nothing to build")
+        return listed
     folder = Path(image_dir)
-    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not folder.is_dir():
+        what = "is not a folder" if folder.exists() else "does not exist"
+        raise SystemExit(f"error: image folder --image-dir {folder} {what}; nothing to build")
+    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    if not files:
+        raise SystemExit(
+            f"error: no images under --image-dir {folder} (images are files ending in "
+            f"{', '.join(sorted(IMAGE_SUFFIXES))}, any case); nothing to build"
+        )
     return {key_prefix + p.relative_to(folder).with_suffix("").as_posix(): str(p) for p in files}
+
+
+def verify(path: str) -> str:
+    """Check every row of the cache at ``path`` against its checksums; a one-line report (raises on failure)."""
+    cache = FeatureCache(path, check_rows=0)  # every row is checked below, the sample would only repeat it
+    rows = cache.verify(progress=True)
+    return f"ok: feature cache {cache.path}: all {rows} rows match their checksums ({CHECKSUMS}, {INDEX})"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -79,6 +110,8 @@ def main(argv: list[str] | None = None) -> None:
     merge.add_argument("--keep-shards", action="store_true")
     info = sub.add_parser("info")
     info.add_argument("path")
+    check = sub.add_parser("verify", help="check every row of a cache against its build-time checksums")
+    check.add_argument("path")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
@@ -87,12 +120,17 @@ def main(argv: list[str] | None = None) -> None:
             cache = FeatureCache(args.path)
             print(json.dumps({"path": str(cache.path), **cache.meta}, indent=1))
             return
-        encoder = load_encoder(args.encoder, args.set)
+        if args.command == "verify":
+            print(verify(args.path))
+            return
         if args.command == "build":
             if (args.shard is None) != (args.num_shards is None):
                 parser.error("--shard and --num-shards go together")
+            images = load_images(args.images, args.image_dir, args.key_prefix)  # before the (slow) encoder
+        encoder = load_encoder(args.encoder, args.set)
+        if args.command == "build":
             cache = build_cache(
-                encoder, load_images(args.images, args.image_dir, args.key_prefix), args.root,
+                encoder, images, args.root,
                 dtype=args.dtype, shard=args.shard, num_shards=args.num_shards,
                 batch_size=args.batch_size, num_workers=args.workers, force=args.force,
             )

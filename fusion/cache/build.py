@@ -96,58 +96,98 @@ def build_cache(
 
     With ``shard``/``num_shards`` only that shard of the sorted keys is built, into its own folder
     (merge with :func:`~fusion.cache.merge.merge_shards`). A matching complete cache holding every key
-    is reused unless ``force``; one lacking some keys is extended by them (its rows copied, only the new
-    images encoded; unsharded builds); an interrupted build of the same cache resumes. ``sync_every`` seconds
-    between progress records; ``on_batch(rows_done)`` is called after each batch (progress hooks, tests).
+    is reused unless ``force``; one lacking some keys is extended by them (its rows copied and checked
+    against its checksums, only the new images encoded; unsharded builds; a damaged row found while
+    copying makes it a fresh build of ``images``); an interrupted build of the same cache resumes.
+    ``sync_every`` seconds between progress records; ``on_batch(rows_done)`` is called after each batch
+    (progress hooks, tests). An empty ``images`` raises :class:`ValueError` and writes nothing (an empty
+    shard of a non-empty image set is built: merging needs every shard).
     """
     fp = cache_fingerprint(encoder, dtype)
     root = Path(root)
     all_keys = sorted(images)
+    if not all_keys:  # checked before anything is created: an empty cache would look complete
+        raise ValueError(
+            f"no images to cache for encoder {fp.get('name')!r} under {root}: the image set is empty (an image "
+            "folder without images, or task splits without examples?); nothing was built"
+        )
     keys = all_keys if num_shards is None else shard_keys(all_keys, shard or 0, num_shards)
     path = cache_path(root, fp, shard, num_shards)
     check_writable(root)
+    opts = dict(shard=shard, num_shards=num_shards, batch_size=batch_size, num_workers=num_workers,
+                 progress=progress, sync_every=sync_every, on_batch=on_batch)
     with FileLock(lock_path(path)):
         previous = None if force else _open_matching(path, fp)
-        if previous is not None:
-            if _missing_keys_error(previous, keys) is None:  # built by another process while we waited
-                return previous
-            if num_shards is None:
-                # Extend it: its rows are kept as they are, and only the images it lacks are encoded.
-                keys = previous.keys + previous.missing(keys)
-                all_keys = keys
-        meta: dict[str, Any] = {
-            "fingerprint": fp,
-            "shape": [len(keys), int(encoder.num_tokens), int(encoder.embed_dim)],
-            "dtype": fp["dtype"],
-            "keys_digest": keys_digest(keys),
-            "shard": None,
-        }
-        if num_shards is not None:  # what merging checks: which shard, and of which whole key set
-            meta["shard"] = {"index": shard or 0, "count": num_shards}
-            meta["shard"].update(num_keys=len(all_keys), keys_digest=keys_digest(all_keys))
-        partial = PartialCache(path, meta, keys)
-        with disk_errors(path, partial.nbytes):
-            try:
-                done = partial.open(resume=not force)
-                if done:
-                    log.info("feature cache %s: resuming after %d of %d images", path, done, len(keys))
-                elif previous is not None and num_shards is None:
-                    done = _copy_rows(previous, partial)
-                    log.info("feature cache %s: extending %d cached images by %d", path, done, len(keys) - done)
-                _encode_into(partial, encoder, [(k, images[k]) for k in keys[done:]], done, batch_size,
-                             num_workers, progress, sync_every, on_batch)
-                partial.finish()
-            except OSError as e:
-                # A full disk or lost permission: a resume would hit it again, so free the space now. Other
-                # errors (an unreadable image...) keep the partial build for a resume once fixed.
-                if is_disk_error(e):
-                    partial.discard()
+        if previous is not None and _missing_keys_error(previous, keys) is None:
+            return previous  # built by another process while we waited
+        try:
+            _build_locked(encoder, images, path, fp, keys, all_keys, previous, resume=not force, **opts)
+        except CacheCorruptError as e:
+            if previous is None or num_shards is not None:
                 raise
-            finally:
-                partial.close()
-            if not partial.publish():
-                log.info("feature cache %s: another process published it first; using theirs", path)
+            log.warning("feature cache %s: %s; encoding every image instead of extending it", path, e)
+            _build_locked(encoder, images, path, fp, keys, all_keys, None, resume=False, **opts)
     return FeatureCache(path, fp)
+
+
+def _build_locked(
+    encoder: Any,
+    images: ImagePaths,
+    path: Path,
+    fp: dict[str, Any],
+    keys: list[str],
+    all_keys: list[str],
+    previous: FeatureCache | None,
+    *,
+    resume: bool,
+    shard: int | None,
+    num_shards: int | None,
+    batch_size: int,
+    num_workers: int,
+    progress: bool,
+    sync_every: float,
+    on_batch: Callable[[int], None] | None,
+) -> None:
+    """The body of :func:`build_cache`, under its lock: write and publish the cache of ``keys`` at ``path``.
+
+    ``previous`` is the matching cache there that lacks some of ``keys``: an unsharded build extends it.
+    """
+    if previous is not None and num_shards is None:
+        # Extend it: its rows are kept as they are, and only the images it lacks are encoded.
+        keys = previous.keys + previous.missing(keys)
+        all_keys = keys
+    meta: dict[str, Any] = {
+        "fingerprint": fp,
+        "shape": [len(keys), int(encoder.num_tokens), int(encoder.embed_dim)],
+        "dtype": fp["dtype"],
+        "keys_digest": keys_digest(keys),
+        "shard": None,
+    }
+    if num_shards is not None:  # what merging checks: which shard, and of which whole key set
+        meta["shard"] = {"index": shard or 0, "count": num_shards}
+        meta["shard"].update(num_keys=len(all_keys), keys_digest=keys_digest(all_keys))
+    partial = PartialCache(path, meta, keys)
+    with disk_errors(path, partial.nbytes):
+        try:
+            done = partial.open(resume=resume)
+            if done:
+                log.info("feature cache %s: resuming after %d of %d images", path, done, len(keys))
+            elif previous is not None and num_shards is None:
+                done = _copy_rows(previous, partial)
+                log.info("feature cache %s: extending %d cached images by %d", path, done, len(keys) - done)
+            _encode_into(partial, encoder, [(k, images[k]) for k in keys[done:]], done, batch_size,
+                         num_workers, progress, sync_every, on_batch)
+            partial.finish()
+        except OSError as e:
+            # A full disk or lost permission: a resume would hit it again, so free the space now. Other
+            # errors (an unreadable image...) keep the partial build for a resume once fixed.
+            if is_disk_error(e):
+                partial.discard()
+            raise
+        finally:
+            partial.close()
+        if not partial.publish():
+            log.info("feature cache %s: another process published it first; using theirs", path)
 
 
 def ensure_cache(
@@ -208,12 +248,18 @@ def _open_matching(path: Path, fp: dict[str, Any]) -> FeatureCache | None:
 
 
 def _copy_rows(previous: FeatureCache, partial: PartialCache, chunk: int = 1024) -> int:
-    """Copy every row of ``previous`` into the first rows of ``partial`` (same keys, same order)."""
+    """Copy every row of ``previous`` into the first rows of ``partial`` (same keys, same order).
+
+    Each row is checked against ``previous``'s checksum as it is copied (opening checked only a sample):
+    a damaged row raises :class:`CacheCorruptError` rather than moving into the new cache.
+    """
     keys = previous.keys
     if partial.keys[: len(keys)] != keys:
         raise RuntimeError(f"feature cache {partial.final}: extension does not start with the cached keys")
     for start in range(0, len(keys), chunk):
-        partial.write(start, previous.get(keys[start : start + chunk]).numpy())
+        rows = previous.get(keys[start : start + chunk]).numpy()
+        partial.write(start, rows)
+        previous.check_copied(start, partial.checksums[start : start + len(rows), 1])
     partial.checkpoint(len(keys))
     return len(keys)
 

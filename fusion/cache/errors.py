@@ -28,3 +28,7 @@ class CacheKeyError(CacheError, KeyError):
 
 class CacheWriteError(CacheError, OSError):
     """The cache folder cannot be written (permissions, read-only, disk full)."""
+
+
+class CacheUnverifiableError(CacheError):
+    """A cache built before caches recorded checksums: it opens, but its rows cannot be verified."""

@@ -15,7 +15,9 @@ from typing import Any
 import numpy as np
 import torch
 
-# Bumped when the on-disk layout changes: old caches then no longer match and are rebuilt.
+# Bumped when the on-disk layout changes: old caches then no longer match and are rebuilt. Not bumped for
+# checksums.npy: it only adds a file, so caches written before it keep their folder and still open (with a
+# warning that they cannot be verified) instead of being orphaned and encoded again.
 FORMAT_VERSION = 1
 
 _DTYPES = {"float16": "float16", "fp16": "float16", "half": "float16", "float32": "float32", "fp32": "float32"}

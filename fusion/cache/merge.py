@@ -1,7 +1,9 @@
 """Merging the shards of one cache (built in parallel, e.g. by a SLURM array) into the cache itself.
 
 Shards are complete caches of contiguous blocks of the sorted keys (see
-:func:`fusion.cache.build.shard_keys`), so the merged cache equals an unsharded build row for row. A
+:func:`fusion.cache.build.shard_keys`), so the merged cache equals an unsharded build row for row, its
+checksums included: they are recomputed from the rows as they are copied and must equal the shards' own,
+so a damaged shard stops the merge (naming its file and rows) before anything is published. A
 request for fewer images than the shards hold (e.g. one split after extracting all of them) merges them
 all: the merged cache serves the request and any later one within the shards' image set.
 """
@@ -83,7 +85,9 @@ def merge_shards(
                 for shard in shards:
                     arr = shard.array()
                     for lo in range(0, len(shard), _CHUNK_ROWS):
-                        partial.write(row + lo, arr[lo : lo + _CHUNK_ROWS])
+                        chunk = arr[lo : lo + _CHUNK_ROWS]
+                        partial.write(row + lo, chunk)
+                        shard.check_copied(lo, partial.checksums[row + lo : row + lo + len(chunk), 1])
                     row += len(shard)
                 partial.finish()
             except BaseException:

@@ -6,21 +6,36 @@ A cache is one folder ``<root>/<encoder name>-<fingerprint hash>/`` holding
   row ``i`` = the ``(T, D)`` tokens of one image ([CLS]/prefix first, as the encoder returns them);
 - ``index.json``: ``{image_key: row}`` (read and checked once on opening, then held compactly: see
   :class:`FeatureCache`);
+- ``checksums.npy``: ``(N, 2)`` uint64, row ``i`` = the 64-bit BLAKE2b of row ``i``'s image key (column 0)
+  and of that key, a NUL and the row's bytes (column 1), computed from the rows as the build wrote them;
 - ``meta.json``: the full fingerprint (see :mod:`fusion.cache.fingerprint`), ``shape``, ``dtype``, the
-  digest of the sorted key list and, for a shard, which shard it is;
+  digest of the sorted key list, for a shard which shard it is, and ``integrity``: the sha256 of
+  ``checksums.npy`` and of the keys in row order;
 - ``COMPLETE``: the completeness marker, written last before the folder is published.
 
 Folders are only ever published by an atomic rename of a finished temporary folder (see
 :mod:`fusion.cache.writer`), so a folder with this name is complete unless someone damaged it; opening
 still checks the marker, the array's size against its header and the index against the array, so a
 damaged cache fails loudly instead of being read.
+
+Damage that keeps the files consistent (``index.json`` mapping keys to other rows, ``features.npy``
+overwritten in place) is what the checksums catch. Opening checks the whole index (one sha256 over the
+keys in row order: as cheap as parsing ``index.json``) and ``SAMPLE_ROWS`` evenly spaced rows of the
+array (a bounded read, whatever the cache's size: a zeroed or replaced file fails here); batches are then
+read unchecked, as hashing every row read would cost several times the read itself in every DataLoader
+worker. :meth:`FeatureCache.verify` (``python -m fusion.cache verify <folder>``) checks every row, and
+rows copied into a new cache (extending it, merging shards) are checked as they are copied. Caches built
+before checksums existed (no ``integrity`` in ``meta.json``) still open, with a one-time warning that
+they cannot be verified.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import json
+import logging
 import math
 import os
 from collections.abc import Iterable, Sequence
@@ -31,14 +46,31 @@ import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.data import get_worker_info
+from tqdm.auto import tqdm
 
-from fusion.cache.errors import CacheCorruptError, CacheKeyError, CacheNotFoundError, FingerprintMismatchError
+from fusion.cache.errors import (
+    CacheCorruptError,
+    CacheKeyError,
+    CacheNotFoundError,
+    CacheUnverifiableError,
+    FingerprintMismatchError,
+)
 from fusion.cache.fingerprint import describe_diff
 
 DATA = "features.npy"
 INDEX = "index.json"
 META = "meta.json"
+CHECKSUMS = "checksums.npy"
 COMPLETE = "COMPLETE"
+# Rows whose checksums opening a cache checks (evenly spaced, first and last included): a bounded read.
+SAMPLE_ROWS = 64
+CHECKSUM_ALGORITHM = "blake2b-64"
+CHECKSUM_COLUMNS = ["key", "key NUL row bytes"]
+# Rows are verified in reads of about this many bytes (bounded memory whatever the row size).
+_VERIFY_CHUNK_BYTES = 64 * 2**20
+
+log = logging.getLogger(__name__)
+_warned_unverifiable: set[Path] = set()  # caches without checksums already warned about in this process
 
 
 def keys_digest(keys: Iterable[str]) -> str:
@@ -48,6 +80,61 @@ def keys_digest(keys: Iterable[str]) -> str:
         h.update(k.encode())
         h.update(b"\0")
     return h.hexdigest()
+
+
+def key_checksums(keys: Sequence[bytes]) -> np.ndarray:
+    """``(B,)`` uint64: the 64-bit BLAKE2b of each UTF-8 key (column 0 of ``checksums.npy``)."""
+    return np.frombuffer(b"".join(hashlib.blake2b(k, digest_size=8).digest() for k in keys), dtype="<u8").copy()
+
+
+def row_checksums(keys: Sequence[bytes], rows: np.ndarray) -> np.ndarray:
+    """``(B,)`` uint64: the 64-bit BLAKE2b of each key, a NUL and its ``(T, D)`` row's bytes (column 1).
+
+    The key is hashed with the row so that a row read under another key (an index mapping keys to other
+    rows) fails just as changed bytes do; keys never hold a NUL, so the pair is unambiguous.
+    """
+    rows = np.ascontiguousarray(rows)
+    if len(keys) != len(rows):
+        raise ValueError(f"{len(keys)} keys for {len(rows)} rows")
+    digests = []
+    for key, row in zip(keys, rows, strict=True):
+        h = hashlib.blake2b(key, digest_size=8)
+        h.update(b"\0")
+        h.update(row)
+        digests.append(h.digest())
+    return np.frombuffer(b"".join(digests), dtype="<u8").copy()
+
+
+def order_digest(keys: Iterable[bytes]) -> str:
+    """sha256 of the UTF-8 keys in row order: identifies which key each row belongs to."""
+    h = hashlib.sha256()
+    for k in keys:
+        h.update(k)
+        h.update(b"\0")
+    return h.hexdigest()
+
+
+def checksum_file_bytes(table: np.ndarray) -> bytes:
+    """``checksums.npy``'s content for an ``(N, 2)`` uint64 table (its sha256 goes into ``meta.json``)."""
+    buf = io.BytesIO()
+    np.save(buf, np.ascontiguousarray(table, dtype="<u8"), allow_pickle=False)
+    return buf.getvalue()
+
+
+def sample_rows(num_rows: int, count: int = SAMPLE_ROWS) -> np.ndarray:
+    """``count`` evenly spaced rows of ``num_rows`` (all of them if fewer), first and last included."""
+    if num_rows <= 0 or count <= 0:
+        return np.zeros(0, dtype=np.int64)
+    return np.unique(np.linspace(0, num_rows - 1, num=min(num_rows, count)).round().astype(np.int64))
+
+
+def read_into(fd: int, view: memoryview, pos: int, what: str) -> None:
+    """Fill ``view`` from byte ``pos`` of the open file ``what`` names (positioned reads; a short file fails)."""
+    while view:  # a positioned read may return less than asked
+        n = os.preadv(fd, [view], pos)
+        if n == 0:
+            raise CacheCorruptError(f"{what} ended at byte {pos} while reading; it was truncated after it was opened")
+        view, pos = view[n:], pos + n
 
 
 def read_header(path: Path) -> tuple[tuple[int, ...], np.dtype, int]:
@@ -77,9 +164,14 @@ class FeatureCache:
     the whole file there). The file is opened lazily, once per process; pickling drops the descriptor,
     so the object can go to DataLoader workers (fork or spawn) and each worker opens the file itself.
     :meth:`array` still maps the whole file, for bulk copies (merging shards) and inspection.
+
+    Opening also checks the index against the checksums and ``check_rows`` evenly spaced rows of the
+    array (0: none); :meth:`verify` checks every row (see the module docstring for why reads do not).
     """
 
-    def __init__(self, path: str | os.PathLike, fingerprint: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self, path: str | os.PathLike, fingerprint: dict[str, Any] | None = None, *, check_rows: int = SAMPLE_ROWS
+    ) -> None:
         self.path = Path(path)
         self.meta = _read_meta(self.path)
         if fingerprint is not None and self.meta["fingerprint"] != fingerprint:
@@ -97,6 +189,20 @@ class FeatureCache:
         self._pid: int | None = None  # the process that opened ``_fd``
         self._array: np.ndarray | None = None
         self._array_pid: int | None = None
+        if self.verifiable:
+            table, keys = self.checksums(), self._keys_in_rows()
+            self._check_index(keys, table)
+            if check_rows:
+                rows = sample_rows(len(self), check_rows)
+                self._check_rows(rows, row_checksums(keys[rows].tolist(), self._read_rows(rows)), table[rows, 1])
+        elif self.path not in _warned_unverifiable:
+            _warned_unverifiable.add(self.path)
+            log.warning("%s", self._unverifiable())
+
+    @property
+    def verifiable(self) -> bool:
+        """Whether the build recorded checksums (caches built before they existed did not)."""
+        return "integrity" in self.meta
 
     @property
     def fingerprint(self) -> dict[str, Any]:
@@ -105,9 +211,113 @@ class FeatureCache:
     @property
     def keys(self) -> list[str]:
         """Image keys in row order (a new list on each call)."""
+        return [k.decode() for k in self._keys_in_rows().tolist()]
+
+    def _keys_in_rows(self) -> np.ndarray:
+        """The UTF-8 keys in row order, a fixed-width bytes array (``.tolist()`` gives the keys exactly)."""
         in_rows = np.empty_like(self._sorted_keys)
         in_rows[self._sorted_rows] = self._sorted_keys
-        return [k.decode() for k in in_rows.tolist()]
+        return in_rows
+
+    def checksums(self) -> np.ndarray:
+        """The ``(N, 2)`` uint64 checksum table of ``checksums.npy``, after checking it against ``meta.json``.
+
+        Read from the file on each call (16 bytes per image), never held by the reader.
+        """
+        if not self.verifiable:
+            raise CacheUnverifiableError(self._unverifiable())
+        file, integrity = self.path / CHECKSUMS, self.meta["integrity"]
+        if not isinstance(integrity, dict):
+            raise CacheCorruptError(f"feature cache {self.path}: {META} has integrity {integrity!r}, want an object")
+        try:
+            blob = file.read_bytes()
+        except OSError as e:
+            raise CacheCorruptError(
+                f"feature cache {self.path}: unreadable {CHECKSUMS} ({type(e).__name__}: {e}); {META} says the "
+                "build wrote it"
+            ) from e
+        if hashlib.sha256(blob).hexdigest() != integrity.get("checksums_sha256"):
+            raise CacheCorruptError(
+                f"feature cache {self.path}: {CHECKSUMS} does not match its sha256 in {META}: it was changed "
+                "after the build"
+            )
+        table = np.load(io.BytesIO(blob), allow_pickle=False)
+        if table.shape != (len(self), 2) or table.dtype != np.dtype("<u8"):
+            raise CacheCorruptError(
+                f"feature cache {self.path}: {CHECKSUMS} holds {table.shape} {table.dtype}, want ({len(self)}, 2) "
+                "uint64"
+            )
+        return table
+
+    def verify(self, progress: bool = False) -> int:
+        """Check every row of the array against its checksum; returns the number of rows checked.
+
+        Raises :class:`CacheCorruptError` naming the file, the first rows that fail and their images, or
+        :class:`CacheUnverifiableError` for a cache built without checksums. Reads about 64 MiB at a time.
+        """
+        table, keys = self.checksums(), self._keys_in_rows()
+        self._check_index(keys, table)
+        n, bad = len(self), []
+        chunk = max(1, _VERIFY_CHUNK_BYTES // max(self._row_bytes, 1))
+        bar = tqdm(total=n, unit="row", desc=f"verify {self.path.name}", disable=not progress, dynamic_ncols=True)
+        with bar:
+            for lo in range(0, n, chunk):
+                rows = np.arange(lo, min(n, lo + chunk))
+                got = row_checksums(keys[rows].tolist(), self._read_rows(rows))
+                bad.extend((lo + np.flatnonzero(got != table[rows, 1])).tolist())
+                bar.update(len(rows))
+        if bad:
+            raise self._rows_error(np.array(bad), keys, n)
+        return n
+
+    def check_copied(self, start: int, checksums: np.ndarray) -> None:
+        """Compare column 1 ``checksums`` recomputed from rows ``start..`` of this cache as a copy read them.
+
+        Extending a cache and merging shards read every row anyway: this checks them at the cost of the
+        hashing the new cache's own checksums need. Nothing to compare for a cache without checksums.
+        """
+        if not self.verifiable:
+            return
+        rows = np.arange(start, start + len(checksums))
+        stored = np.load(self.path / CHECKSUMS, mmap_mode="r", allow_pickle=False)[rows, 1]
+        self._check_rows(rows, checksums, stored)
+
+    def _check_index(self, keys: np.ndarray, table: np.ndarray) -> None:
+        """``index.json`` gives every row the key the build wrote there (one digest; rows named on failure)."""
+        if order_digest(keys.tolist()) == self.meta["integrity"].get("index_digest"):
+            return
+        moved = np.flatnonzero(key_checksums(keys.tolist()) != table[:, 0])
+        if not len(moved):
+            raise CacheCorruptError(
+                f"feature cache {self.path}: the keys of {INDEX} in row order do not match their digest in {META}"
+            )
+        r = int(moved[0])
+        raise CacheCorruptError(
+            f"feature cache {self.path}: {INDEX} maps image {keys[r].decode()!r} to row {r}, which the build "
+            f"wrote for another image ({CHECKSUMS}); {len(moved)} of {len(self)} rows have another key, first rows: "
+            f"{', '.join(map(str, moved[:5].tolist()))} ({INDEX} was changed after the build)"
+        )
+
+    def _check_rows(self, rows: np.ndarray, got: np.ndarray, stored: np.ndarray) -> None:
+        """Raise naming the first of ``rows`` whose checksum ``got`` is not the ``stored`` one."""
+        bad = rows[np.flatnonzero(got != stored)]
+        if len(bad):
+            raise self._rows_error(bad, self._keys_in_rows(), len(rows))
+
+    def _rows_error(self, bad: np.ndarray, keys: np.ndarray, checked: int) -> CacheCorruptError:
+        r = int(bad[0])
+        return CacheCorruptError(
+            f"feature cache {self.path}: {DATA} row {r} (image {keys[r].decode()!r}) does not match its checksum "
+            f"in {CHECKSUMS}; {len(bad)} of the {checked} rows checked differ, first rows: "
+            f"{', '.join(map(str, bad[:5].tolist()))} (the file was changed after the build)"
+        )
+
+    def _unverifiable(self) -> str:
+        return (
+            f"feature cache {self.path} has no {CHECKSUMS} (it was built before caches recorded checksums): "
+            "its rows cannot be verified; rebuild it to add them (python -m fusion.cache build ... --force, "
+            "or delete the folder and let the next run build it)"
+        )
 
     def __len__(self) -> int:
         return self.shape[0]
@@ -189,23 +399,20 @@ class FeatureCache:
         """
         rows = self.rows(keys)
         tensor = _empty((len(rows), *self.shape[1:]), _TORCH_DTYPES[self.dtype.name])
-        out = tensor.numpy()
+        self._read_rows(rows, tensor.numpy())
+        return tensor if dtype is None else tensor.to(dtype)
+
+    def _read_rows(self, rows: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """Rows ``rows`` of the array into ``out`` (a new ``(B, T, D)`` array if None); runs in one read each."""
+        if out is None:
+            out = np.empty((len(rows), *self.shape[1:]), dtype=self.dtype)
         if len(rows):
             buf, size, fd = memoryview(out.reshape(-1)).cast("B"), self._row_bytes, self._file()
             starts = np.flatnonzero(np.diff(rows) != 1) + 1
             for lo, hi in zip([0, *starts.tolist()], [*starts.tolist(), len(rows)], strict=True):
-                self._read_into(fd, buf[lo * size : hi * size], self._offset + int(rows[lo]) * size)
-        return tensor if dtype is None else tensor.to(dtype)
-
-    def _read_into(self, fd: int, view: memoryview, pos: int) -> None:
-        while view:  # a positioned read may return less than asked
-            n = os.preadv(fd, [view], pos)
-            if n == 0:
-                raise CacheCorruptError(
-                    f"feature cache {self.path}: {DATA} ended at byte {pos} while reading; it was truncated after "
-                    "it was opened"
-                )
-            view, pos = view[n:], pos + n
+                pos = self._offset + int(rows[lo]) * size
+                read_into(fd, buf[lo * size : hi * size], pos, f"feature cache {self.path}: {DATA}")
+        return out
 
     def __getitem__(self, key: str) -> Tensor:
         """``(T, D)`` features of one image."""

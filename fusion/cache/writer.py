@@ -4,6 +4,8 @@ The temporary folder ``<root>/.<name>.partial`` sits beside the final one (same 
 rename is atomic) and never matches a cache name: a build killed half way leaves nothing that looks
 complete. It records how many rows are safely on disk (``progress.json``, written after an fdatasync of
 the array), so a rerun with the same fingerprint and image set resumes there; anything else restarts.
+Each row's checksum (see :mod:`fusion.cache.store`) is computed from the bytes as they are written; a
+resumed build recomputes those of the rows already on disk.
 Callers serialize builds of one cache with a file lock (see :mod:`fusion.cache.build`); the rename
 stays safe without it, as a folder cannot be renamed onto a non-empty one.
 """
@@ -25,7 +27,21 @@ from typing import Any
 import numpy as np
 
 from fusion.cache.errors import CacheWriteError
-from fusion.cache.store import COMPLETE, DATA, INDEX, META, read_header
+from fusion.cache.store import (
+    CHECKSUM_ALGORITHM,
+    CHECKSUM_COLUMNS,
+    CHECKSUMS,
+    COMPLETE,
+    DATA,
+    INDEX,
+    META,
+    checksum_file_bytes,
+    key_checksums,
+    order_digest,
+    read_header,
+    read_into,
+    row_checksums,
+)
 
 PROGRESS = "progress.json"
 _DISK_FULL = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT}
@@ -76,7 +92,8 @@ def disk_errors(folder: Path, nbytes: int) -> Iterator[None]:
 class PartialCache:
     """The temporary folder of one cache being built; ``keys`` are in row order.
 
-    ``meta`` is the final ``meta.json`` content (fingerprint, ``shape`` (N, T, D), ``dtype``, digests).
+    ``meta`` is the final ``meta.json`` content (fingerprint, ``shape`` (N, T, D), ``dtype``, digests);
+    :meth:`finish` adds its ``integrity`` entry. ``checksums`` is the ``(N, 2)`` table filled as rows are written.
     """
 
     def __init__(self, final: Path, meta: dict[str, Any], keys: Sequence[str]) -> None:
@@ -84,12 +101,14 @@ class PartialCache:
         self.tmp = self.final.parent / f".{self.final.name}.partial"
         self.meta = json.loads(json.dumps(meta))
         self.keys = list(keys)
+        self._encoded = [k.encode() for k in self.keys]
         self.shape: tuple[int, int, int] = tuple(self.meta["shape"])
         self.dtype = np.dtype(self.meta["dtype"])
         if len(self.keys) != self.shape[0]:
             raise ValueError(f"{len(self.keys)} keys for {self.shape[0]} rows")
         self.row_bytes = self.shape[1] * self.shape[2] * self.dtype.itemsize
         self.nbytes = self.shape[0] * self.row_bytes
+        self.checksums = np.zeros((self.shape[0], 2), dtype="<u8")
         self._fd: int | None = None
         self._offset = 0
 
@@ -99,6 +118,7 @@ class PartialCache:
         if done is not None:
             self._fd = os.open(self.tmp / DATA, os.O_RDWR)
             self._offset = read_header(self.tmp / DATA)[2]
+            self._rehash(done)
             return done
         shutil.rmtree(self.tmp, ignore_errors=True)
         self.tmp.mkdir()
@@ -116,6 +136,7 @@ class PartialCache:
         while view:  # pwrite may write less than asked
             n = os.pwrite(self._fd, view, pos)
             view, pos = view[n:], pos + n
+        self.checksums[start : start + len(rows), 1] = row_checksums(self._encoded[start : start + len(rows)], rows)
 
     def checkpoint(self, done: int) -> None:
         """Record that rows ``0..done`` are on disk (after syncing them), for a later resume."""
@@ -123,12 +144,25 @@ class PartialCache:
         self._save_progress(done)
 
     def finish(self) -> None:
-        """Write index, metadata and, last, the completeness marker; sync everything."""
+        """Write index, checksums, metadata and, last, the completeness marker; sync everything.
+
+        Every row must have been written (or, resumed, read back) by then: their checksums are in ``checksums``.
+        """
         os.fsync(self._fd)
         os.close(self._fd)
         self._fd = None
+        self.checksums[:, 0] = key_checksums(self._encoded)
+        table = checksum_file_bytes(self.checksums)
+        write_atomic(self.tmp / CHECKSUMS, table)
         _write_json(self.tmp / INDEX, {k: i for i, k in enumerate(self.keys)})
-        _write_json(self.tmp / META, self.meta)
+        integrity = {
+            "checksums": CHECKSUMS,
+            "algorithm": CHECKSUM_ALGORITHM,
+            "columns": CHECKSUM_COLUMNS,
+            "checksums_sha256": hashlib.sha256(table).hexdigest(),
+            "index_digest": order_digest(self._encoded),
+        }
+        _write_json(self.tmp / META, {**self.meta, "integrity": integrity})
         (self.tmp / PROGRESS).unlink(missing_ok=True)
         _write_json(self.tmp / COMPLETE, {"rows": self.shape[0]})
         _fsync_dir(self.tmp)
@@ -185,6 +219,17 @@ class PartialCache:
                 raise
             os.ftruncate(self._fd, total)
 
+    def _rehash(self, done: int, chunk_bytes: int = 64 * 2**20) -> None:
+        """Checksums of rows ``0..done`` of a resumed build, from the bytes on disk (synced before ``done``
+        was recorded), read about ``chunk_bytes`` at a time."""
+        chunk = max(1, chunk_bytes // max(self.row_bytes, 1))
+        for lo in range(0, done, chunk):
+            hi = min(done, lo + chunk)
+            rows = np.empty((hi - lo, *self.shape[1:]), dtype=self.dtype)
+            read_into(self._fd, memoryview(rows.reshape(-1)).cast("B"), self._offset + lo * self.row_bytes,
+                      f"partial feature cache {self.tmp}: {DATA}")
+            self.checksums[lo:hi, 1] = row_checksums(self._encoded[lo:hi], rows)
+
     def _progress_state(self, done: int) -> dict[str, Any]:
         # The row order too: an extended cache keeps its old rows first, so the same image set can come in
         # another order than a fresh (sorted) build of it, and rows must never be resumed into wrong places.
@@ -211,14 +256,18 @@ class PartialCache:
         return done
 
 
-def _write_json(path: Path, obj: Any) -> None:
-    """Write ``obj`` to ``path`` through a temp file + rename, synced: never half a file."""
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temp file + rename, synced: never half a file."""
     tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        json.dump(obj, f)
+    with open(tmp, "wb") as f:
+        f.write(data)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    write_atomic(path, json.dumps(obj).encode())
 
 
 def _fsync_dir(path: Path) -> None:
