@@ -156,14 +156,47 @@ def test_prediction_file_is_the_challenge_csv(tmp_path):
     assert [float(line.split(",")[1]) for line in lines[1:]] == pytest.approx([0.25, 0.75])
 
 
-# ---- train.py / eval.py as a user runs them -----------------------------------------------------
-
-
-
 def _auroc_by_pairs(scores: list[float], labels: list[int]) -> float:
     pos = [s for s, y in zip(scores, labels, strict=True) if y == 1]
     neg = [s for s, y in zip(scores, labels, strict=True) if y == 0]
     return sum((p > n) + 0.5 * (p == n) for p in pos for n in neg) / (len(pos) * len(neg))
+
+
+def challenge_scores(predictions_csv: Path, gold: dict[str, int]) -> tuple[float, float]:
+    """AUROC and accuracy of a submission as the challenge scored it: ``roc_auc_score(gold, proba)``, which
+    is the share of (hateful, not hateful) pairs ranked right with ties counting half, and the share of
+    memes whose ``label`` column equals the gold label; every meme of the split needs one row."""
+    with predictions_csv.open() as f:
+        rows = {r["id"]: r for r in csv.DictReader(f)}
+    assert sorted(rows) == sorted(gold)
+    ids = sorted(gold)
+    auroc = _auroc_by_pairs([float(rows[i]["proba"]) for i in ids], [gold[i] for i in ids])
+    return auroc, sum(int(rows[i]["label"]) == gold[i] for i in ids) / len(ids)
+
+
+def test_the_submission_csv_scores_as_the_metric_reports_with_ties_and_a_half(tmp_path):
+    # Logits (not hateful, hateful): equal rows give equal probabilities (ties), [0, 0] exactly 0.5.
+    logits = torch.tensor([[0.0, 1.4], [0.0, 1.4], [0.0, 0.0], [0.9, 0.0], [0.9, 0.0], [2.2, 0.0]])
+    gold = {"11": 1, "12": 0, "13": 1, "14": 0, "15": 1, "16": 0}
+    ids, labels = list(gold), torch.tensor(list(gold.values()))
+    task = HatefulMemesTask("/nonexistent")
+    metric = task.metric()
+    rows = []
+    for part in (slice(0, 1), slice(1, 6)):  # two batches, splitting the tied pair
+        batch = {"labels": labels[part], "question_ids": ids[part]}
+        task.update_metric(metric, logits[part], batch)
+        rows += task.prediction_rows(logits[part], batch)
+    task.write_predictions(rows, tmp_path / "predictions.csv")
+    reported = {k: v.item() for k, v in metric.compute().items()}
+    # P(hateful): 11, 12 high (tied), 13 = 0.5, 14, 15 low (tied), 16 lowest. Hateful 11, 13, 15 against
+    # 12, 14, 16: 11 -> 0.5 + 1 + 1, 13 -> 0 + 1 + 1, 15 -> 0 + 0.5 + 1: 6 of 9 pairs.
+    # Labels (proba > 0.5): 1, 1, 0 (exactly 0.5 is not hateful), 0, 0, 0: right for 11, 14, 16 = 3 of 6.
+    assert reported == pytest.approx({"": 6 / 9, "acc": 3 / 6})
+    assert challenge_scores(tmp_path / "predictions.csv", gold) == pytest.approx((6 / 9, 3 / 6))
+
+
+# ---- train.py / eval.py as a user runs them -----------------------------------------------------
+
 
 
 def test_train_then_eval_writes_metrics_and_the_challenge_csv(tmp_path):
@@ -184,7 +217,9 @@ def test_train_then_eval_writes_metrics_and_the_challenge_csv(tmp_path):
     probs = [float(r["proba"]) for r in rows]
     assert all(0 <= p <= 1 for p in probs)
     assert [int(r["label"]) for r in rows] == [int(p > 0.5) for p in probs]
-    # The submission file scores exactly as the logged metric.
+    # The submission file scores exactly as the logged metrics, AUROC and accuracy.
     metrics = done.eval_metrics
-    assert metrics["dev_seen/auroc"] == pytest.approx(_auroc_by_pairs(probs, [g["label"] for g in gold]), abs=1e-6)
+    auroc, accuracy = challenge_scores(done.out / "predictions.csv", {str(g["id"]): g["label"] for g in gold})
+    assert metrics["dev_seen/auroc"] == pytest.approx(auroc, abs=1e-6)
+    assert metrics["dev_seen/auroc_acc"] == pytest.approx(accuracy, abs=1e-6)
     assert metrics["dev_seen/majority_auroc"] == 0.5

@@ -127,6 +127,42 @@ def test_metric_reports_accuracy_overall_and_per_label():
     assert rows[1] == {"pairID": "b", "prediction": "neutral"}
 
 
+def official_accuracy(predictions_json: Path, gold_jsonl: Path) -> dict[str, float]:
+    """Accuracy as SNLI-VE is scored: the share of lines whose prediction (matched by pairID) equals
+    gold_label, overall ("") and among the lines of each gold label present; every line needs a prediction."""
+    predictions = {p["pairID"]: p["prediction"] for p in json.loads(predictions_json.read_text())}
+    gold = [json.loads(line) for line in gold_jsonl.read_text().splitlines() if line]
+    assert sorted(predictions) == sorted(g["pairID"] for g in gold)
+    out = {}
+    for label in ("", *LABELS):
+        lines = [g for g in gold if label in ("", g["gold_label"])]
+        if lines:
+            out[label] = sum(predictions[g["pairID"]] == g["gold_label"] for g in lines) / len(lines)
+    return out
+
+
+def test_the_written_predictions_score_as_the_metric_reports(tmp_path):
+    gold = [("p1", "entailment", 0), ("p2", "entailment", 1), ("p3", "neutral", 1), ("p4", "contradiction", 2),
+            ("p5", "contradiction", 0), ("p6", "contradiction", 2), ("p7", "neutral", 2)]
+    gold_file = tmp_path / "snli_ve_dev.jsonl"
+    gold_file.write_text("".join(json.dumps({"pairID": i, "gold_label": g}) + "\n" for i, g, _ in gold))
+    task = SNLIVETask("/nonexistent")
+    metric = task.metric()
+    labels = torch.tensor([LABELS.index(g) for _, g, _ in gold])
+    logits = torch.nn.functional.one_hot(torch.tensor([p for _, _, p in gold]), 3).float()
+    rows = []
+    for part in (slice(0, 3), slice(3, 7)):
+        batch = {"labels": labels[part], "answer_types": labels[part], "question_ids": [i for i, _, _ in gold[part]]}
+        task.update_metric(metric, logits[part], batch)
+        rows += task.prediction_rows(logits[part], batch)
+    task.write_predictions(rows, tmp_path / "predictions.json")
+    reported = {k: v.item() for k, v in metric.compute().items()}
+    # Right: p1, p3, p4, p6 = 4 of 7; entailment 1 of 2, neutral 1 of 2, contradiction 2 of 3.
+    expected = {"": 4 / 7, "entailment": 1 / 2, "neutral": 1 / 2, "contradiction": 2 / 3}
+    assert reported == pytest.approx(expected)
+    assert official_accuracy(tmp_path / "predictions.json", gold_file) == pytest.approx(expected)
+
+
 # ---- train.py / eval.py as a user runs them -----------------------------------------------------
 
 
@@ -143,6 +179,9 @@ def test_train_then_eval_writes_metrics_and_the_prediction_file(tmp_path):
     gold = [json.loads(line) for line in (root / "snli_ve_dev.jsonl").read_text().splitlines()]
     assert [p["pairID"] for p in predictions] == [g["pairID"] for g in gold]
     assert all(set(p) == {"pairID", "prediction"} and p["prediction"] in LABELS for p in predictions)
-    # The prediction file scores exactly as the logged metric.
-    accuracy = sum(p["prediction"] == g["gold_label"] for p, g in zip(predictions, gold, strict=True)) / len(gold)
-    assert done.eval_metrics["dev/acc"] == pytest.approx(accuracy)
+    # The prediction file scores exactly as the logged metrics, overall and per gold label.
+    official = official_accuracy(done.out / "predictions.json", root / "snli_ve_dev.jsonl")
+    reported = {"": done.eval_metrics["dev/acc"]} | {
+        label: done.eval_metrics[f"dev/acc_{label}"] for label in LABELS if f"dev/acc_{label}" in done.eval_metrics
+    }
+    assert reported == pytest.approx(official)

@@ -2,10 +2,16 @@
 
 Files under ``root``: ``<split>.jsonl`` (one JSON object a line with ``id``, ``img`` such as
 ``img/42953.png`` relative to ``root``, ``text`` and ``label`` 0/1; unlabelled test splits have no
-``label`` on any line, labelled ones on every line) and the images. Metrics: AUROC of P(hateful), the
-challenge's metric (headline ``auroc``), and accuracy (``auroc_acc``); both NaN on a split without labels,
-AUROC NaN when one class is absent. Prediction file: the challenge's submission CSV ``predictions.csv``
-with the header ``id,proba,label``.
+``label`` on any line, labelled ones on every line) and the images. Metrics as the challenge scored a
+submission (DrivenData "Hateful Memes"; the submission writer is facebookresearch/mmf
+``mmf/datasets/builders/hateful_memes/dataset.py`` ``generate_prediction``, the metrics ``roc_auc`` and
+``accuracy`` of ``mmf/modules/metrics.py``): AUROC (headline ``auroc``) is scikit-learn's
+``roc_auc_score(gold, proba)`` with ``proba`` = P(hateful) = softmax(logits)[1], tied probabilities
+counting half; accuracy (``auroc_acc``) is the share of memes whose submitted ``label`` equals the gold
+one, the label here being ``proba > 0.5`` (see :mod:`fusion.tasks.binary_metrics`). Every labelled line
+counts once; both are NaN on a split without labels, AUROC NaN when one class is absent. Prediction
+file: the challenge's submission CSV ``predictions.csv`` with the header ``id,proba,label``, one row per
+line of the split, in file order.
 """
 
 from __future__ import annotations

@@ -2,7 +2,12 @@
 
 Files under ``root``: ``snli_ve_<split>.jsonl`` (one JSON object a line with ``pairID``, ``Flickr30K_ID``,
 ``sentence2``: the hypothesis, and ``gold_label``) and the images ``<images_dir>/<Flickr30K_ID>.jpg``.
-Metric: accuracy, and per gold label (``acc_entailment``...). Prediction file ``predictions.json``:
+Metric: accuracy, and per gold label (``acc_entailment``...). SNLI-VE ships no evaluation script
+(necla-ml/SNLI-VE has the generator ``snli_ve_generator.py`` only); its paper and the models reporting on it
+(UNITER, OFA, ...) score plain accuracy: the share of lines of ``snli_ve_<split>.jsonl`` whose predicted
+label equals ``gold_label``, every line counting once (the released files hold only the three labels;
+another ``gold_label`` is refused when the split is read). ``acc_<label>`` is the same share among the
+lines of that gold label. Prediction file ``predictions.json``:
 ``[{"pairID": "...", "prediction": "entailment" | "neutral" | "contradiction"}, ...]`` in split order.
 """
 
