@@ -1,8 +1,10 @@
 """Reading JSON-lines annotation files: records, and errors that name the file, the line and what was expected."""
 
+import re
+
 import pytest
 
-from fusion.tasks.formats import DataFormatError, all_or_none, line_of, read_json_lines
+from fusion.tasks.formats import DataFormatError, all_or_none, line_of, read_json, read_json_lines
 
 
 def test_blank_lines_are_skipped_but_counted(tmp_path):
@@ -71,3 +73,25 @@ def test_line_of_finds_the_line_by_a_key_compared_as_text(tmp_path):
     path.write_text('{"id": 7}\n\n{"id": 42}\n')
     assert line_of(path, "id", "42") == f"{path} line 3"
     assert line_of(path, "id", "9") == f"{path}, id '9'"
+
+
+def test_a_key_twice_in_one_json_object_is_refused_naming_file_key_and_lines(tmp_path):
+    path = tmp_path / "q.json"
+    # json.load alone keeps the second q1 and drops a question without a word.
+    path.write_text('{\n "q1": {"question": "a"},\n "q2": {"question": "b"},\n "q1": {"question": "c"}\n}\n')
+    with pytest.raises(DataFormatError, match=rf"^{re.escape(str(path))} \(the questions\): key 'q1' occurs twice in "
+                       r"one JSON object \(lines 2 and 4\); expected each key once"):
+        read_json(path, "the questions")
+    # A key repeated inside nested objects is found too; its lines are left out where the key occurs elsewhere.
+    path.write_text('[{"id": 1, "answer": "x"}, {"id": 2, "answer": "y", "answer": "z"}]')
+    with pytest.raises(DataFormatError, match=r"key 'answer' occurs twice in one JSON object; expected"):
+        read_json(path, "the answers")
+    # The same key in different objects is fine.
+    path.write_text('[{"id": 1}, {"id": 2}]')
+    assert read_json(path, "the answers") == [{"id": 1}, {"id": 2}]
+
+
+def test_line_of_names_every_line_of_a_repeated_id(tmp_path):
+    path = tmp_path / "x.jsonl"
+    path.write_text('{"id": 7}\n{"id": 8}\n\n{"id": 7}\n')
+    assert line_of(path, "id", "7") == f"{path} lines 1, 4"

@@ -4,6 +4,7 @@ and what was expected; and checking the file-name patterns of a task's config.""
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,10 +16,14 @@ class DataFormatError(ValueError):
 
 
 def read_json(path: Path, what: str) -> Any:
-    """Parse ``path``; a missing file or bad JSON fails naming the file, ``what`` it is and where it broke."""
+    """Parse ``path``; a missing file or bad JSON fails naming the file, ``what`` it is and where it broke.
+
+    A key that occurs twice in one JSON object is an error naming the file and the key: Python's json keeps
+    the last value and silently drops the other (a GQA question, a VQA field).
+    """
     try:
         with open(path, encoding="utf-8") as f:
-            return json.load(f)
+            return json.load(f, object_pairs_hook=_unique_keys)
     except FileNotFoundError as err:
         raise FileNotFoundError(f"{what} not found: {path}") from err
     except json.JSONDecodeError as err:
@@ -26,6 +31,38 @@ def read_json(path: Path, what: str) -> Any:
         raise DataFormatError(f"{path} ({what}) is not valid JSON: {err.msg} at {where}") from err
     except UnicodeDecodeError as err:
         raise DataFormatError(f"{path} ({what}) is not UTF-8 text: {err}") from err
+    except _DuplicateKey as dup:
+        raise DataFormatError(
+            f"{path} ({what}): key {dup.key!r} occurs twice in one JSON object{_lines_of_key(path, dup.key)}; "
+            "expected each key once (a JSON reader keeps only one of the two)"
+        ) from None
+
+
+class _DuplicateKey(Exception):
+    def __init__(self, key: str) -> None:
+        super().__init__(key)
+        self.key = key
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    # Called by the C parser for every object (millions in VQA's annotations): only a length check per object.
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise _DuplicateKey(key)
+            seen.add(key)
+    return out
+
+
+def _lines_of_key(path: Path, key: str) -> str:
+    """`` (lines a and b)`` where ``key`` occurs as a key in ``path``, if exactly twice (then they are the two
+    occurrences for sure); else nothing. Only read when the error is raised."""
+    pattern = re.compile(re.escape(json.dumps(key, ensure_ascii=False)) + r"\s*:")
+    text = Path(path).read_text(encoding="utf-8")
+    found = [text.count("\n", 0, m.start()) + 1 for m in pattern.finditer(text)]
+    return f" (lines {found[0]} and {found[1]})" if len(found) == 2 else ""
 
 
 def field(entry: Any, key: str, kind: type | tuple[type, ...], where: str, expected: str) -> Any:
@@ -150,10 +187,14 @@ def all_or_none(records: Sequence[Record], key: str) -> bool:
 
 
 def line_of(path: Path, key: str, value: str) -> str:
-    """``"<path> line <n>"`` for the first line of the JSON-lines file ``path`` whose ``key`` is ``value``
-    (compared as text); ``"<path>, <key> <value>"`` if none is. For error messages: it reads the file again.
+    """``"<path> line <n>"`` for the line of the JSON-lines file ``path`` whose ``key`` is ``value`` (compared as
+    text), ``"<path> lines <n>, <m>"`` if several are (a repeated id); ``"<path>, <key> <value>"`` if none is.
+    For error messages: it reads the file again.
     """
-    for rec in read_json_lines(path, f"the file with {key} {value!r}"):
-        if str(rec.data.get(key)) == value:
-            return rec.where
-    return f"{path}, {key} {value!r}"
+    lines = [rec.line for rec in read_json_lines(path, f"the file with {key} {value!r}")
+             if str(rec.data.get(key)) == value]
+    if not lines:
+        return f"{path}, {key} {value!r}"
+    if len(lines) == 1:
+        return f"{path} line {lines[0]}"
+    return f"{path} lines {', '.join(map(str, lines))}"
