@@ -20,6 +20,7 @@ from fusion.encoders import VisionEncoder
 from fusion.fuser_weights import FuserWeights, fuser_scalars, save_fuser_weights
 from fusion.heads import ClassifierHead
 from fusion.model import FusionModel, FusionOutput
+from fusion.options import number
 from fusion.stats import AttentionOverEncoders, save_stats, scalar_metrics, stats_rows
 from fusion.tasks.base import VLTask
 from fusion.text import TextEncoder
@@ -27,6 +28,15 @@ from fusion.text import TextEncoder
 log = logging.getLogger(__name__)
 
 ENCODER_PREFIX = "encoders."
+# Lightning's warning at the start of fit about modules in eval mode (fusion.run filters it while fitting):
+# the frozen encoders always are; FusionLitModule.report_eval_modes says so in one line instead.
+EVAL_MODE_WARNING = r"Found \d+ module\(s\) in eval mode at the start of training"
+
+
+def _all_frozen(module: nn.Module) -> bool:
+    """Whether ``module`` has parameters and none of them trains."""
+    params = list(module.parameters())
+    return bool(params) and not any(p.requires_grad for p in params)
 
 
 def annotated_count(batch: Mapping[str, Any]) -> int:
@@ -60,8 +70,18 @@ class FusionLitModule(pl.LightningModule):
         output_dir: str | None = None,
     ) -> None:
         super().__init__()
-        # Plain containers, not OmegaConf ones: checkpoints must load with torch.load(weights_only=True).
-        ve_dropout = dict(ve_dropout) if isinstance(ve_dropout, Mapping) else float(ve_dropout)
+        # Checked here, where they are built, so that a bad value names its key (not torch's AdamW); plain
+        # containers, not OmegaConf ones: checkpoints must load with torch.load(weights_only=True).
+        lr = number("model.lr", lr, low=0.0, low_open=True)
+        weight_decay = number("model.weight_decay", weight_decay, low=0.0)
+        warmup_ratio = number("model.warmup_ratio", warmup_ratio, low=0.0, high=1.0)
+        if isinstance(ve_dropout, Mapping):
+            ve_dropout = {
+                str(k): number(f"model.ve_dropout.{k}", v, low=0.0, high=1.0, high_open=True)
+                for k, v in ve_dropout.items()
+            }
+        else:
+            ve_dropout = number("model.ve_dropout", ve_dropout, low=0.0, high=1.0, high_open=True)
         drop_encoders = [str(n) for n in drop_encoders]
         if not encoders:
             raise ValueError("the encoder list is empty: choose at least one, e.g. encoder=[clip_tiny]")
@@ -262,6 +282,39 @@ class FusionLitModule(pl.LightningModule):
                 for file_name, path in paths.items():
                     if file_name.endswith(".png"):  # one key per figure: their sizes differ
                         logger.log_image(key=f"{prefix}/{Path(file_name).stem}", images=[str(path)])
+
+    # ---- training start ------------------------------------------------------------------------
+    def on_train_start(self) -> None:
+        if self.trainer.is_global_zero:
+            self.report_eval_modes()
+
+    def report_eval_modes(self) -> tuple[list[str], list[str]]:
+        """Log which modules are in eval mode as training starts; returns their names, (frozen on purpose,
+        others). Frozen parts (the encoders, a frozen text model) stay in eval mode by design: one info line
+        says so, and fusion.run hides Lightning's warning about them (:data:`EVAL_MODE_WARNING`); a module
+        that trains but is in eval mode gets a warning naming it."""
+        frozen = {n for n, m in self.named_modules() if n and _all_frozen(m)}
+
+        def frozen_part(name: str) -> str | None:
+            """The outermost frozen module holding ``name`` (or being it)."""
+            parts = name.split(".")
+            return next((p for p in (".".join(parts[:i]) for i in range(1, len(parts) + 1)) if p in frozen), None)
+
+        in_eval = [n for n, m in self.named_modules() if n and not m.training]
+        expected = [n for n in in_eval if frozen_part(n) is not None]
+        others = [n for n in in_eval if frozen_part(n) is None]
+        if expected:
+            parts = sorted({frozen_part(n) for n in expected})
+            log.info(
+                "%d modules of the frozen %s are in eval mode on purpose (they never train): Lightning's "
+                "'module(s) in eval mode' warning about them is expected and not shown", len(expected),
+                ", ".join(parts),
+            )
+        if others:
+            more = f" (+{len(others) - 8} more)" if len(others) > 8 else ""
+            log.warning("%d modules that train are in eval mode as training starts: %s%s", len(others),
+                        ", ".join(others[:8]), more)
+        return expected, others
 
     # ---- optimisation --------------------------------------------------------------------------
     def configure_optimizers(self) -> dict[str, Any]:

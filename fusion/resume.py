@@ -8,8 +8,10 @@ loader was within its epoch nor the random number generators. Here:
   first training loader of a resumed run from it.
 - :class:`RestoreRNG` saves the torch / numpy / Python RNG states in every checkpoint and puts them back
   when the resumed run's training starts (after the sanity check, which draws from them too).
-- :func:`resume_path` finds what to resume from: ``ckpt_path`` if given, else the newest checkpoint already
-  in this run's folder (a requeued SLURM job runs again in the same folder).
+- :func:`resume_path` finds what to resume from: ``ckpt_path`` if given, else the readable checkpoint with the
+  most steps already in this run's folder, of any kind (a requeued SLURM job runs again in the same folder).
+- :func:`load_checkpoint` reads a checkpoint or stops with one error naming the path, what the file is (text,
+  cut short, another torch file) and what was expected.
 - :func:`check_compatible` refuses a checkpoint of another model before Lightning tries to load it, naming
   the parameters that are missing, unexpected or of another shape.
 """
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import random
+import zipfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -112,29 +115,89 @@ class RestoreRNG(pl.Callback):
             self._pending = None
 
 
-def checkpoint_step(path: Path) -> int:
-    """The checkpoint's step; -1, with a warning, for a file that cannot be read (Lightning writes checkpoints
-    atomically, but a file copied in or cut short by a full disk may be anything), so that resuming takes
-    the next newest instead of failing."""
+class CheckpointError(ValueError):
+    """A file given or found as a checkpoint that is not one (text, cut short, another kind of torch file)."""
+
+
+# What every Lightning checkpoint holds (Trainer.save_checkpoint); train.py's also hold the model's hyperparameters.
+CHECKPOINT_KEYS = ("state_dict", "global_step", "pytorch-lightning_version")
+EXPECTED = "expected a Lightning checkpoint written by train.py (<run>/checkpoints/*.ckpt)"
+
+
+def load_checkpoint(path: str | Path, option: str = "ckpt_path") -> dict[str, Any]:
+    """The checkpoint at ``path``, read on the CPU (memory-mapped); else one :class:`CheckpointError` (a
+    FileNotFoundError for a missing path) naming ``option``, the path, what it is and what was expected."""
+    path = Path(str(path)).expanduser()
+    where = f"{option}={str(path)!r}"
+    if not path.exists():
+        raise FileNotFoundError(f"{where} does not exist; {EXPECTED}")
+    if not path.is_file():
+        raise CheckpointError(f"{where} is a folder, not a file; {EXPECTED}")
+    with path.open("rb") as f:
+        head = f.read(512)
+    # torch.save writes a zip archive; a Lightning checkpoint is never anything else.
+    if not zipfile.is_zipfile(path):
+        if not head:
+            what = "is empty"
+        elif head.startswith(b"PK"):
+            what = f"is a zip archive cut short ({path.stat().st_size} bytes, no central directory: truncated, or " \
+                   "still being written)"
+        elif b"\0" not in head and _is_text(head):
+            first = head.decode("utf-8", errors="replace").strip().splitlines()[0][:60]
+            what = f"is a text file (it begins {first!r})"
+        else:
+            what = f"is not a zip archive as torch.save writes ({path.stat().st_size} bytes beginning {head[:8]!r})"
+        raise CheckpointError(f"{where} {what}; {EXPECTED}")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
-    except Exception as err:  # noqa: BLE001 - any unreadable file is skipped the same way
-        log.warning("cannot read checkpoint %s (%s: %s): not resuming from it", path, type(err).__name__, err)
+    except Exception as err:  # noqa: BLE001 - whatever torch says, the user needs the path first
+        raise CheckpointError(
+            f"{where} cannot be read by torch.load (damaged?): {type(err).__name__}: {err}; {EXPECTED}"
+        ) from err
+    if not isinstance(ckpt, dict):
+        raise CheckpointError(f"{where} is a torch file holding a {type(ckpt).__name__}, not a checkpoint; {EXPECTED}")
+    missing = [k for k in CHECKPOINT_KEYS if k not in ckpt]
+    if missing:
+        keys = ", ".join(map(str, list(ckpt)[:8])) + (", ..." if len(ckpt) > 8 else "")
+        raise CheckpointError(
+            f"{where} is a torch file but not a Lightning checkpoint: it lacks {missing} (its keys: {keys or 'none'}); "
+            f"{EXPECTED}"
+        )
+    return ckpt
+
+
+def _is_text(head: bytes) -> bool:
+    try:
+        head.decode("utf-8")
+    except UnicodeDecodeError as err:  # a multi-byte character cut at the 512th byte is still text
+        return err.start >= len(head) - 3
+    return True
+
+
+def checkpoint_step(path: Path) -> int:
+    """The checkpoint's step; -1, with a warning, for a file that is not a readable checkpoint (Lightning
+    writes checkpoints atomically, but a file copied in or cut short by a full disk may be anything), so
+    that resuming takes the next newest instead of failing."""
+    try:
+        return int(load_checkpoint(path, option="checkpoint")["global_step"])
+    except (CheckpointError, OSError) as err:
+        log.warning("not resuming from %s: %s", path, err)
         return -1
-    return int(ckpt.get("global_step", -1))
 
 
 def run_checkpoints(run_dir: Path) -> list[Path]:
-    """The checkpoints a run folder holds that hold the latest state: last*.ckpt and Lightning's hpc_ckpt_*."""
-    return sorted([*run_dir.glob(HPC_PATTERN), *(run_dir / "checkpoints").glob("last*.ckpt")])
+    """Every checkpoint a run folder holds: ``checkpoints/*.ckpt`` (last.ckpt, last_step.ckpt, the requeue's
+    last_requeue.ckpt, the best epoch_XXX.ckpt) and Lightning's hpc_ckpt_*.ckpt."""
+    return sorted([*run_dir.glob(HPC_PATTERN), *(run_dir / "checkpoints").glob("*.ckpt")])
 
 
 def resume_path(ckpt_path: str | None, run_dir: Path) -> Path | None:
-    """``ckpt_path`` if given; else the run folder's checkpoint with the most steps (a requeued job's own)."""
+    """``ckpt_path`` if given (it must be a readable checkpoint); else the run folder's readable checkpoint
+    with the most steps (a requeued job's own), of any kind: with last.ckpt unreadable, the best
+    epoch_XXX.ckpt still saves the run from starting over."""
     if ckpt_path is not None:
         path = Path(str(ckpt_path)).expanduser()
-        if not path.is_file():
-            raise FileNotFoundError(f"ckpt_path={ckpt_path!r} is not a checkpoint file")
+        load_checkpoint(path)
         return path
     steps = {p: checkpoint_step(p) for p in run_checkpoints(run_dir)}
     found = [p for p, step in steps.items() if step >= 0]
@@ -142,13 +205,15 @@ def resume_path(ckpt_path: str | None, run_dir: Path) -> Path | None:
         return None
     # On a tie the requeue checkpoint wins: it holds the exact mid-epoch loop state, while the last.ckpt
     # Lightning writes as training stops for the requeue (same step, written later) marks the epoch as done.
-    return max(found, key=lambda p: (steps[p], p.name == "last_requeue.ckpt", p.stat().st_mtime))
-
+    # Then last*.ckpt over a best epoch_XXX.ckpt of the same step (the same state; last is what a user expects).
+    return max(
+        found, key=lambda p: (steps[p], p.name == "last_requeue.ckpt", p.name.startswith("last"), p.stat().st_mtime)
+    )
 
 
 def check_compatible(path: Path, model: torch.nn.Module, skip_prefix: str = "encoders.") -> None:
     """Refuse a checkpoint whose parameters do not fit ``model``, naming every key that differs."""
-    saved = torch.load(path, map_location="cpu", weights_only=False, mmap=True).get("state_dict", {})
+    saved = load_checkpoint(path)["state_dict"]
     current = {k: v for k, v in model.state_dict().items() if not k.startswith(skip_prefix)}
     saved = {k: v for k, v in saved.items() if not k.startswith(skip_prefix)}
     missing = sorted(set(current) - set(saved))

@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import secrets
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -21,9 +22,10 @@ from fusion.cache import build_cache, ensure_cache, images_of
 from fusion.data import CacheSettings, FusionDataModule
 from fusion.distributed import is_rank_zero
 from fusion.encoders import VisionEncoder
-from fusion.lit import FusionLitModule
+from fusion.lit import EVAL_MODE_WARNING, FusionLitModule
 from fusion.preempt import Requeued, RequeueOnSignal, slurm_job_id
-from fusion.resume import check_compatible, checkpoint_step, resume_path
+from fusion.record import save_record
+from fusion.resume import check_compatible, checkpoint_step, load_checkpoint, resume_path
 from fusion.tasks.base import VLTask, write_atomic
 
 log = logging.getLogger(__name__)
@@ -143,17 +145,12 @@ def _flat_metrics(results: list[dict[str, Any]]) -> dict[str, float]:
     return {k: float(v) for r in results for k, v in r.items() if "attn/" not in k and "fuser/" not in k}
 
 
-def _save_config(cfg: DictConfig, output_dir: Path) -> None:
-    output_dir.mkdir(parents=True, exist_ok=True)
-    if is_rank_zero():
-        write_atomic(output_dir / "config_resolved.yaml", OmegaConf.to_yaml(cfg, resolve=True))
-
-
 def _setup(cfg: DictConfig) -> tuple[Path, FusionDataModule, FusionLitModule, list[Logger], pl.Trainer]:
-    """Seed, save the resolved config into the run folder, and build data, model, loggers and trainer."""
+    """Seed, save the resolved config into the run folder (refused when the folder records a training run of
+    another config: fusion.record), and build data, model, loggers and trainer."""
     pl.seed_everything(cfg.seed, workers=True)
     output_dir = Path(cfg.paths.output_dir)
-    _save_config(cfg, output_dir)
+    save_record(cfg, output_dir)
     datamodule, model = build(cfg)
     loggers = make_loggers(cfg)
     return output_dir, datamodule, model, loggers, _trainer(cfg, loggers)
@@ -182,7 +179,10 @@ def _train(cfg: DictConfig) -> dict[str, float]:
             if ckpt is not None:
                 check_compatible(ckpt, model)
                 log.info("resuming from %s (step %d)", ckpt, checkpoint_step(ckpt))
-            trainer.fit(model, datamodule=datamodule, ckpt_path=str(ckpt) if ckpt else None)
+            with warnings.catch_warnings():
+                # Expected (frozen encoders): the model says so in its own line (report_eval_modes).
+                warnings.filterwarnings("ignore", message=EVAL_MODE_WARNING)
+                trainer.fit(model, datamodule=datamodule, ckpt_path=str(ckpt) if ckpt else None)
             requeue = next((cb for cb in trainer.callbacks if isinstance(cb, RequeueOnSignal) and cb.stopped), None)
             if requeue is not None:
                 log.warning("stopped for a requeue: the requeued job resumes, evaluates and writes metrics.json")
@@ -212,8 +212,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     if cfg.get("ckpt_path") is None:
         raise ValueError("eval.py needs ckpt_path=<a checkpoint>, e.g. <run>/checkpoints/last.ckpt")
     ckpt = Path(str(cfg.ckpt_path)).expanduser()
-    if not ckpt.is_file():
-        raise FileNotFoundError(f"ckpt_path={cfg.ckpt_path!r} is not a checkpoint file")
+    load_checkpoint(ckpt)  # before the run folder is written to: a file that is no checkpoint is named now
     output_dir, datamodule, model, loggers, trainer = _setup(cfg)
     split = str(cfg.split)
     try:

@@ -63,6 +63,8 @@ class TextEncoder(nn.Module):
             pooler.requires_grad_(False)
         if freeze:
             self.model.requires_grad_(False).eval()
+        else:  # from_pretrained returns it in eval mode, and Lightning keeps modes as found: it trains (dropout on)
+            self.model.train()
 
     def tokenize(self, texts: list[str]) -> dict[str, Tensor]:
         """Texts -> ``input_ids``, ``attention_mask`` (B, L), padded to the longest, cut at ``max_length``."""

@@ -13,7 +13,7 @@ from fusion.collect import collect
 TINY = [
     "+experiment=shapes", "logger=csv", "task.num_train=12", "task.num_val=4", "task.num_test=4",
     "data.num_workers=0", "data.batch_size=8", "trainer.max_epochs=1", "fusion.width=32", "fusion.depth=1",
-    "fusion.num_heads=2", "model.attention_stats=false", "callbacks.rich_progress_bar=null",
+    "fusion.num_heads=2", "model.attention_stats=false", "callbacks.progress=null",
 ]
 
 

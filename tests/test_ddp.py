@@ -61,7 +61,7 @@ def runs(tmp_path_factory) -> dict[str, Path]:
     logs = tmp / "logs"
     train = logs / "ddp_train"
     _run(tmp, "train.py", [*TINY, *DDP, "logger=[csv,wandb]", f"trainer.max_epochs={EPOCHS}",
-                           "callbacks.rich_progress_bar=null", f"hydra.run.dir={train}"], processes=2)
+                           "callbacks.progress=null", f"hydra.run.dir={train}"], processes=2)
     (best,) = (train / "checkpoints").glob("epoch_*.ckpt")
     common = [*TINY, "split=test", f"ckpt_path={best}"]
     _run(tmp, "eval.py", [*common, f"hydra.run.dir={logs / 'eval_one'}"])

@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY = [
     "+experiment=shapes", "encoder=[clip_tiny]", "logger=csv", "task.num_train=12", "task.num_val=4",
     "task.num_test=4", "data.num_workers=0", "data.batch_size=8", "trainer.max_epochs=1", "fusion.depth=1",
-    "fusion.num_heads=2", "model.attention_stats=false", "callbacks.rich_progress_bar=null", "test=false",
+    "fusion.num_heads=2", "model.attention_stats=false", "callbacks.progress=null", "test=false",
 ]
 
 

@@ -1,5 +1,7 @@
 """The LightningModule's own logic: frozen encoders, VE-dropout at inference, checkpoint hygiene."""
 
+import logging
+
 import pytest
 import torch
 from torchmetrics import MeanMetric
@@ -195,3 +197,55 @@ def test_annotated_count_reads_label_indices_and_soft_scores():
     assert annotated_count({"targets": torch.tensor([3, -1, 0])}) == 2
     soft = torch.tensor([[0.0, 1.0], [-1.0, -1.0], [0.3, 0.0]])  # VQA: all -1 for an unannotated question
     assert annotated_count({"targets": soft}) == 2
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "says"),
+    [
+        ("lr", "fast", r"model.lr='fast': expected a number > 0$"),
+        ("lr", 0.0, r"model.lr=0.0: expected a number > 0$"),
+        ("weight_decay", -0.1, r"model.weight_decay=-0.1: expected a number >= 0$"),
+        ("warmup_ratio", 1.5, r"model.warmup_ratio=1.5: expected a number in \[0, 1\]$"),
+        ("ve_dropout", "abc", r"model.ve_dropout='abc': expected a number in \[0, 1\)$"),
+        ("ve_dropout", {"a": 0.2, "b": "abc"}, r"model.ve_dropout.b='abc': expected a number in \[0, 1\)$"),
+    ],
+)
+def test_numeric_options_are_checked_where_the_module_is_built_naming_the_key(parts, option, value, says):
+    with pytest.raises(ValueError, match=says):
+        _module(parts, **{option: value})
+
+
+def test_numeric_options_given_as_strings_become_floats(parts):
+    module = _module(parts, lr="3e-4", ve_dropout={"a": "0.25"})  # YAML reads 3e-4 as a string
+    assert module.hparams.lr == 3e-4 and module.hparams.ve_dropout == {"a": 0.25}
+    assert module.ve_dropout.p.tolist() == [0.25, 0.0]
+
+
+def test_eval_mode_modules_are_frozen_ones_said_once_or_named(parts, caplog):
+    module = _module(parts).train()
+    with caplog.at_level(logging.INFO, logger="fusion.lit"):
+        expected, others = module.report_eval_modes()
+    assert expected and all(n.startswith("encoders.") for n in expected) and others == []
+    assert f"{len(expected)} modules of the frozen encoders are in eval mode on purpose" in caplog.text
+    caplog.clear()
+    module.head.eval()  # a module that trains, left in eval mode by mistake
+    with caplog.at_level(logging.INFO, logger="fusion.lit"):
+        expected_again, others = module.report_eval_modes()
+    assert expected_again == expected and others and all(n.startswith("head") for n in others)
+    assert f"{len(others)} modules that train are in eval mode as training starts: head" in caplog.text
+
+
+def test_a_checkpoint_of_another_task_is_refused_naming_both_tasks(parts, tmp_path):
+    from fusion.tasks.hateful_memes import HatefulMemesTask
+
+    module = _module(parts)
+    ckpt = {"state_dict": module.state_dict()}
+    module.on_save_checkpoint(ckpt)
+    assert ckpt["task_name"] == "shapes"
+    text, _ = parts
+    other = _module((text, HatefulMemesTask(tmp_path)))
+    # 15 shapes answers: 5 colours, 3 shapes, counts 1-3, 4 positions.
+    with pytest.raises(ValueError, match=r"checkpoint was trained on task 'shapes' \(15 answers\), but the config's "
+                       r"task is 'hateful_memes' \(2 answers\); evaluate it with task 'shapes'") as refused:
+        other.on_load_checkpoint({**ckpt, "state_dict": dict(ckpt["state_dict"])})
+    assert "vocab_file" not in str(refused.value)  # pinning a vocabulary would not help

@@ -3,6 +3,7 @@
 import itertools
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -120,6 +121,18 @@ def test_image_crop_makes_every_encoder_see_the_whole_wide_picture(tmp_path):
     assert _compose(tmp_path, ["+experiment=nlvr"]).image_crop == "squash"
 
 
+@pytest.mark.parametrize(
+    ("override", "says"),
+    [("model.lr=fast", r"model.lr='fast': expected a number > 0"),
+     ("model.ve_dropout=abc", r"model.ve_dropout='abc': expected a number in \[0, 1\)")],
+)
+def test_a_bad_numeric_option_is_named_with_its_key(tmp_path, override, says):
+    cfg = _compose(tmp_path, ["+experiment=shapes", override, "task.num_train=4"])
+    # Hydra wraps the constructor's ValueError; the message reaches the user unchanged.
+    with pytest.raises(Exception, match=says):
+        build(cfg)
+
+
 def test_unknown_drop_encoder_is_named(tmp_path):
     cfg = _compose(tmp_path, ["+experiment=shapes", "model.drop_encoders=[dino]", "task.num_train=4"])
     # Hydra wraps the constructor's ValueError; the message reaches the user unchanged.
@@ -164,13 +177,16 @@ def test_a_training_folder_keeps_its_wandb_run_and_an_evaluation_starts_a_new_on
 SMALL = ["task.num_train=24", "task.num_val=8", "task.num_test=8", "data.num_workers=0", "data.batch_size=16"]
 
 
-def _run(script, args, tmp_path, timeout=600):
+def _run(script, args, tmp_path, timeout=600, stdout: Path | None = None):
+    """``python <script> <args>``; with ``stdout`` its standard output goes to that file (as in a batch job's
+    log: not a terminal) and the result's ``stdout`` is None."""
     env = dict(os.environ, FUSION_DATA_DIR=str(tmp_path / "data"), FUSION_CACHE_DIR=str(tmp_path / "cache"))
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / script), *args], cwd=tmp_path, env=env, capture_output=True, text=True,
-        timeout=timeout,
-    )
-    return proc
+    command = [sys.executable, str(ROOT / script), *args]
+    if stdout is None:
+        return subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=timeout)
+    with stdout.open("w") as out:
+        return subprocess.run(command, cwd=tmp_path, env=env, stdout=out, stderr=subprocess.PIPE, text=True,
+                              timeout=timeout)
 
 
 def _wandb_summary(run_dir: Path) -> dict:
@@ -194,12 +210,23 @@ def _wandb_run_record(run_dir: Path) -> dict:
 
 def test_train_then_eval_end_to_end(tmp_path):
     run_dir = tmp_path / "train_run"
+    # stdout to a file, as in a SLURM job's .out: progress comes as log lines (a line every 2 of the 10 steps).
     proc = _run(
         "train.py",
-        ["+experiment=shapes", "logger=wandb", "trainer.max_epochs=2", f"hydra.run.dir={run_dir}", *SMALL],
-        tmp_path,
+        ["+experiment=shapes", "logger=wandb", "trainer.max_epochs=2", f"hydra.run.dir={run_dir}",
+         "callbacks.progress.every_n_steps=2", *SMALL],
+        tmp_path, stdout=tmp_path / "train.out",
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
+    out = (tmp_path / "train.out").read_text()
+    progress = re.findall(r"train step (\d+)/10 \(\d+%\) \| epoch (\d)/2 batch \d/5 \| train/loss [\d.]+ .*"
+                          r"\| [\d.]+ samples/s \| elapsed \d+:\d\d:\d\d \| ETA \d+:\d\d:\d\d", out)
+    assert progress == [("2", "1"), ("4", "1"), ("6", "2"), ("8", "2"), ("10", "2")], out
+    assert re.search(r"epoch 2/2 done at step 10 in \S+ \| .*val/acc [\d.]+", out), out
+    # The frozen encoders' eval mode is explained once by fusion, not warned about by Lightning.
+    assert "modules of the frozen encoders are in eval mode on purpose" in out
+    assert "modules that train are in eval mode" not in out  # the text model trains in train mode
+    assert "in eval mode at the start of training" not in proc.stderr + out
 
     metrics = json.loads((run_dir / "metrics.json").read_text())
     for key in ("val/acc", "test/acc", "val/loss", "val/majority_acc", "val/acc_color"):
@@ -313,6 +340,17 @@ def test_extract_in_shards_then_train_from_the_cache(tmp_path):
 def test_eval_names_a_missing_checkpoint(tmp_path):
     proc = _run("eval.py", ["+experiment=shapes", "ckpt_path=/no/such.ckpt", *SMALL], tmp_path)
     assert proc.returncode != 0 and "/no/such.ckpt" in proc.stderr
+
+
+def test_eval_names_a_ckpt_path_that_is_not_a_checkpoint(tmp_path):
+    notes = tmp_path / "best.ckpt"
+    notes.write_text("epoch 3 had the best val/acc\n")  # not a checkpoint: torch's unpickler said KeyError: 101
+    proc = _run("eval.py", ["+experiment=shapes", f"ckpt_path={notes}", f"hydra.run.dir={tmp_path / 'out'}", *SMALL],
+                tmp_path)
+    assert proc.returncode != 0
+    assert (f"ckpt_path={str(notes)!r} is a text file (it begins 'epoch 3 had the best val/acc'); expected a "
+            "Lightning checkpoint written by train.py") in proc.stderr, proc.stderr[-3000:]
+    assert "KeyError" not in proc.stderr and not (tmp_path / "out" / "metrics.json").exists()
 
 
 @pytest.mark.slow

@@ -40,6 +40,8 @@ from fusion.data import FusionDataModule
 from fusion.dropout import EncoderDropout
 from fusion.lit import FusionLitModule
 from fusion.model import FusionOutput
+from fusion.record import save_record
+from fusion.resume import load_checkpoint
 from fusion.run import build, finish_loggers, make_loggers
 from fusion.tasks.base import VLTask
 
@@ -130,8 +132,7 @@ def open_analysis(cfg: DictConfig, mode: str) -> Iterator[AnalysisContext]:
     if cfg.get("ckpt_path") is None:
         raise ValueError(f"eval.py mode={mode} needs ckpt_path=<a checkpoint>, e.g. <run>/checkpoints/last.ckpt")
     ckpt = Path(str(cfg.ckpt_path)).expanduser()
-    if not ckpt.is_file():
-        raise FileNotFoundError(f"ckpt_path={cfg.ckpt_path!r} is not a checkpoint file")
+    load_checkpoint(ckpt)  # a file that is not a checkpoint is named (path, what it is) before anything runs
     analysis = cfg.get("analysis") or OmegaConf.create({})
     device = resolve_device(cfg)  # before building anything: a wrong device fails at once
     if analysis.get("num_threads"):
@@ -140,8 +141,7 @@ def open_analysis(cfg: DictConfig, mode: str) -> Iterator[AnalysisContext]:
         torch.set_num_threads(int(analysis.num_threads))
     pl.seed_everything(cfg.seed, workers=True)
     output_dir = Path(cfg.paths.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    (output_dir / "config_resolved.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    save_record(cfg, output_dir)  # never over a training run folder's record
     datamodule, model = build(cfg)
     from fusion.retrieval_lit import RetrievalLitModule  # here: only this check needs the retrieval code
 

@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[2]
 TINY = [
     "logger=csv", "task.num_train=12", "task.num_val=4", "task.num_test=4", "data.num_workers=0",
     "data.batch_size=8", "fusion.width=32", "fusion.depth=1", "fusion.num_heads=2", "model.attention_stats=false",
-    "callbacks.rich_progress_bar=null",
+    "callbacks.progress=null",
 ]
 
 
