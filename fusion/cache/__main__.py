@@ -4,6 +4,8 @@
     python -m fusion.cache build --encoder clip --set weights=/models/clip.safetensors \\
         --images images.json --root cache --shard $SLURM_ARRAY_TASK_ID --num-shards 8
     python -m fusion.cache merge --encoder clip --set weights=/models/clip.safetensors --root cache --num-shards 8
+    python -m fusion.cache build --encoder siglip --image-dir data/imgs --root cache --dtype int8 \
+        --tokens-per-encoder 16
     python -m fusion.cache info cache/clip-0123456789ab
     python -m fusion.cache verify cache/clip-0123456789ab
 
@@ -13,6 +15,9 @@ overrides its fields. ``--images`` is a JSON object ``{image_key: path}`` or lin
 folder without images stops the build (exit status 1) naming it. ``verify`` checks every row against the
 checksums written at build time and exits 1 naming the file and the first bad rows (or saying the cache
 has no checksums); a damaged cache is rebuilt with ``build ... --force`` or by deleting its folder.
+``--dtype`` (float16, float32, int8, float8_e4m3fn) and ``--tokens-per-encoder K`` (store the patch grid
+pooled to K tokens) choose the storage, as ``cache.dtype`` / ``cache.tokens_per_encoder`` do for runs;
+``info`` prints the metadata as JSON, with a ``storage`` entry: dtype, pooling, bytes per image, total size.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from fusion.cache.build import build_cache
 from fusion.cache.errors import CacheError
 from fusion.cache.fingerprint import cache_fingerprint
 from fusion.cache.merge import merge_shards
+from fusion.cache.storage import STORAGES
 from fusion.cache.store import CHECKSUMS, INDEX, FeatureCache
 
 CONF_ENCODER = Path(__file__).resolve().parents[2] / "conf" / "encoder"
@@ -95,7 +101,10 @@ def main(argv: list[str] | None = None) -> None:
         p.add_argument("--encoder", required=True, help="conf/encoder name or YAML file")
         p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="encoder config override")
         p.add_argument("--root", required=True, help="cache root folder (paths.cache_dir)")
-        p.add_argument("--dtype", default="float16", choices=["float16", "float32"])
+        p.add_argument("--dtype", default="float16", choices=list(STORAGES),
+                       help="storage: float16 (default), float32, int8 or float8_e4m3fn (quantised, per-row scales)")
+        p.add_argument("--tokens-per-encoder", type=int, default=None, metavar="K",
+                       help="store each image's patch grid pooled to K tokens (a perfect square; [CLS] kept)")
     build, merge = sub.choices["build"], sub.choices["merge"]
     source = build.add_mutually_exclusive_group(required=True)
     source.add_argument("--images", help="JSON {key: path} or key<TAB>path lines")
@@ -118,7 +127,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         if args.command == "info":
             cache = FeatureCache(args.path)
-            print(json.dumps({"path": str(cache.path), **cache.meta}, indent=1))
+            print(json.dumps({"path": str(cache.path), "storage": cache.describe(), **cache.meta}, indent=1))
             return
         if args.command == "verify":
             print(verify(args.path))
@@ -131,15 +140,17 @@ def main(argv: list[str] | None = None) -> None:
         if args.command == "build":
             cache = build_cache(
                 encoder, images, args.root,
-                dtype=args.dtype, shard=args.shard, num_shards=args.num_shards,
+                dtype=args.dtype, tokens_per_encoder=args.tokens_per_encoder, shard=args.shard,
+                num_shards=args.num_shards,
                 batch_size=args.batch_size, num_workers=args.workers, force=args.force,
             )
         else:
-            fp = cache_fingerprint(encoder, args.dtype)
+            fp = cache_fingerprint(encoder, args.dtype, args.tokens_per_encoder)
             cache = merge_shards(args.root, fp, args.num_shards, keep_shards=args.keep_shards)
-    except CacheError as e:
+    except (CacheError, ValueError) as e:
         sys.exit(f"error: {e}")
-    print(f"{cache.path} {tuple(cache.shape)} {cache.dtype.name}")
+    pooled = f" tokens_per_encoder={cache.tokens_per_encoder}" if cache.tokens_per_encoder is not None else ""
+    print(f"{cache.path} {tuple(cache.shape)} {cache.storage.name}{pooled} {cache.bytes_per_image} B/image")
 
 
 if __name__ == "__main__":

@@ -28,11 +28,13 @@ from fusion.cache.errors import (
     CacheNotFoundError,
     FingerprintMismatchError,
 )
-from fusion.cache.fingerprint import cache_fingerprint, normalize_dtype
+from fusion.cache.fingerprint import cache_fingerprint, normalize_dtype, stored_tokens
 from fusion.cache.layout import cache_path, find_shards, lock_path, nearest_mismatch
 from fusion.cache.merge import merge_shards
+from fusion.cache.storage import quantise
 from fusion.cache.store import FeatureCache, keys_digest
 from fusion.cache.writer import PartialCache, check_writable, disk_errors, is_disk_error
+from fusion.fusers.grid import pool_tokens, pooled_grid_side
 from fusion.images import load_image  # the training path's decoder: cached and online pixels match
 
 log = logging.getLogger(__name__)
@@ -83,6 +85,7 @@ def build_cache(
     root: str | os.PathLike,
     *,
     dtype: str = "float16",
+    tokens_per_encoder: int | None = None,
     shard: int | None = None,
     num_shards: int | None = None,
     batch_size: int = 64,
@@ -102,8 +105,12 @@ def build_cache(
     ``sync_every`` seconds between progress records; ``on_batch(rows_done)`` is called after each batch
     (progress hooks, tests). An empty ``images`` raises :class:`ValueError` and writes nothing (an empty
     shard of a non-empty image set is built: merging needs every shard).
+
+    ``dtype``: float16, float32, int8 or float8_e4m3fn (see :mod:`fusion.cache.storage`);
+    ``tokens_per_encoder`` K: store each image's patch grid pooled to K tokens ([CLS]/prefix kept) with the
+    model's own pooling (:func:`fusion.fusers.grid.pool_tokens`, in float32, before the dtype rounding).
     """
-    fp = cache_fingerprint(encoder, dtype)
+    fp = cache_fingerprint(encoder, dtype, tokens_per_encoder)
     root = Path(root)
     all_keys = sorted(images)
     if not all_keys:  # checked before anything is created: an empty cache would look complete
@@ -158,7 +165,7 @@ def _build_locked(
         all_keys = keys
     meta: dict[str, Any] = {
         "fingerprint": fp,
-        "shape": [len(keys), int(encoder.num_tokens), int(encoder.embed_dim)],
+        "shape": [len(keys), stored_tokens(fp), int(encoder.embed_dim)],
         "dtype": fp["dtype"],
         "keys_digest": keys_digest(keys),
         "shard": None,
@@ -196,6 +203,7 @@ def ensure_cache(
     root: str | os.PathLike,
     *,
     dtype: str = "float16",
+    tokens_per_encoder: int | None = None,
     rebuild: bool = True,
     **build_kwargs: Any,
 ) -> FeatureCache:
@@ -207,9 +215,10 @@ def ensure_cache(
     With ``rebuild=True`` a cache lacking some keys is extended by the missing images (the cached ones
     are not encoded again), and a damaged cache, or (in its place) caches only of other configurations
     of this encoder, are rebuilt; with ``rebuild=False`` they raise
-    :class:`~fusion.cache.errors.CacheError` naming what differs. No cache at all is always built.
+    :class:`~fusion.cache.errors.CacheError` naming what differs (another pooling or dtype among them).
+    No cache at all is always built. ``dtype`` / ``tokens_per_encoder``: the storage, see :func:`build_cache`.
     """
-    fp = cache_fingerprint(encoder, normalize_dtype(dtype))
+    fp = cache_fingerprint(encoder, normalize_dtype(dtype), tokens_per_encoder)
     root, keys = Path(root), sorted(images)
     path = cache_path(root, fp)
     try:
@@ -236,7 +245,7 @@ def ensure_cache(
         action = "extending it" if isinstance(problem, CacheKeyError) else "rebuilding"
         log.warning("feature cache %s: %s; %s", path, problem, action)
     # A cache lacking some images is extended by them (build_cache keeps its rows); damaged ones are rebuilt.
-    return build_cache(encoder, images, root, dtype=dtype, **build_kwargs)
+    return build_cache(encoder, images, root, dtype=dtype, tokens_per_encoder=tokens_per_encoder, **build_kwargs)
 
 
 def _open_matching(path: Path, fp: dict[str, Any]) -> FeatureCache | None:
@@ -257,8 +266,8 @@ def _copy_rows(previous: FeatureCache, partial: PartialCache, chunk: int = 1024)
     if partial.keys[: len(keys)] != keys:
         raise RuntimeError(f"feature cache {partial.final}: extension does not start with the cached keys")
     for start in range(0, len(keys), chunk):
-        rows = previous.get(keys[start : start + chunk]).numpy()
-        partial.write(start, rows)
+        rows, scales = previous.read_stored(np.arange(start, min(len(keys), start + chunk)))  # as stored
+        partial.write(start, rows, scales)
         previous.check_copied(start, partial.checksums[start : start + len(rows), 1])
     partial.checkpoint(len(keys))
     return len(keys)
@@ -285,9 +294,12 @@ def _encode_into(
     sync_every: float,
     on_batch: Callable[[int], None] | None,
 ) -> None:
-    """Run ``encoder`` over ``items`` in order and write rows ``start..`` of ``partial``."""
+    """Run ``encoder`` over ``items`` in order and write rows ``start..`` of ``partial`` (pooled and
+    quantised as its fingerprint says)."""
     n_total, _, _ = partial.shape
-    torch_dtype = torch.float16 if partial.dtype == np.float16 else torch.float32
+    storage = partial.storage
+    pooling = partial.meta["fingerprint"].get("pooling")
+    expected = (int(encoder.num_tokens), partial.shape[2])
     loader = DataLoader(
         ImageFiles(items, encoder.preprocess.transform()),
         batch_size=batch_size,
@@ -301,19 +313,25 @@ def _encode_into(
     with bar, torch.inference_mode():
         for pixels in loader:
             feats = encoder(pixels.to(device, non_blocking=True))  # (B, T, D)
-            if tuple(feats.shape[1:]) != partial.shape[1:]:
-                raise RuntimeError(
-                    f"encoder {encoder.name!r} gave {tuple(feats.shape)}, cache rows are {partial.shape[1:]}"
-                )
-            out = feats.to(torch_dtype)
-            if torch_dtype == torch.float16 and not torch.isfinite(out).all() and torch.isfinite(feats).all():
+            if tuple(feats.shape[1:]) != expected:
+                raise RuntimeError(f"encoder {encoder.name!r} gave {tuple(feats.shape)}, expected (B, {expected})")
+            if pooling:
+                # The model's own pooling, in float32: a run on this cache sees what pooling a full float32
+                # cache in the model gives; the dtype rounding comes after, once.
+                side = pooled_grid_side(pooling["tokens_per_encoder"])
+                feats = pool_tokens(feats.float(), int(pooling["prefix_tokens"]), side)
+            # float16, int8 and float8 caches are read back as float16 (scales too are float16).
+            if storage.name != "float32" and not torch.isfinite(feats.half()).all() and torch.isfinite(feats).all():
                 raise OverflowError(
                     f"encoder {encoder.name!r} features exceed the float16 range (max |x| = "
                     f"{feats.abs().max().item():.3g}); build the cache with dtype=float32"
                 )
-            partial.write(row, out.cpu().numpy())
-            row += len(out)
-            bar.update(len(out))
+            if storage.quantised:
+                partial.write(row, *quantise(feats, storage))
+            else:
+                partial.write(row, feats.to(storage.read_dtype).cpu().numpy())
+            row += len(feats)
+            bar.update(len(feats))
             if time.monotonic() - last_sync >= sync_every:
                 partial.checkpoint(row)
                 last_sync = time.monotonic()

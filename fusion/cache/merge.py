@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from filelock import FileLock
 
 from fusion.cache.errors import CacheCorruptError, CacheError, CacheKeyError, CacheNotFoundError
@@ -83,10 +84,10 @@ def merge_shards(
                 partial.open(resume=False)
                 row = 0
                 for shard in shards:
-                    arr = shard.array()
                     for lo in range(0, len(shard), _CHUNK_ROWS):
-                        chunk = arr[lo : lo + _CHUNK_ROWS]
-                        partial.write(row + lo, chunk)
+                        # As stored (quantised rows with their scales): merging never re-rounds.
+                        chunk, scales = shard.read_stored(np.arange(lo, min(len(shard), lo + _CHUNK_ROWS)))
+                        partial.write(row + lo, chunk, scales)
                         shard.check_copied(lo, partial.checksums[row + lo : row + lo + len(chunk), 1])
                     row += len(shard)
                 partial.finish()

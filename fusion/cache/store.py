@@ -2,12 +2,16 @@
 
 A cache is one folder ``<root>/<encoder name>-<fingerprint hash>/`` holding
 
-- ``features.npy``: the features, an ``(N, T, D)`` float16/float32 array in NumPy's ``.npy`` format,
-  row ``i`` = the ``(T, D)`` tokens of one image ([CLS]/prefix first, as the encoder returns them);
+- ``features.npy``: the features, an ``(N, T, D)`` array in NumPy's ``.npy`` format, row ``i`` = the
+  ``(T, D)`` tokens of one image ([CLS]/prefix first, as the encoder returns them; a pooled cache holds
+  the prefix tokens and the patch grid pooled to K: ``T = prefix + K``), float16/float32, or quantised
+  (meta.json's ``dtype`` int8: int8; float8_e4m3fn: its raw bytes as uint8), see :mod:`fusion.cache.storage`;
+- ``scales.npy`` (quantised caches only): ``(N, T)`` float16, the scale of each token row;
 - ``index.json``: ``{image_key: row}`` (read and checked once on opening, then held compactly: see
   :class:`FeatureCache`);
 - ``checksums.npy``: ``(N, 2)`` uint64, row ``i`` = the 64-bit BLAKE2b of row ``i``'s image key (column 0)
-  and of that key, a NUL and the row's bytes (column 1), computed from the rows as the build wrote them;
+  and of that key, a NUL and the row's stored bytes (column 1: ``features.npy``'s row, followed for a
+  quantised cache by its ``scales.npy`` row), computed from the rows as the build wrote them;
 - ``meta.json``: the full fingerprint (see :mod:`fusion.cache.fingerprint`), ``shape``, ``dtype``, the
   digest of the sorted key list, for a shard which shard it is, and ``integrity``: the sha256 of
   ``checksums.npy`` and of the keys in row order;
@@ -56,6 +60,7 @@ from fusion.cache.errors import (
     FingerprintMismatchError,
 )
 from fusion.cache.fingerprint import describe_diff
+from fusion.cache.storage import SCALES, STORAGES, Storage, dequantise, storage_of
 
 DATA = "features.npy"
 INDEX = "index.json"
@@ -87,20 +92,26 @@ def key_checksums(keys: Sequence[bytes]) -> np.ndarray:
     return np.frombuffer(b"".join(hashlib.blake2b(k, digest_size=8).digest() for k in keys), dtype="<u8").copy()
 
 
-def row_checksums(keys: Sequence[bytes], rows: np.ndarray) -> np.ndarray:
-    """``(B,)`` uint64: the 64-bit BLAKE2b of each key, a NUL and its ``(T, D)`` row's bytes (column 1).
+def row_checksums(keys: Sequence[bytes], rows: np.ndarray, scales: np.ndarray | None = None) -> np.ndarray:
+    """``(B,)`` uint64: the 64-bit BLAKE2b of each key, a NUL and its ``(T, D)`` row's bytes (column 1),
+    followed for a quantised cache by the row's ``(T,)`` scales' bytes (the checksum covers what is stored).
 
     The key is hashed with the row so that a row read under another key (an index mapping keys to other
-    rows) fails just as changed bytes do; keys never hold a NUL, so the pair is unambiguous.
+    rows) fails just as changed bytes do; keys never hold a NUL, so the pair is unambiguous. A float16
+    cache's checksums are those caches had before quantised storage existed.
     """
     rows = np.ascontiguousarray(rows)
-    if len(keys) != len(rows):
-        raise ValueError(f"{len(keys)} keys for {len(rows)} rows")
+    if len(keys) != len(rows) or (scales is not None and len(scales) != len(rows)):
+        extra = f" and {len(scales)} scales" if scales is not None else ""
+        raise ValueError(f"{len(keys)} keys for {len(rows)} rows{extra}")
+    scales = None if scales is None else np.ascontiguousarray(scales)
     digests = []
-    for key, row in zip(keys, rows, strict=True):
+    for i, (key, row) in enumerate(zip(keys, rows, strict=True)):
         h = hashlib.blake2b(key, digest_size=8)
         h.update(b"\0")
         h.update(row)
+        if scales is not None:
+            h.update(scales[i])
         digests.append(h.digest())
     return np.frombuffer(b"".join(digests), dtype="<u8").copy()
 
@@ -180,13 +191,17 @@ class FeatureCache:
                 f"{describe_diff(self.meta['fingerprint'], fingerprint)}"
             )
         self.shape: tuple[int, int, int] = tuple(self.meta["shape"])  # (N, T, D)
-        self.dtype = np.dtype(self.meta["dtype"])
+        self.storage: Storage = storage_of(self.meta["dtype"])
+        self.dtype = self.storage.file_dtype  # of features.npy (int8 / uint8 for quantised caches)
         # index.json's {key: row} as sorted keys (S<longest>) + their rows: no Python object per image.
         self._sorted_keys, self._sorted_rows = _compact(self.path, _read_index(self.path, self.shape[0]))
         self._offset = _check_array(self.path, self.shape, self.dtype)
         self._row_bytes = self.shape[1] * self.shape[2] * self.dtype.itemsize
-        self._fd: int | None = None
-        self._pid: int | None = None  # the process that opened ``_fd``
+        self._scales_offset = (
+            _check_array(self.path, self.shape[:2], np.dtype(np.float16), SCALES) if self.storage.quantised else 0
+        )
+        self._fds: dict[str, int] = {}
+        self._pid: int | None = None  # the process that opened ``_fds``
         self._array: np.ndarray | None = None
         self._array_pid: int | None = None
         if self.verifiable:
@@ -194,7 +209,7 @@ class FeatureCache:
             self._check_index(keys, table)
             if check_rows:
                 rows = sample_rows(len(self), check_rows)
-                self._check_rows(rows, row_checksums(keys[rows].tolist(), self._read_rows(rows)), table[rows, 1])
+                self._check_rows(rows, row_checksums(keys[rows].tolist(), *self.read_stored(rows)), table[rows, 1])
         elif self.path not in _warned_unverifiable:
             _warned_unverifiable.add(self.path)
             log.warning("%s", self._unverifiable())
@@ -207,6 +222,33 @@ class FeatureCache:
     @property
     def fingerprint(self) -> dict[str, Any]:
         return self.meta["fingerprint"]
+
+    @property
+    def tokens_per_encoder(self) -> int | None:
+        """The K patch tokens each image's grid was pooled to at build time (None: every token stored)."""
+        pooling = self.fingerprint.get("pooling")
+        return int(pooling["tokens_per_encoder"]) if pooling else None
+
+    @property
+    def bytes_per_image(self) -> int:
+        """Feature bytes one image takes on disk (its rows, and its scales when quantised)."""
+        return self.storage.row_bytes(self.shape[1], self.shape[2])
+
+    def describe(self) -> dict[str, Any]:
+        """The storage: dtype, pooling, tokens x width per image, bytes per image, files' total size."""
+        total = sum(p.stat().st_size for p in self.path.iterdir() if p.is_file())
+        return {
+            "dtype": self.storage.name,
+            "quantised": f"per-row symmetric, float16 scales in {SCALES}" if self.storage.quantised else None,
+            "pooling": self.fingerprint.get("pooling"),
+            "tokens_per_encoder": self.tokens_per_encoder,
+            "tokens": self.shape[1],
+            "embed_dim": self.shape[2],
+            "images": len(self),
+            "bytes_per_image": self.bytes_per_image,
+            "total_bytes": total,
+            "total_mib": round(total / 2**20, 3),
+        }
 
     @property
     def keys(self) -> list[str]:
@@ -263,7 +305,7 @@ class FeatureCache:
         with bar:
             for lo in range(0, n, chunk):
                 rows = np.arange(lo, min(n, lo + chunk))
-                got = row_checksums(keys[rows].tolist(), self._read_rows(rows))
+                got = row_checksums(keys[rows].tolist(), *self.read_stored(rows))
                 bad.extend((lo + np.flatnonzero(got != table[rows, 1])).tolist())
                 bar.update(len(rows))
         if bad:
@@ -326,7 +368,8 @@ class FeatureCache:
         return isinstance(key, str) and bool(self._find([key])[1][0])
 
     def __repr__(self) -> str:
-        return f"FeatureCache({str(self.path)!r}, shape={self.shape}, dtype={self.dtype.name})"
+        pooled = f", tokens_per_encoder={self.tokens_per_encoder}" if self.tokens_per_encoder is not None else ""
+        return f"FeatureCache({str(self.path)!r}, shape={self.shape}, dtype={self.storage.name}{pooled})"
 
     def array(self) -> np.ndarray:
         """The read-only ``(N, T, D)`` memory map of the whole file, mapped on first use in this process.
@@ -339,19 +382,22 @@ class FeatureCache:
             self._array, self._array_pid = mm.view(np.ndarray), os.getpid()
         return self._array
 
-    def _file(self) -> int:
-        """This process's read-only descriptor of the data file, opened on first use."""
-        if self._fd is None or self._pid != os.getpid():
-            # A descriptor inherited through fork is left alone (it is the parent's to close): positioned
-            # reads would be safe on it, but each process opens its own, as it does after spawn.
-            self._fd, self._pid = os.open(self.path / DATA, os.O_RDONLY | os.O_CLOEXEC), os.getpid()
-        return self._fd
+    def _file(self, name: str = DATA) -> int:
+        """This process's read-only descriptor of the cache file ``name``, opened on first use."""
+        if self._pid != os.getpid():
+            # Descriptors inherited through fork are left alone (they are the parent's to close): positioned
+            # reads would be safe on them, but each process opens its own, as it does after spawn.
+            self._fds, self._pid = {}, os.getpid()
+        if name not in self._fds:
+            self._fds[name] = os.open(self.path / name, os.O_RDONLY | os.O_CLOEXEC)
+        return self._fds[name]
 
     def close(self) -> None:
-        """Close this process's descriptor and mapping (reopened by the next read)."""
-        if self._fd is not None and self._pid == os.getpid():
-            os.close(self._fd)
-        self._fd = self._pid = None
+        """Close this process's descriptors and mapping (reopened by the next read)."""
+        if self._pid == os.getpid():
+            for fd in self._fds.values():
+                os.close(fd)
+        self._fds, self._pid = {}, None
         self._array = self._array_pid = None
 
     def __del__(self) -> None:
@@ -391,27 +437,40 @@ class FeatureCache:
         return [k for k, ok in zip(keys, found.tolist(), strict=True) if not ok]
 
     def get(self, keys: Sequence[str], dtype: torch.dtype | None = None) -> Tensor:
-        """Features of ``keys`` as one ``(B, T, D)`` tensor (the cache's dtype unless ``dtype``).
+        """Features of ``keys`` as one ``(B, T, D)`` tensor (the cache's read dtype unless ``dtype``).
 
         The rows are read from the file straight into one fresh array, which the tensor then shares
         (one copy, from the page cache; runs of consecutive rows in one read); a cast to ``dtype`` is
-        better left to the device the model runs on.
+        better left to the device the model runs on. A quantised cache reads only the batch's rows and
+        scales the same way and dequantises them into float16 (or straight into float32 with
+        ``dtype=torch.float32``: exactly ``q * scale``).
         """
         rows = self.rows(keys)
-        tensor = _empty((len(rows), *self.shape[1:]), _TORCH_DTYPES[self.dtype.name])
-        self._read_rows(rows, tensor.numpy())
-        return tensor if dtype is None else tensor.to(dtype)
+        shape = (len(rows), *self.shape[1:])
+        if not self.storage.quantised:
+            tensor = _empty(shape, self.storage.read_dtype)
+            self._read_rows(rows, tensor.numpy())
+            return tensor if dtype is None else tensor.to(dtype)
+        into = dtype if dtype in (torch.float16, torch.float32) else self.storage.read_dtype
+        tensor = dequantise(*self.read_stored(rows), self.storage, _empty(shape, into))
+        return tensor if dtype is None or dtype == into else tensor.to(dtype)
+
+    def read_stored(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """Rows ``rows`` as stored: ``((B, T, D)`` in the file's dtype, ``(B, T)`` float16 scales or None),
+        for copies into another cache and checksums (no dequantisation)."""
+        data = self._read_rows(rows)
+        if not self.storage.quantised:
+            return data, None
+        scales = np.empty((len(rows), self.shape[1]), dtype=np.float16)
+        _read_runs(self._file(SCALES), rows, scales, self._scales_offset, self.shape[1] * 2,
+                   f"feature cache {self.path}: {SCALES}")
+        return data, scales
 
     def _read_rows(self, rows: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         """Rows ``rows`` of the array into ``out`` (a new ``(B, T, D)`` array if None); runs in one read each."""
         if out is None:
             out = np.empty((len(rows), *self.shape[1:]), dtype=self.dtype)
-        if len(rows):
-            buf, size, fd = memoryview(out.reshape(-1)).cast("B"), self._row_bytes, self._file()
-            starts = np.flatnonzero(np.diff(rows) != 1) + 1
-            for lo, hi in zip([0, *starts.tolist()], [*starts.tolist(), len(rows)], strict=True):
-                pos = self._offset + int(rows[lo]) * size
-                read_into(fd, buf[lo * size : hi * size], pos, f"feature cache {self.path}: {DATA}")
+        _read_runs(self._file(), rows, out, self._offset, self._row_bytes, f"feature cache {self.path}: {DATA}")
         return out
 
     def __getitem__(self, key: str) -> Tensor:
@@ -419,10 +478,17 @@ class FeatureCache:
         return self.get([key])[0]
 
     def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_fd": None, "_pid": None, "_array": None, "_array_pid": None}
+        return {**self.__dict__, "_fds": {}, "_pid": None, "_array": None, "_array_pid": None}
 
 
-_TORCH_DTYPES = {"float16": torch.float16, "float32": torch.float32}
+def _read_runs(fd: int, rows: np.ndarray, out: np.ndarray, offset: int, size: int, what: str) -> None:
+    """Rows ``rows`` (of ``size`` bytes each, from byte ``offset`` of ``fd``) into ``out``; runs in one read."""
+    if not len(rows):
+        return
+    buf = memoryview(out.reshape(-1)).cast("B")
+    starts = np.flatnonzero(np.diff(rows) != 1) + 1
+    for lo, hi in zip([0, *starts.tolist()], [*starts.tolist(), len(rows)], strict=True):
+        read_into(fd, buf[lo * size : hi * size], offset + int(rows[lo]) * size, what)
 
 
 def _empty(shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
@@ -445,8 +511,11 @@ def _read_meta(path: Path) -> dict[str, Any]:
         shape, dtype = tuple(int(v) for v in meta["shape"]), meta["dtype"]
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise CacheCorruptError(f"feature cache {path}: unreadable {META} ({type(e).__name__}: {e})") from e
-    if len(shape) != 3 or dtype not in ("float16", "float32"):
-        raise CacheCorruptError(f"feature cache {path}: {META} has shape {shape} / dtype {dtype!r}; want (N, T, D)")
+    if len(shape) != 3 or dtype not in STORAGES:
+        raise CacheCorruptError(
+            f"feature cache {path}: {META} has shape {shape} / dtype {dtype!r}; want (N, T, D) and one of "
+            f"{', '.join(STORAGES)}"
+        )
     return meta
 
 
@@ -483,22 +552,23 @@ def _compact(path: Path, index: dict[str, int]) -> tuple[np.ndarray, np.ndarray]
     return keys[order], rows[order]
 
 
-def _check_array(path: Path, shape: tuple[int, int, int], dtype: np.dtype) -> int:
-    """Header agrees with ``meta.json`` and the file is as long as the header says; returns the data offset."""
-    file = path / DATA
+def _check_array(path: Path, shape: tuple[int, ...], dtype: np.dtype, name: str = DATA) -> int:
+    """Header of ``name`` agrees with ``meta.json`` and the file is as long as the header says; returns the
+    data offset."""
+    file = path / name
     try:
         got_shape, got_dtype, offset = read_header(file)
         size = file.stat().st_size
     except (OSError, ValueError) as e:
-        raise CacheCorruptError(f"feature cache {path}: unreadable {DATA} ({type(e).__name__}: {e})") from e
+        raise CacheCorruptError(f"feature cache {path}: unreadable {name} ({type(e).__name__}: {e})") from e
     if got_shape != shape or got_dtype != dtype:
         raise CacheCorruptError(
-            f"feature cache {path}: {DATA} holds {got_shape} {got_dtype.name}, {META} says {shape} {dtype.name}"
+            f"feature cache {path}: {name} holds {got_shape} {got_dtype.name}, {META} says {shape} {dtype.name}"
         )
     expected = offset + int(np.prod(shape)) * dtype.itemsize
     if size != expected:
         raise CacheCorruptError(
-            f"feature cache {path}: {DATA} is {'truncated' if size < expected else 'too long'}: "
+            f"feature cache {path}: {name} is {'truncated' if size < expected else 'too long'}: "
             f"{size} bytes, expected {expected} for {shape} {dtype.name}"
         )
     return offset

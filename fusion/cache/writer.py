@@ -4,8 +4,9 @@ The temporary folder ``<root>/.<name>.partial`` sits beside the final one (same 
 rename is atomic) and never matches a cache name: a build killed half way leaves nothing that looks
 complete. It records how many rows are safely on disk (``progress.json``, written after an fdatasync of
 the array), so a rerun with the same fingerprint and image set resumes there; anything else restarts.
-Each row's checksum (see :mod:`fusion.cache.store`) is computed from the bytes as they are written; a
-resumed build recomputes those of the rows already on disk.
+Each row's checksum (see :mod:`fusion.cache.store`) is computed from the bytes as they are written (a
+quantised cache's rows and their scales, written to ``scales.npy`` beside them); a resumed build
+recomputes those of the rows already on disk.
 Callers serialize builds of one cache with a file lock (see :mod:`fusion.cache.build`); the rename
 stays safe without it, as a folder cannot be renamed onto a non-empty one.
 """
@@ -27,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from fusion.cache.errors import CacheWriteError
+from fusion.cache.storage import SCALES, storage_of
 from fusion.cache.store import (
     CHECKSUM_ALGORITHM,
     CHECKSUM_COLUMNS,
@@ -103,14 +105,18 @@ class PartialCache:
         self.keys = list(keys)
         self._encoded = [k.encode() for k in self.keys]
         self.shape: tuple[int, int, int] = tuple(self.meta["shape"])
-        self.dtype = np.dtype(self.meta["dtype"])
+        self.storage = storage_of(self.meta["dtype"])
+        self.dtype = self.storage.file_dtype
         if len(self.keys) != self.shape[0]:
             raise ValueError(f"{len(self.keys)} keys for {self.shape[0]} rows")
         self.row_bytes = self.shape[1] * self.shape[2] * self.dtype.itemsize
-        self.nbytes = self.shape[0] * self.row_bytes
+        self.scale_bytes = self.shape[1] * 2 if self.storage.quantised else 0  # one float16 per token row
+        self.nbytes = self.shape[0] * (self.row_bytes + self.scale_bytes)
         self.checksums = np.zeros((self.shape[0], 2), dtype="<u8")
         self._fd: int | None = None
         self._offset = 0
+        self._scales_fd: int | None = None
+        self._scales_offset = 0
 
     def open(self, resume: bool = True) -> int:
         """Create (or, if ``resume`` and it matches, reopen) the temporary folder; returns rows already done."""
@@ -118,6 +124,9 @@ class PartialCache:
         if done is not None:
             self._fd = os.open(self.tmp / DATA, os.O_RDWR)
             self._offset = read_header(self.tmp / DATA)[2]
+            if self.storage.quantised:
+                self._scales_fd = os.open(self.tmp / SCALES, os.O_RDWR)
+                self._scales_offset = read_header(self.tmp / SCALES)[2]
             self._rehash(done)
             return done
         shutil.rmtree(self.tmp, ignore_errors=True)
@@ -126,21 +135,28 @@ class PartialCache:
         self._save_progress(0)
         return 0
 
-    def write(self, start: int, rows: np.ndarray) -> None:
-        """Write ``rows`` (B, T, D) of this cache's dtype at rows ``start..start+B``."""
+    def write(self, start: int, rows: np.ndarray, scales: np.ndarray | None = None) -> None:
+        """Write ``rows`` (B, T, D) as stored (the file's dtype) at rows ``start..start+B``; a quantised
+        cache also takes their ``(B, T)`` float16 ``scales``."""
         rows = np.ascontiguousarray(rows, dtype=self.dtype)
         if rows.shape[1:] != self.shape[1:] or start + len(rows) > self.shape[0]:
             raise ValueError(f"rows {rows.shape} at {start} do not fit the cache shape {self.shape}")
-        view = memoryview(rows.reshape(-1)).cast("B")
-        pos = self._offset + start * self.row_bytes
-        while view:  # pwrite may write less than asked
-            n = os.pwrite(self._fd, view, pos)
-            view, pos = view[n:], pos + n
-        self.checksums[start : start + len(rows), 1] = row_checksums(self._encoded[start : start + len(rows)], rows)
+        if (scales is not None) != self.storage.quantised:
+            raise ValueError(f"a {self.storage.name} cache takes {'' if self.storage.quantised else 'no '}scales")
+        _pwrite_all(self._fd, rows, self._offset + start * self.row_bytes)
+        if scales is not None:
+            scales = np.ascontiguousarray(scales, dtype=np.float16)
+            if scales.shape != rows.shape[:2]:
+                raise ValueError(f"scales {scales.shape} for rows {rows.shape}")
+            _pwrite_all(self._scales_fd, scales, self._scales_offset + start * self.scale_bytes)
+        keys = self._encoded[start : start + len(rows)]
+        self.checksums[start : start + len(rows), 1] = row_checksums(keys, rows, scales)
 
     def checkpoint(self, done: int) -> None:
         """Record that rows ``0..done`` are on disk (after syncing them), for a later resume."""
         os.fdatasync(self._fd)
+        if self._scales_fd is not None:
+            os.fdatasync(self._scales_fd)
         self._save_progress(done)
 
     def finish(self) -> None:
@@ -148,9 +164,10 @@ class PartialCache:
 
         Every row must have been written (or, resumed, read back) by then: their checksums are in ``checksums``.
         """
-        os.fsync(self._fd)
-        os.close(self._fd)
-        self._fd = None
+        for fd in (self._fd, self._scales_fd):
+            if fd is not None:
+                os.fsync(fd)
+        self.close()
         self.checksums[:, 0] = key_checksums(self._encoded)
         table = checksum_file_bytes(self.checksums)
         write_atomic(self.tmp / CHECKSUMS, table)
@@ -202,22 +219,15 @@ class PartialCache:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
+        if self._scales_fd is not None:
+            os.close(self._scales_fd)
+            self._scales_fd = None
 
     def _create_data(self) -> None:
-        self._fd = os.open(self.tmp / DATA, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
-        with os.fdopen(os.dup(self._fd), "wb") as f:
-            header = {"descr": np.lib.format.dtype_to_descr(self.dtype), "fortran_order": False, "shape": self.shape}
-            np.lib.format.write_array_header_1_0(f, header)
-            self._offset = f.tell()
-        total = self._offset + self.nbytes
-        try:
-            # Reserve every block now: a full disk fails here with ENOSPC, not half way through (and never
-            # as the SIGBUS a write into a sparse memory map gets).
-            os.posix_fallocate(self._fd, 0, total)
-        except OSError as e:
-            if e.errno not in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
-                raise
-            os.ftruncate(self._fd, total)
+        self._fd, self._offset = _create_array(self.tmp / DATA, self.shape, self.dtype)
+        if self.storage.quantised:
+            scales = _create_array(self.tmp / SCALES, self.shape[:2], np.dtype(np.float16))
+            self._scales_fd, self._scales_offset = scales
 
     def _rehash(self, done: int, chunk_bytes: int = 64 * 2**20) -> None:
         """Checksums of rows ``0..done`` of a resumed build, from the bytes on disk (synced before ``done``
@@ -228,7 +238,12 @@ class PartialCache:
             rows = np.empty((hi - lo, *self.shape[1:]), dtype=self.dtype)
             read_into(self._fd, memoryview(rows.reshape(-1)).cast("B"), self._offset + lo * self.row_bytes,
                       f"partial feature cache {self.tmp}: {DATA}")
-            self.checksums[lo:hi, 1] = row_checksums(self._encoded[lo:hi], rows)
+            scales = None
+            if self.storage.quantised:
+                scales = np.empty((hi - lo, self.shape[1]), dtype=np.float16)
+                read_into(self._scales_fd, memoryview(scales.reshape(-1)).cast("B"),
+                          self._scales_offset + lo * self.scale_bytes, f"partial feature cache {self.tmp}: {SCALES}")
+            self.checksums[lo:hi, 1] = row_checksums(self._encoded[lo:hi], rows, scales)
 
     def _progress_state(self, done: int) -> dict[str, Any]:
         # The row order too: an extended cache keeps its old rows first, so the same image set can come in
@@ -251,9 +266,46 @@ class PartialCache:
         expected = self._progress_state(done)
         same = all(state.get(k) == expected[k] for k in ("meta", "row_order")) and shape == self.shape
         same = same and dtype == self.dtype
-        if not same or not isinstance(done, int) or not 0 <= done <= self.shape[0] or size != offset + self.nbytes:
+        data_bytes = self.shape[0] * self.row_bytes
+        if not same or not isinstance(done, int) or not 0 <= done <= self.shape[0] or size != offset + data_bytes:
             return None
+        if self.storage.quantised:
+            try:
+                s_shape, s_dtype, s_offset = read_header(self.tmp / SCALES)
+                s_size = (self.tmp / SCALES).stat().st_size
+            except (OSError, ValueError):
+                return None
+            s_bytes = s_offset + self.shape[0] * self.scale_bytes
+            if s_shape != self.shape[:2] or s_dtype != np.float16 or s_size != s_bytes:
+                return None
         return done
+
+
+def _create_array(path: Path, shape: tuple[int, ...], dtype: np.dtype) -> tuple[int, int]:
+    """Create the ``.npy`` file ``path`` of ``shape``/``dtype`` with every block reserved; ``(fd, data offset)``."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+    with os.fdopen(os.dup(fd), "wb") as f:
+        header = {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": tuple(shape)}
+        np.lib.format.write_array_header_1_0(f, header)
+        offset = f.tell()
+    total = offset + int(np.prod(shape)) * dtype.itemsize
+    try:
+        # Reserve every block now: a full disk fails here with ENOSPC, not half way through (and never
+        # as the SIGBUS a write into a sparse memory map gets).
+        os.posix_fallocate(fd, 0, total)
+    except OSError as e:
+        if e.errno not in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+            os.close(fd)
+            raise
+        os.ftruncate(fd, total)
+    return fd, offset
+
+
+def _pwrite_all(fd: int, array: np.ndarray, pos: int) -> None:
+    view = memoryview(array.reshape(-1)).cast("B")
+    while view:  # pwrite may write less than asked
+        n = os.pwrite(fd, view, pos)
+        view, pos = view[n:], pos + n
 
 
 def write_atomic(path: Path, data: bytes) -> None:
