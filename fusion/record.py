@@ -22,9 +22,9 @@ RECORD = "config_resolved.yaml"
 
 # Keys that may differ between a run and its resume in the same folder without changing what is trained:
 # which checkpoint a resume names (none for the folder's own), and where the command was launched from
-# (root_dir, log_dir; the run folder itself and the data and cache folders are compared, resolved).
-# ``hydra`` is Hydra's own record (.hydra/), present only when a config is composed with it.
-IGNORED = frozenset({"ckpt_path", "paths.root_dir", "paths.log_dir", "hydra"})
+# (root_dir, log_dir; the run folder itself and the data and cache folders are compared, resolved), and how
+# often progress is logged. ``hydra`` is Hydra's own record (.hydra/), present only when composed with it.
+IGNORED = frozenset({"ckpt_path", "paths.root_dir", "paths.log_dir", "callbacks.progress", "hydra"})
 
 
 class RecordMismatch(ValueError):

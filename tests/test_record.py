@@ -27,7 +27,8 @@ def recorded(tmp_path) -> tuple[Path, str]:
 def test_the_same_config_resumes_whatever_checkpoint_it_names(recorded):
     run, text = recorded
     save_record(_cfg(run), run)  # a requeued job: the same command
-    save_record(_cfg(run, f"ckpt_path={run}/checkpoints/last.ckpt", "paths.log_dir=/elsewhere/logs"), run)
+    save_record(_cfg(run, f"ckpt_path={run}/checkpoints/last.ckpt", "paths.log_dir=/elsewhere/logs",
+                     "callbacks.progress.every_seconds=5"), run)
     assert (run / RECORD).read_text() == text
 
 
