@@ -10,7 +10,7 @@ from entrypoints import run
 
 from fusion.analysis.common import keep_only, question_prior_accuracy, subsets, with_features
 from fusion.dropout import EncoderDropout
-from fusion.tasks.base import Example
+from fusion.tasks.base import Example, VLTask
 
 MODES = ["encoder_ablation", "attention", "cross_modal_ablation", "probe", "causal_trace"]
 
@@ -44,6 +44,7 @@ def test_with_features_sets_one_token_at_every_position_and_keeps_the_rest():
 
 class _Task:
     train_split, answers = "train", ["x", "y", "z"]
+    answer_accuracy = VLTask.answer_accuracy  # exact match with the label
 
     def examples(self, split):
         rows = {

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from entrypoints import FAST, run, train_one_epoch
 from PIL import Image
 
 from fusion.tasks.shapes import COLORS, POSITIONS, SHAPES, ShapesTask, answer_vocabulary
@@ -174,9 +175,37 @@ def test_examples_are_cached(tmp_path: Path) -> None:
     assert t.examples("val") == first
 
 
-def test_examples_before_prepare_data_raises(tmp_path: Path) -> None:
-    with pytest.raises(FileNotFoundError, match=r"train_questions\.json.*prepare_data"):
-        ShapesTask(tmp_path, **SMALL).examples("train")
+def test_examples_before_prepare_data_generate_the_same_data(tmp_path: Path, task: ShapesTask) -> None:
+    # What eval.py and the analyses do on a machine where training never ran: read a split first.
+    fresh = ShapesTask(tmp_path, **SMALL)
+    assert not fresh.data_dir.exists()
+    def rows(t: ShapesTask) -> list[tuple]:
+        return [(e.question_id, e.image_key, e.question, e.label) for e in t.examples("val")]
+
+    assert rows(fresh) == rows(task)
+    assert fresh.is_complete()
+    assert folder_bytes(fresh.data_dir) == folder_bytes(task.data_dir)
+
+
+def test_eval_generates_the_shapes_data_training_used(tmp_path: Path) -> None:
+    """eval.py on a machine where the shapes data was never generated generates it, as training does."""
+    args = ["+experiment=shapes", *FAST, "task.num_train=8", "task.num_val=4", "task.num_test=4"]
+    run_dir = tmp_path / "train_run"
+    train_one_epoch(args, run_dir, tmp_path)
+    elsewhere = tmp_path / "elsewhere"  # its own, empty FUSION_DATA_DIR (entrypoints.run: <cwd>/data)
+    elsewhere.mkdir()
+    out = tmp_path / "eval_run"
+    ckpt = run_dir / "checkpoints" / "last.ckpt"
+    proc = run("eval.py", [*args, f"ckpt_path={ckpt}", "split=val", f"hydra.run.dir={out}"], elsewhere)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "prepare_data" not in proc.stderr
+    assert {"val/acc", "val/majority_acc"} <= set(json.loads((out / "metrics.json").read_text()))
+    (trained,) = (tmp_path / "data" / "shapes").iterdir()
+    (generated,) = (elsewhere / "data" / "shapes").iterdir()
+    assert generated.name == trained.name and folder_bytes(generated) == folder_bytes(trained)
+    predictions = json.loads((out / "predictions.json").read_text())
+    val = json.loads((trained / "val_questions.json").read_text())
+    assert [p["question_id"] for p in predictions] == [q["question_id"] for q in val]
 
 
 def test_unknown_split_names_allowed_splits(task: ShapesTask) -> None:
@@ -266,6 +295,9 @@ def test_extreme_object_counts(tmp_path: Path, max_objects: int) -> None:
     t = ShapesTask(tmp_path, num_train=20, num_val=0, num_test=0, image_size=32, max_objects=max_objects)
     t.prepare_data()
     assert t.answers[-len(POSITIONS) - 1] == str(max_objects)
-    assert t.examples("val") == []
+    # A split of no images is generated, but reading it is refused like any empty split.
+    with pytest.raises(ValueError, match=rf"{re.escape(str(t.questions_path('val')))}: split 'val' of task 'shapes' "
+                       "has no examples"):
+        t.examples("val")
     for e in t.examples("train"):
         assert oracle(e.question, read_scene(e.image_path)) == t.answers[e.label]

@@ -212,6 +212,18 @@ def test_vocabulary_targets_and_labels_use_the_evaluators_form_of_the_answers(tm
     assert task.majority_accuracy("val2014") == 0.0
 
 
+def test_question_prior_is_scored_by_the_official_accuracy(data, tmp_path):
+    from fusion.analysis.common import question_prior_accuracy
+
+    task = _task(data, tmp_path)
+    # Training guesses per question: colour -> "red" (one each, first seen), "is it red?" -> "no" (2 of 3),
+    # "how many?" -> "1". On val (red image 11, blue image 12): colour 1.0 / 0 (8 "red" of 10 / none),
+    # "is it red?" 0 (9 yes, 1 maybe) / 1.0 (9 no), "how many?" 1.0 twice ("one" -> "1": 8 of 10).
+    assert question_prior_accuracy(task, "val2014") == pytest.approx(4 / 6)
+    first = task.examples("val2014")[0]
+    assert task.answer_accuracy(first, task.answers.index("dark red")) == pytest.approx(0.6)
+
+
 def test_loss_is_bce_summed_over_answers(data, tmp_path):
     task = _task(data, tmp_path)
     examples = task.examples("train2014")[:4]

@@ -300,7 +300,8 @@ def question_prior_accuracy(task: VLTask, split: str) -> float | None:
     """Accuracy of a text-only baseline that never looks at the image: each question's most frequent training
     answer (a question not seen in training: its answer type's, else the overall most frequent answer)."""
     train = [e for e in task.examples(task.train_split) if e.label >= 0]
-    target = [e for e in task.examples(split) if e.label >= 0]
+    # Scored by the task's own metric (VQA: the official accuracy of the guess against the ten answers).
+    target = [e for e in task.examples(split) if task.answer_accuracy(e, 0) is not None]
     if not train or not target:
         return None
     by_question: dict[str, Counter[int]] = defaultdict(Counter)
@@ -316,7 +317,7 @@ def question_prior_accuracy(task: VLTask, split: str) -> float | None:
                 return counts.most_common(1)[0][0]
         return overall
 
-    return sum(guess(e.question, e.answer_type) == e.label for e in target) / len(target)
+    return sum(task.answer_accuracy(e, guess(e.question, e.answer_type)) for e in target) / len(target)
 
 
 # ---- the report folder --------------------------------------------------------------------------------

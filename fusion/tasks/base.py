@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torchmetrics import Metric
 
 from fusion.metrics import AccuracyByType
+from fusion.tasks.formats import DataFormatError
 
 
 @dataclass(frozen=True)
@@ -96,12 +97,26 @@ class VLTask(ABC):
         return any(e.label >= 0 or e.answers for e in self.examples(split))
 
     def check_split(self, split: str) -> None:
-        """Fail early, naming the split, if its data cannot be read (``examples`` raises)."""
-        self.examples(split)
+        """Fail early, naming the split, if its annotations cannot be read or are refused (``examples`` raises).
+
+        Reads the annotations only, never the images (:meth:`check_images`).
+        """
+        try:
+            self.examples(split)
+        except (FileNotFoundError, ValueError) as err:
+            # The message names the file; say which split it was read for. Only these exact types are
+            # rebuilt with one message (a subclass may take other arguments).
+            if type(err) not in (FileNotFoundError, ValueError, DataFormatError) or f"split {split!r}" in str(err):
+                raise
+            raise type(err)(f"split {split!r} of task {self.name!r}: {err}") from err
 
     def reference(self, split: str, example: Example) -> str:
         """Where ``split``'s annotation files refer to ``example`` (file and line or key), for error messages."""
         return f"question {example.question_id!r} of split {split!r}"
+
+    def source(self, split: str) -> str:
+        """Where ``split``'s annotations are read from (a file), for error messages about the whole split."""
+        return f"task {self.name!r}"
 
     def check_images(self, split: str) -> None:
         """Fail, naming the annotation that refers to it, if an image file of ``split`` does not exist.
@@ -157,6 +172,11 @@ class VLTask(ABC):
         """Write the rows in the task's official format (a JSON list by default), atomically."""
         write_atomic(path, json.dumps(rows, indent=1))
 
+    def answer_accuracy(self, example: Example, answer: int) -> float | None:
+        """The metric's score of vocabulary entry ``answer`` as the prediction for ``example``; None if the
+        example is not scored. Exact match with the label here (VQA: the official accuracy against its answers)."""
+        return None if example.label < 0 else float(answer == example.label)
+
     def majority_accuracy(self, split: str) -> float | None:
         """Accuracy on ``split`` of always answering the most frequent training answer (None if unlabelled)."""
         target = [e.label for e in self.examples(split) if e.label >= 0]
@@ -188,10 +208,43 @@ class FileTask(VLTask):
     def read_split(self, split: str) -> list[Example]:
         """Read (parse, check) every example of ``split``, in a fixed order."""
 
+    def source(self, split: str) -> str:
+        # Subclasses name the file; this names at least the folder.
+        return f"task.root={self.root}"
+
     def examples(self, split: str) -> list[Example]:
+        """All examples of ``split`` (read and checked once; :func:`check_examples`), in a fixed order."""
         if split not in self._examples:
-            self._examples[split] = self.read_split(split)
+            examples = self.read_split(split)
+            check_examples(self, split, examples)
+            self._examples[split] = examples
         return list(self._examples[split])
+
+
+def check_examples(task: VLTask, split: str, examples: list[Example]) -> None:
+    """Refuse a split that has no example, an id twice or an empty question text, naming the file and line or id.
+
+    One check for every task: an empty split would give an empty ``metrics.json`` and a run that looks
+    fine; the ids are the rows of the prediction file (and what metrics look answers up by), so a repeated one
+    would silently score or submit one example as another; an empty text gives the model nothing to read.
+    """
+    if not examples:
+        raise DataFormatError(f"{task.source(split)}: split {split!r} of task {task.name!r} has no examples; "
+                              "expected at least one")
+    first: dict[str, int] = {}
+    for i, example in enumerate(examples):
+        qid = example.question_id
+        if first.setdefault(qid, i) != i:
+            # Traced only when refused: a reference may re-read an annotation file.
+            raise DataFormatError(
+                f"{task.reference(split, example)}: id {qid!r} occurs more than once in split {split!r} "
+                f"(examples {first[qid]} and {i} of the split); expected unique ids, the rows of the prediction file"
+            )
+        if not example.question.strip():
+            raise DataFormatError(
+                f"{task.reference(split, example)}: the text of {qid!r} is empty (split {split!r}); "
+                "expected a question, statement or caption"
+            )
 
 
 def write_atomic(path: Path, text: str) -> None:

@@ -22,6 +22,7 @@ from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 from fusion.tasks.base import Example, FileTask
+from fusion.tasks.formats import read_json
 
 # Bump when the rendering or question logic changes, so old folders are never reused.
 FORMAT_VERSION = 1
@@ -320,14 +321,22 @@ class ShapesTask(FileTask):
         }
         (folder / "meta.json").write_text(json.dumps(meta, indent=1))
 
+    def questions_path(self, split: str) -> Path:
+        """The generated questions of ``split``."""
+        return self.data_dir / f"{split}_questions.json"
+
     def read_split(self, split: str) -> list[Example]:
-        """All examples of ``split`` in file order."""
+        """All examples of ``split`` in file order; the data is generated first if it is not there yet.
+
+        Generation is deterministic, so any entry point that reads examples (``eval.py`` and the analyses on
+        a machine where training never ran) gets the data training used without a ``prepare_data`` call.
+        """
         if split not in self.splits:
             raise ValueError(f"task {self.name!r} has no split {split!r}; allowed: {list(self.splits)}")
-        path = self.data_dir / f"{split}_questions.json"
-        if not path.is_file():
-            raise FileNotFoundError(f"{path} not found; call ShapesTask.prepare_data() first")
-        rows = json.loads(path.read_text())
+        if not self.is_complete():
+            self.prepare_data()
+        path = self.questions_path(split)
+        rows = read_json(path, f"shapes questions of split {split!r}")
         examples = [
             Example(
                 question_id=str(row["question_id"]),
@@ -341,6 +350,12 @@ class ShapesTask(FileTask):
             for row in rows
         ]
         return examples
+
+    def reference(self, split: str, example: Example) -> str:
+        return f"{self.questions_path(split)}: question_id {example.question_id!r}"
+
+    def source(self, split: str) -> str:
+        return str(self.questions_path(split))
 
     def meta(self) -> dict:
         """The parsed ``meta.json`` of the data folder (parameters, vocabularies, counts)."""

@@ -294,8 +294,17 @@ class VQATask(FileTask):
         """The official accuracy of vocabulary entry ``entry`` as the prediction for a question."""
         return refs.score_form(self._pred_forms[entry][1 if refs.normalized else 0])
 
+    def answer_accuracy(self, example: Example, answer: int) -> float | None:
+        """The official VQA accuracy of vocabulary entry ``answer`` on ``example`` (None if unannotated)."""
+        self._load_vocab()
+        refs = self._references.get(example.question_id)
+        return None if refs is None else self._score(refs, answer)
+
     def reference(self, split: str, example: Example) -> str:
         return f"{self.questions_path(split)}: question_id {example.question_id}"
+
+    def source(self, split: str) -> str:
+        return str(self.questions_path(split))
 
     # ---- training and evaluation -----------------------------------------------------------------
     def target(self, example: Example) -> torch.Tensor:
