@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from collections import Counter, defaultdict
 from pathlib import Path
 
 import pytest
@@ -52,6 +53,106 @@ def write_gqa(root: Path) -> Path:
     submission = {"s1": {"imageId": "n21", "question": "What color is it?"}, "s2": {"imageId": "n21", "question": "?"}}
     (root / "submission_all_questions.json").write_text(json.dumps(submission))
     return root
+
+
+def _op(operation: str, argument: str) -> dict[str, str]:
+    return {"operation": operation, "argument": argument}
+
+
+# What the official release adds to every val question: a semantic program, types, groups, entailed questions.
+PROGRAMS = {  # reasoning steps: 2, 1 ("query: name" is none), 2 ("exist" is none)
+    "query": [_op("select", "image"), _op("query", "color")],
+    "query name": [_op("select", "image"), _op("query", "name")],
+    "verify": [_op("select", "image"), _op("verify color", "red")],
+    "choose": [_op("select", "image"), _op("exist", "?"), _op("choose color", "red|blue")],
+}
+SEMANTIC = {"query": "attr", "verify": "obj", "choose": "rel"}
+DETAILED = {"query": "color", "verify": "verifyAttr", "choose": "twoCommon"}  # "Common": the color/material rule
+GROUPS = {"query": "color", "verify": None, "choose": "choice"}
+ENTAILED = {
+    "valn110": ["valn110", "valx1", "valn111"], "valn111": ["valx1"], "valn112": ["valn110"],
+    "valn120": ["valx2", "valx3"], "valn121": ["valx3", "valx2"], "valn122": ["valx3"],
+}
+EXTRA = {  # in val_all_questions.json only: entailed ones (valx1-3) and one nothing entails (valx4)
+    "valx1": ("n11", "Is the image blue?", "no"), "valx2": ("n12", "Is the image blue?", "yes"),
+    "valx3": ("n12", "Is the image green?", "no"), "valx4": ("n11", "Is the image dark?", "no"),
+}
+
+
+def write_official_files(root: Path) -> None:
+    """The val split as GQA's release has it: balanced questions with programs, groups and entailed questions,
+    ``val_all_questions.json`` (those and the unbalanced EXTRA ones), ``val_choices.json``."""
+    path = root / "val_balanced_questions.json"
+    balanced = json.loads(path.read_text())
+    for qid, q in balanced.items():
+        kind = q["types"]["structural"]
+        program = "query name" if qid == "valn120" else kind
+        q.update(semantic=PROGRAMS[program], groups={"global": GROUPS[kind], "local": None}, entailed=ENTAILED[qid],
+                 types={"structural": kind, "semantic": SEMANTIC[kind], "detailed": DETAILED[kind]})
+    path.write_text(json.dumps(balanced))
+    extra = {
+        qid: {"imageId": image, "question": text, "answer": answer, "isBalanced": False, "entailed": [],
+              "types": {"structural": "verify", "semantic": "attr", "detailed": "verifyAttr"},
+              "semantic": PROGRAMS["verify"], "groups": {"global": None, "local": None}}
+        for qid, (image, text, answer) in EXTRA.items()
+    }
+    (root / "val_all_questions.json").write_text(json.dumps({**balanced, **extra}))
+    colors, yes_no = ["red", "blue", "green"], ["yes", "no"]
+    choices = {
+        qid: {"valid": colors if q["types"]["structural"] != "verify" else yes_no,
+              "plausible": ["red", "blue"] if q["types"]["structural"] == "query" else yes_no}
+        for qid, q in balanced.items()
+    }
+    (root / "val_choices.json").write_text(json.dumps(choices))
+
+
+def official_eval(questions: dict, choices: dict, rows: list[dict]) -> dict:
+    """GQA's eval.py --consistency numbers (percentages; the distribution as printed) recomputed by hand from the
+    all-questions, choices and prediction files, following its rules; None where its list would be empty."""
+    pred = {r["questionId"]: r["prediction"] for r in rows}
+    balanced = {q: v for q, v in questions.items() if v["isBalanced"]}
+    right = {q: pred[q] == v["answer"] for q, v in balanced.items()}
+
+    def pct(flags: list) -> float | None:
+        return 100 * sum(flags) / len(flags) if flags else None
+
+    def per(key) -> dict:
+        groups = defaultdict(list)
+        for q, v in balanced.items():
+            groups[key(v)].append(right[q])
+        return {k: pct(f) for k, f in groups.items()}
+
+    def steps(v: dict) -> int:
+        names = [f"{o['operation']}: {o['argument']}" for o in v["semantic"]]
+        return sum(not any(w in n for w in ("exist", "query: name", "choose name")) for n in names)
+
+    def belongs(answer: str, allowed: list, v: dict) -> bool:
+        return answer in (["color", "material", "shape"] if "Common" in v["types"]["detailed"] else allowed)
+
+    consistency = []
+    for q, v in balanced.items():
+        others = [e for e in v["entailed"] if e != q]
+        if right[q] and others:
+            consistency.append(sum(pred[e] == questions[e]["answer"] for e in others) / len(others))
+    gold, seen = defaultdict(Counter), defaultdict(Counter)
+    for q, v in balanced.items():
+        if v["groups"]["global"] is not None:
+            gold[v["groups"]["global"]][v["answer"]] += 1
+            seen[v["groups"]["global"]][pred[q]] += 1
+    chi = sum(sum((seen[g][a] - n) ** 2 / n for a, n in c.items()) * sum(c.values()) for g, c in gold.items())
+    return {
+        "accuracy": pct(list(right.values())),
+        "binary": pct([right[q] for q, v in balanced.items() if v["types"]["structural"] != "query"]),
+        "open": pct([right[q] for q, v in balanced.items() if v["types"]["structural"] == "query"]),
+        "validity": pct([belongs(pred[q], choices[q]["valid"], v) for q, v in balanced.items()]),
+        "plausibility": pct([belongs(pred[q], choices[q]["plausible"], v) for q, v in balanced.items()]),
+        "consistency": 100 * sum(consistency) / len(consistency) if consistency else None,
+        "distribution": chi / sum(sum(c.values()) for c in gold.values()) / 100,
+        "structural": per(lambda v: v["types"]["structural"]),
+        "semantic": per(lambda v: v["types"]["semantic"]),
+        "steps": per(steps),
+        "words": per(lambda v: len(v["question"].split())),
+    }
 
 
 @pytest.fixture
@@ -118,7 +219,7 @@ def test_a_file_without_answers_is_unlabelled(data, tmp_path):
     assert task.loss(logits, batch).item() == 0.0
     metric = task.metric()
     task.update_metric(metric, logits, batch)
-    assert metric.total.sum() == 0
+    assert metric.predictions() == {}
     assert task.prediction_rows(logits, batch) == [
         {"questionId": "s1", "prediction": "red"}, {"questionId": "s2", "prediction": "no"}
     ]
@@ -193,26 +294,45 @@ def _run(script: str, args: list[str], cwd: Path) -> subprocess.CompletedProcess
 
 
 def test_train_then_eval_writes_the_submission_file(data, tmp_path):
+    write_official_files(data)  # val: every official measure; testdev: those its balanced file allows
     run = tmp_path / "train"
     common = ["+experiment=gqa", f"task.root={data}", *TINY]
     proc = _run("train.py", [*common, "trainer.max_epochs=1", f"hydra.run.dir={run}"], tmp_path)
     assert proc.returncode == 0, proc.stderr[-4000:]
     metrics = json.loads((run / "metrics.json").read_text())
-    for key in ("val/acc", "val/acc_query", "test/acc", "val/majority_acc", "test/majority_acc"):
+    for key in ("val/acc", "val/acc_query", "val/acc_validity", "test/acc", "test/acc_binary", "val/majority_acc",
+                "test/majority_acc"):
         assert key in metrics and 0.0 <= metrics[key] <= 1.0, key
 
     evaluated = tmp_path / "eval"
     ckpt = run / "checkpoints" / "last.ckpt"
     proc = _run("eval.py", [*common, f"ckpt_path={ckpt}", "split=val", f"hydra.run.dir={evaluated}"], tmp_path)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    assert "val/acc" in json.loads((evaluated / "metrics.json").read_text())
     rows = json.loads((evaluated / "predictions.json").read_text())
     questions = json.loads((data / "val_balanced_questions.json").read_text())
-    assert sorted(r["questionId"] for r in rows) == sorted(questions)
+    # The balanced questions and the entailed ones consistency needs (valx4 is entailed by none).
+    assert sorted(r["questionId"] for r in rows) == sorted([*questions, "valx1", "valx2", "valx3"])
     vocab = GQATask(data, cache_dir=tmp_path / "cache").answers
     for row in rows:
         assert set(row) == {"questionId", "prediction"} and isinstance(row["questionId"], str)
         assert row["prediction"] in vocab
+
+    # Every number equals the official script's on the prediction file (its percentages / 100).
+    metrics = json.loads((evaluated / "metrics.json").read_text())
+    all_questions = json.loads((data / "val_all_questions.json").read_text())
+    official = official_eval(all_questions, json.loads((data / "val_choices.json").read_text()), rows)
+    expected = {"val/acc": official["accuracy"] / 100, "val/acc_distribution": official["distribution"]}
+    for name in ("binary", "open", "consistency", "validity", "plausibility"):
+        if official[name] is not None:  # an empty list prints 0.00; the project leaves the measure out
+            expected[f"val/acc_{name}"] = official[name] / 100
+    for family, prefix in (("structural", ""), ("semantic", "semantic_"), ("steps", "steps_"), ("words", "words_")):
+        expected.update({f"val/acc_{prefix}{k}": v / 100 for k, v in official[family].items()})
+    assert set(official["steps"]) == {1, 2} and set(official["words"]) == {4, 5, 6}
+    scores = {k: v for k, v in metrics.items() if k.startswith("val/acc")}
+    assert scores == pytest.approx(expected, abs=1e-6)
+    log_text = (evaluated / "eval.log").read_text()
+    assert "split val: GQA grounding not computed (it needs the model's attention maps)" in log_text
+    assert "split val: 3 entailed questions from" in log_text
 
     # The unanswered submission questions: predictions for both, and no loss (nothing to compute it on).
     submission = tmp_path / "eval_submission"
