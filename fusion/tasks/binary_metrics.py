@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Mapping
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -116,8 +117,19 @@ class AccuracyConsistency(Metric):
         # long, not bool: every backend can gather it.
         self.hits.append((preds == target).long())
 
+    def _sync_dist(self, *args: Any, **kwargs: Any) -> None:
+        # A process without any example (a split smaller than the world) has empty list states, for which
+        # torchmetrics gathers an empty tensor of the metric's float dtype: the processes' tensors would then
+        # differ in dtype and the gather fail (gloo aborts). An empty int64 tensor keeps them alike.
+        for state in (self.sentences, self.hits):
+            if not state:
+                state.append(torch.zeros(0, dtype=torch.long, device=self.device))
+        super()._sync_dist(*args, **kwargs)
+
     def compute(self) -> dict[str, Tensor]:
-        hits = dim_zero_cat(self.hits) if self.hits else torch.zeros(0, dtype=torch.long)
+        # A list of batches here, one gathered tensor after a DDP sync.
+        empty = isinstance(self.hits, list) and not self.hits
+        hits = torch.zeros(0, dtype=torch.long) if empty else dim_zero_cat(self.hits)
         if hits.numel() == 0:
             nan = torch.tensor(NAN, device=self.device)
             return {"": nan, "consistency": nan.clone()}
