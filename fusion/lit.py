@@ -349,9 +349,10 @@ class FusionLitModule(pl.LightningModule):
         # The head's classes are indices into this list: a task that derives its vocabulary from data
         # (VQA, GQA) must give the same list when the checkpoint is evaluated.
         checkpoint["task_answers"] = list(self.task.answers)
+        checkpoint["task_name"] = self.task.name
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        self._check_answers(checkpoint.get("task_answers"))
+        self._check_answers(checkpoint.get("task_answers"), checkpoint.get("task_name"))
         saved = checkpoint.get("encoder_fingerprints", {})
         current = self.encoder_fingerprints()
         if set(saved) != set(current):
@@ -370,12 +371,18 @@ class FusionLitModule(pl.LightningModule):
         for key, value in self.encoders.state_dict(prefix=ENCODER_PREFIX).items():
             state.setdefault(key, value)
 
-    def _check_answers(self, saved: list[str] | None) -> None:
+    def _check_answers(self, saved: list[str] | None, saved_task: str | None = None) -> None:
         """Refuse a checkpoint whose answer vocabulary differs from the task's (its predictions would be
-        read against the wrong answers)."""
+        read against the wrong answers), naming both tasks when it was trained on another one."""
         current = list(self.task.answers)
         if saved is None or saved == current:
-            return
+            return  # the same answers under another task name (OK-VQA with VQAv2's pinned vocabulary) is fine
+        if saved_task is not None and saved_task != self.task.name:
+            raise ValueError(
+                f"checkpoint was trained on task {saved_task!r} ({len(saved)} answers), but the config's task is "
+                f"{self.task.name!r} ({len(current)} answers); evaluate it with task {saved_task!r} (the task or "
+                "+experiment it was trained with)"
+            )
         first = next(
             (i for i, (a, b) in enumerate(zip(saved, current, strict=False)) if a != b), min(len(saved), len(current))
         )
