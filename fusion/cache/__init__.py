@@ -6,6 +6,10 @@
   against the checksums the build recorded.
 - On-disk layout: :mod:`fusion.cache.store`; naming: :mod:`fusion.cache.layout`; what identifies a
   cache: :mod:`fusion.cache.fingerprint`; command line: ``python -m fusion.cache --help``.
+- Storage (``dtype``, ``tokens_per_encoder`` of the functions above; ``cache.dtype`` /
+  ``cache.tokens_per_encoder`` of runs): float16, float32, or int8 / float8_e4m3fn rows with per-row
+  float16 scales (:mod:`fusion.cache.storage`), of every token or of the patch grid pooled to K tokens
+  at build time with the model's own pooling.
 """
 
 from fusion.cache.build import build_cache, ensure_cache, images_of, shard_keys

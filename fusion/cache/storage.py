@@ -11,6 +11,7 @@ from float32 features (pooled first if the cache is pooled), never from float16-
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -39,6 +40,7 @@ class Storage:
         return tokens * dim * self.file_dtype.itemsize + (tokens * 2 if self.quantised else 0)
 
 
+@functools.cache
 def float8_supported() -> bool:
     """Whether this torch has ``float8_e4m3fn`` and can cast to and from it on the CPU."""
     dtype = getattr(torch, "float8_e4m3fn", None)

@@ -54,13 +54,14 @@ from tqdm.auto import tqdm
 
 from fusion.cache.errors import (
     CacheCorruptError,
+    CacheError,
     CacheKeyError,
     CacheNotFoundError,
     CacheUnverifiableError,
     FingerprintMismatchError,
 )
 from fusion.cache.fingerprint import describe_diff
-from fusion.cache.storage import SCALES, STORAGES, Storage, dequantise, storage_of
+from fusion.cache.storage import SCALES, STORAGES, Storage, dequantise, float8_supported, storage_of
 
 DATA = "features.npy"
 INDEX = "index.json"
@@ -192,6 +193,11 @@ class FeatureCache:
             )
         self.shape: tuple[int, int, int] = tuple(self.meta["shape"])  # (N, T, D)
         self.storage: Storage = storage_of(self.meta["dtype"])
+        if self.storage.name == "float8_e4m3fn" and not float8_supported():
+            raise CacheError(
+                f"feature cache {self.path} stores float8_e4m3fn rows, which this torch ({torch.__version__}) "
+                "cannot read; use a torch with float8 support or rebuild the cache with cache.dtype=int8"
+            )
         self.dtype = self.storage.file_dtype  # of features.npy (int8 / uint8 for quantised caches)
         # index.json's {key: row} as sorted keys (S<longest>) + their rows: no Python object per image.
         self._sorted_keys, self._sorted_rows = _compact(self.path, _read_index(self.path, self.shape[0]))
