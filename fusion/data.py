@@ -120,11 +120,14 @@ def _stack_targets(targets: list[int | torch.Tensor]) -> torch.Tensor:
 class CacheSettings:
     """Where and how the frozen-feature caches are kept (``conf/cache/``; see :mod:`fusion.cache`).
 
-    ``device``: where encoders run while a cache is built (``auto``: CUDA if available).
+    ``device``: where encoders run while a cache is built (``auto``: CUDA if available). ``dtype``
+    (float16, float32, int8, float8_e4m3fn) and ``tokens_per_encoder`` (patch grids pooled to K tokens at
+    build time; the model then needs ``fusion.tokens_per_encoder`` = K) choose the storage.
     """
 
     dir: str | Path
     dtype: str = "float16"
+    tokens_per_encoder: int | None = None
     rebuild: bool = True
     batch_size: int = 64
     num_workers: int = 2
@@ -191,6 +194,12 @@ class FusionDataModule(pl.LightningDataModule):
             self.caches = self._open_caches(build=True)
 
     def setup(self, stage: str | None = None) -> None:
+        if stage == "fit":
+            # Before the first training step (Lightning calls setup after prepare_data, which generates shapes),
+            # read every split training will use, validation and test included: a broken test file must stop
+            # the run now, not after hours of training. Annotations only, not the pixels.
+            for split in self.cached_splits():
+                self.task.check_split(split)
         # Other processes than the one that ran prepare_data open the caches it built.
         if self.cache is not None and self.caches is None:
             self.caches = self._open_caches(build=False)
@@ -211,6 +220,7 @@ class FusionDataModule(pl.LightningDataModule):
             try:
                 caches[name] = ensure_cache(
                     encoder, images, self.cache.dir, dtype=self.cache.dtype, rebuild=self.cache.rebuild and build,
+                    tokens_per_encoder=self.cache.tokens_per_encoder,
                     batch_size=self.cache.batch_size, num_workers=self.cache.num_workers,
                 )
             except FileNotFoundError:

@@ -1,13 +1,9 @@
 import re
-import shlex
 from collections import Counter
-from pathlib import Path
 
 import pytest
 import timm.data
 import torch
-from hydra import compose, initialize_config_dir
-from hydra.utils import instantiate
 from PIL import Image
 from transformers import BertTokenizerFast
 
@@ -124,60 +120,6 @@ def test_each_image_is_decoded_once_per_sample_whatever_the_number_of_encoders(t
     assert Counter(decoded) == {paths[0]: 2, paths[1]: 2, paths[2]: 1, paths[3]: 1}
 
 
-# ---- the README's task commands compose -----------------------------------------------------------
-ROOT = Path(__file__).resolve().parents[1]
-# Every task but the generated shapes one.
-DOWNSTREAM = sorted(p.stem for p in (ROOT / "conf" / "task").glob("*.yaml") if p.stem != "shapes")
-
-
-def _readme_task_commands() -> list[list[str]]:
-    """The ``python ...`` commands of the README's downstream-task section, as arguments from ``python`` on."""
-    text = (ROOT / "README.md").read_text()
-    start = text.index("### Downstream tasks")
-    section = text[start : text.index("\n### ", start)]
-    commands = []
-    for block in re.findall(r"```bash\n(.*?)```", section, re.S):
-        for line in block.replace("\\\n", " ").splitlines():
-            args = shlex.split(line, comments=True)
-            if "python" in args:
-                commands.append(args[args.index("python") :])
-    return commands
-
-
-def test_readme_multirun_covers_every_task_and_each_run_composes(monkeypatch, tmp_path):
-    (multirun,) = [args for args in _readme_task_commands() if "-m" in args]
-    sweep = dict(arg.split("=", 1) for arg in multirun[2:] if "=" in arg)
-    tasks, seeds = sweep["+experiment"].split(","), sweep["seed"].split(",")
-    assert sorted(tasks) == DOWNSTREAM
-    subsets = [s.split(",") for s in re.findall(r"\[([^\]]*)\]", sweep["encoder"])]
-    assert len({frozenset(s) for s in subsets}) == 7 and set().union(*subsets) == {"clip", "dino", "vit"}
-    monkeypatch.setenv("FUSION_DATA_DIR", str(tmp_path))
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        for task in tasks:
-            overrides = [f"+experiment={task}", f"seed={seeds[-1]}", f"encoder=[{','.join(subsets[4])}]"]
-            cfg = compose("train", overrides=overrides)
-            assert cfg.experiment_name == task and cfg.seed == int(seeds[-1]), task
-            assert list(cfg.encoder) == subsets[4] and cfg.task.root == f"{tmp_path}/{task}", task
-            instantiate(cfg.task)  # the task config fits its loader's arguments (no data is read)
-
-
-def test_readme_gives_train_and_eval_commands_for_every_task_and_they_compose():
-    scripts: dict[str, set[str]] = {}
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        for args in _readme_task_commands():
-            if "-m" in args:
-                continue
-            # Placeholders (<ckpt>) are not valid override values.
-            overrides = [re.sub(r"<[^>]*>", "x", arg) for arg in args[2:]]
-            given = dict(arg.split("=", 1) for arg in overrides)
-            scripts.setdefault(given["+experiment"], set()).add(args[1])
-            cfg = compose(args[1].removesuffix(".py"), overrides=overrides)
-            assert cfg.task.root == given["task.root"]
-            if args[1] == "eval.py":
-                assert cfg.split == given["split"] and cfg.ckpt_path == given["ckpt_path"]
-    assert scripts == {task: {"train.py", "eval.py"} for task in DOWNSTREAM}
-
-
 # ---- feature caches in the data path --------------------------------------------------------------
 def _tiny_encoders():
     from fusion.encoders import TimmEncoder
@@ -280,9 +222,36 @@ def test_a_complete_cache_needs_no_image_files_and_pixels_need_every_one(tmp_pat
     assert batch["images"] == {} and set(batch["features"]) == {"a", "b"}
 
     def missing(split):
-        return rf"image file not found: {task.data_dir}\S+\.png \(referred to by question '\S+' of split '{split}'\)"
+        questions = re.escape(str(task.questions_path(split)))
+        return rf"image file not found: {task.data_dir}\S+\.png \(referred to by {questions}: question_id '\S+'\)"
 
     with pytest.raises(FileNotFoundError, match=missing("val")):  # pixels for the encoders: named as the loader is made
         datamodule().val_dataloader()
     with pytest.raises(FileNotFoundError, match=rf"{missing('train')}; 5 more image file\(s\)"):  # a cache to build
         datamodule(tmp_path / "other_cache")
+
+
+def test_fit_reads_every_split_before_the_first_training_step(tmp_path):
+    """A broken test split stops fit before training, naming the split and the file (not after the last epoch)."""
+    import pytorch_lightning as pl
+
+    task = ShapesTask(tmp_path / "shapes", num_train=4, num_val=2, num_test=2)
+    task.prepare_data()
+    broken = task.data_dir / "test_questions.json"
+    broken.write_text('[{"question_id": "test_000000_0",\n')  # cut short, as by a full disk
+    encoders = _tiny_encoders()
+    module, text = _module(encoders, task, tmp_path / "bert")
+    dm = FusionDataModule(task, {n: e.preprocess.transform() for n, e in encoders.items()}, text.tokenizer,
+                          batch_size=2)
+    steps = []
+
+    class CountSteps(pl.Callback):
+        def on_train_batch_start(self, *args) -> None:
+            steps.append(1)
+
+    trainer = pl.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, callbacks=[CountSteps()])
+    with pytest.raises(ValueError, match=rf"{re.escape(str(broken))} \(shapes questions of split 'test'\) is not "
+                       "valid JSON"):
+        trainer.fit(module.train(), datamodule=dm)
+    assert steps == []

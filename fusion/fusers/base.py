@@ -10,7 +10,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from fusion.fusers.grid import patch_grid_side, pooled_grid_side, resample_grid, summary_token
+from fusion.fusers.grid import patch_grid_side, pool_tokens, pooled_grid_side, resample_grid, summary_token
 
 # ``token_encoder`` value of a visual token that mixes several encoders (encoders are 0..n-1; the model
 # uses -2 for [CLS] and -1 for text).
@@ -106,8 +106,7 @@ class Fuser(nn.Module, ABC):
         """``(B, N_e, D_e)`` -> ``(B, P_e + K, D_e)``: prefix tokens kept, patch grid average-pooled to K."""
         if self.pooled_side is None:
             return x
-        prefix = self.encoder_prefix[name]
-        return torch.cat([x[:, :prefix], resample_grid(x[:, prefix:], self.pooled_side)], dim=1)
+        return pool_tokens(x, self.encoder_prefix[name], self.pooled_side)
 
     def common_grid_side(self) -> int:
         """Side of the one grid that grid-mixing fusers resample every encoder to: ``sqrt(K)`` if
@@ -135,6 +134,25 @@ class Fuser(nn.Module, ABC):
         empty = ~keep.any(dim=1)
         if bool(empty.any()):
             raise ValueError(f"samples {empty.nonzero().flatten().tolist()} keep no encoder; keep at least one")
+        for name in self.encoder_names:
+            self._check_tokens(name, int(features[name].shape[-2]))
+
+    def _check_tokens(self, name: str, n: int) -> None:
+        """Encoder ``name``'s features hold all its tokens or, when this model pools to K, prefix + K (a feature
+        cache pooled to the same K: pooling K -> K is the identity). Any other count (a cache pooled to another
+        K) would be pooled again, silently unlike the model's own pooling: refused naming both values."""
+        full, prefix = self.encoder_tokens[name], self.encoder_prefix[name]
+        if n == full or (self.pooled_side is not None and n == prefix + self.pooled_side**2):
+            return
+        takes = f"{full} tokens" + (
+            f" or {prefix} + {self.pooled_side**2} pooled ones" if self.pooled_side is not None else ""
+        )
+        raise ValueError(
+            f"features of encoder {name!r} hold {n} tokens ({prefix} prefix + {n - prefix} patches: a feature cache "
+            f"pooled to cache.tokens_per_encoder={n - prefix}?), but this model has fusion.tokens_per_encoder="
+            f"{self.tokens_per_encoder} and takes {takes}; set fusion.tokens_per_encoder={n - prefix} or "
+            f"cache.tokens_per_encoder={self.tokens_per_encoder if self.tokens_per_encoder is not None else 'null'}"
+        )
 
     @abstractmethod
     def forward(

@@ -57,6 +57,15 @@ def resample_grid(patches: torch.Tensor, side: int, mode: str = "bilinear") -> t
     return grid.flatten(2).transpose(1, 2)
 
 
+def pool_tokens(tokens: torch.Tensor, num_prefix: int, side: int) -> torch.Tensor:
+    """``(B, P + s*s, D)`` -> ``(B, P + side*side, D)``: prefix tokens kept, patch grid pooled to ``side``.
+
+    The one token reduction of the fusers (``Fuser.reduce``) and of pooled feature caches (built with it,
+    so a run on a pooled cache sees what the model would have computed); ``side == s`` is the identity.
+    """
+    return torch.cat([tokens[:, :num_prefix], resample_grid(tokens[:, num_prefix:], side)], dim=1)
+
+
 def summary_token(tokens: torch.Tensor, num_prefix: int) -> torch.Tensor:
     """One global token ``(B, 1, D)``: the mean of the prefix tokens, or of the patches if there are none."""
     source = tokens[:, :num_prefix] if num_prefix else tokens
