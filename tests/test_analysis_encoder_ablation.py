@@ -6,7 +6,7 @@ import math
 import pytest
 from analysis_helpers import ENCODERS, check_wandb, run_mode, tiny_checkpoint
 
-from fusion.analysis.encoder_ablation import NONE, marginal_contributions
+from fusion.analysis.encoder_ablation import NONE, marginal_contributions, masking_changes
 
 
 @pytest.fixture(scope="module")
@@ -75,3 +75,24 @@ def test_shapley_of_an_additive_score_is_each_encoders_weight():
     for n, w in weights.items():
         assert math.isclose(out[n]["shapley"], w) and math.isclose(out[n]["drop_when_removed"], w)
         assert math.isclose(out[n]["mean_gain_when_added"], w)
+
+
+def test_masking_changes_count_changed_helped_and_hurt_answers_by_hand():
+    # Labels q1: 0, q2: 2, q3: 1; q4 is not scored. Masking a (answers of "b"): q2 1 -> 2 (helped), q4 0 -> 1
+    # (changed, unscored): changed 2/4, helped 1/3. Masking b (answers of "a"): q1 0 -> 1 (hurt), q3 2 -> 1
+    # (helped): changed 2/4, helped 1/3, hurt 1/3.
+    answers = {"a+b": {"q1": 0, "q2": 1, "q3": 2, "q4": 0}, "b": {"q1": 0, "q2": 2, "q3": 2, "q4": 1},
+               "a": {"q1": 1, "q2": 1, "q3": 1, "q4": 0}}
+    labels = {"q1": 0, "q2": 2, "q3": 1}
+    out = masking_changes(["a", "b"], answers, lambda q, a: float(a == labels[q]) if q in labels else None)
+    assert out["a"] == {"changed": 0.5, "helped": 1 / 3, "hurt": 0.0, "n": 4, "n_scored": 3, "helped_ids": ["q2"]}
+    assert out["b"] == {"changed": 0.5, "helped": 1 / 3, "hurt": 1 / 3, "n": 4, "n_scored": 3, "helped_ids": ["q3"]}
+
+
+def test_masking_shares_are_in_the_results_and_masking_csv(ablation):
+    results, folder = ablation
+    for e in ("clip_tiny", "dino_tiny"):
+        m = results["masking"][e]
+        assert m["n"] == 300 and 0.0 <= m["helped"] + m["hurt"] <= m["changed"] <= 1.0
+    rows = list(csv.DictReader((folder / "masking.csv").open()))
+    assert [r["encoder"] for r in rows] == ["clip_tiny", "dino_tiny"]

@@ -14,6 +14,11 @@ subsets of the other encoders, the empty one meaning the "no encoder" row):
 - ``drop_when_removed`` = ``f(A) - f(A - {e})``: what the full model loses without ``e`` alone;
 - ``mean_gain_when_added`` = mean over ``S`` of ``f(S + {e}) - f(S)``;
 - ``shapley`` = the same gains weighted by ``|S|! (n - |S| - 1)! / n!``; they sum to ``f(A) - f(none)``.
+
+Per example (``masking`` in results.json, ``masking.csv``): for each encoder ``e``, the share of the
+split's examples whose answer changes when ``e`` alone is masked (``A - {e}`` against ``A``), and the shares
+whose score (the task's per-answer score, :meth:`~fusion.tasks.base.VLTask.answer_accuracy`) rises
+(masking helps: redundancy or harm) or falls; ``helped_ids`` lists up to 20 of the helped examples.
 """
 
 from __future__ import annotations
@@ -83,9 +88,15 @@ def encoder_ablation(ctx: AnalysisContext) -> dict[str, Any]:
     names, task, metric = ctx.encoder_names, ctx.task, ctx.task.metric_name
     evaluated: dict[str, dict[str, float]] = {}
     score: dict[frozenset[str], float] = {}
+    answers: dict[str, dict[str, int]] = {}
     for subset in subsets(names):
+        chosen = answers.setdefault(subset_name(subset), {})
+
+        def keep_answers(batch: dict[str, Any], logits: Any, out: Any, chosen: dict[str, int] = chosen) -> None:
+            chosen.update(zip(map(str, batch["question_ids"]), logits.argmax(-1).tolist(), strict=True))
+
         with keep_only(ctx.model, subset):
-            values = evaluate(ctx)
+            values = evaluate(ctx, on_output=keep_answers)
         evaluated[subset_name(subset)] = values
         score[frozenset(subset)] = values[metric]
     means = mean_tokens(ctx)
@@ -96,9 +107,11 @@ def encoder_ablation(ctx: AnalysisContext) -> dict[str, Any]:
         "question_prior": question_prior_accuracy(task, ctx.split),
     }
     marginal = marginal_contributions(names, score)
+    examples = {str(e.question_id): e for e in task.examples(ctx.split)}
+    masking = masking_changes(names, answers, lambda qid, a: task.answer_accuracy(examples[qid], a))
 
     report = new_report(ctx, f"Encoder ablation ({task.name}, {ctx.split})")
-    report.results.update({"subsets": evaluated, "baselines": baselines, "marginal": marginal})
+    report.results.update({"subsets": evaluated, "baselines": baselines, "marginal": marginal, "masking": masking})
     full = subset_name(names)
     report.text(
         f"`{metric}` of the model with only the listed encoders visible (the others dropped with VE-dropout's "
@@ -121,7 +134,54 @@ def encoder_ablation(ctx: AnalysisContext) -> dict[str, Any]:
     report.table("marginal", ["encoder", *parts], [[e, *(marginal[e][p] for p in parts)] for e in names])
     caption = f"Marginal contribution of each encoder to {metric}"
     report.figure("marginal", _marginal_chart(marginal, names, metric), caption)
+    report.text(
+        "Per example, each encoder masked alone: `changed` = share of examples whose answer differs from the "
+        "full model's; `helped` / `hurt` = share whose score rises / falls (over the scored examples)."
+    )
+    shares = ["changed", "helped", "hurt", "n", "n_scored"]
+    report.table("masking", ["encoder", *shares], [[e, *(masking[e][k] for k in shares)] for e in names])
     return report.write()
+
+
+def masking_changes(
+    names: Sequence[str], answers: dict[str, dict[str, int]], score: Any
+) -> dict[str, dict[str, Any]]:
+    """Per encoder ``e``: how the answers of ``A - {e}`` differ from ``A``'s, example by example.
+
+    ``answers``: {subset name: {question id: answer index}}; ``score(question_id, answer)``: the example's
+    score of that answer, None if it is not scored. ``changed`` is over every example, ``helped`` and
+    ``hurt`` over the scored ones (None without any).
+    """
+    full = answers[subset_name(names)]
+    out: dict[str, dict[str, Any]] = {}
+    for e in names:
+        if len(names) == 1:
+            break  # masking the only encoder is the "none" row, not a subset the fusers accept
+        without = answers[subset_name([x for x in names if x != e])]
+        changed = helped = hurt = scored = 0
+        helped_ids: list[str] = []
+        for qid, answer in full.items():
+            other = without[qid]
+            changed += other != answer
+            before, after = score(qid, answer), score(qid, other)
+            if before is None or after is None:
+                continue
+            scored += 1
+            if after > before:
+                helped += 1
+                if len(helped_ids) < 20:
+                    helped_ids.append(qid)
+            hurt += after < before
+        n = len(full)
+        out[e] = {
+            "changed": changed / n if n else None,
+            "helped": helped / scored if scored else None,
+            "hurt": hurt / scored if scored else None,
+            "n": n,
+            "n_scored": scored,
+            "helped_ids": helped_ids,
+        }
+    return out
 
 
 def _bar_chart(

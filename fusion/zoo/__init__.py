@@ -8,7 +8,8 @@ that :class:`fusion.encoders.TimmEncoder` loads through ``encoder.<name>.weights
 - :mod:`fusion.zoo.dino`: self-distillation without labels (EMA teacher, multi-crop, centring, sharpening);
 - :mod:`fusion.zoo.supervised`: supervised multi-label classification of the generated attributes.
 
-:mod:`fusion.zoo.probe` measures what the towers learned (linear probes, linear CKA) and
-:mod:`fusion.zoo.study` collects the encoder-subset study, :mod:`fusion.zoo.leaning` which encoder the fused
-model leans on per question type; :mod:`fusion.zoo.entry` is what ``train.py`` runs for a config with a ``zoo`` key.
+:mod:`fusion.zoo.probe` measures what the towers learned (linear probes, linear CKA);
+:mod:`fusion.zoo.entry` is what ``train.py`` runs for a config with a ``zoo`` key. The encoder-subset study
+of a sweep (``+experiment=zoo/complementarity``) is :mod:`fusion.study` (:mod:`fusion.zoo.study` is its
+old name, kept as an alias).
 """

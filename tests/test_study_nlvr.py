@@ -1,4 +1,4 @@
-"""The subset study on NLVR v1 (+experiment=zoo/complementarity_nlvr) through train.py, on tiny official-format data."""
+"""fusion.study on NLVR v1 (+experiment=zoo/complementarity_nlvr) through train.py, on tiny official-format data."""
 
 import csv
 import json

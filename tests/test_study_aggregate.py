@@ -1,4 +1,4 @@
-"""The subset study's collection: a sweep folder's jobs (subsets x seeds) -> table, plot and summary."""
+"""fusion.study.aggregate (and jobs.collect): a sweep folder's jobs (subsets x seeds) -> table, plot and summary."""
 
 import csv
 import itertools
@@ -8,7 +8,9 @@ import math
 import pytest
 import yaml
 
-from fusion.zoo.study import aggregate, collect, spread, summarize, write_study
+from fusion.study import write_study
+from fusion.study.aggregate import aggregate, spread, summarize
+from fusion.study.jobs import collect
 
 TINY = ["clip_tiny", "dino_tiny", "vit_tiny"]
 SUBSETS = [list(c) for r in (1, 2, 3) for c in itertools.combinations(TINY, r)]

@@ -1,4 +1,4 @@
-"""Which encoder the fused model leans on for which question type: the second half of the zoo study.
+"""Which encoder the fused model leans on for which question type (the all-encoder jobs' analyses).
 
 Every job of the study's subset with all encoders (one per seed) is analysed on its best checkpoint (the
 one its test metrics come from) by two of ``eval.py``'s analysis modes, run in process on the job's own
@@ -10,8 +10,10 @@ config, their report folders in ``<job>/leaning/<mode>/``:
   is removed (the full model minus the model without it).
 
 Both are aggregated over seeds (mean, sample std, min, max, the value per seed) into ``leaning.csv``,
-``leaning.md``, ``leaning.png`` and the ``leaning`` entry of ``summary.json``
-(:func:`fusion.zoo.study.write_study` calls :func:`write_leaning` after the subset table).
+``leaning.md``, ``leaning.png``, ``leaning_heatmap.png`` and the ``leaning`` entry of ``summary.json``
+(:func:`fusion.study.cli.write_study` calls :func:`write_leaning` after the subset table). The same
+``encoder_ablation`` results feed the retrain-vs-mask agreement (:mod:`fusion.study.agreement`) and the
+masked utilisation measures (:mod:`fusion.study.utilisation`).
 """
 
 from __future__ import annotations
@@ -26,30 +28,18 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only; no display on a cluster node
 import matplotlib.pyplot as plt  # noqa: E402
-from omegaconf import OmegaConf  # noqa: E402
 
-from fusion.zoo.study import MAX, MIN, STD, _seed_key, _seed_name, _write_csv, spread  # noqa: E402
+from fusion.study.common import MAX, MIN, STD, spread, write_csv  # noqa: E402
+from fusion.study.common import seed_key as _seed_key  # noqa: E402
+from fusion.study.common import seed_name as _seed_name  # noqa: E402
+from fusion.study.jobs import analysis_config, best_checkpoint, sweep_cwd  # noqa: E402
 
-__all__ = ["analyse_job", "best_checkpoint", "leaning", "write_leaning"]
+__all__ = ["analyse_full_jobs", "analyse_job", "leaning", "write_leaning"]
 
-CONF = Path(__file__).resolve().parents[2] / "conf"
 # The leaning's measures per (answer type, encoder): attention mass of each query kind, VE-dropout drop.
 MEASURES = ("attention_cls", "attention_text", "drop_when_removed")
 # The row of the whole split beside the answer types.
 ALL = "all"
-
-
-def best_checkpoint(job: str | Path) -> tuple[Path, str]:
-    """The checkpoint a job's test metrics come from, and its kind: ``best`` (the monitored top-1 file of
-    conf/callbacks' ``model_checkpoint``, ``checkpoints/epoch_*.ckpt``), else ``last`` (``last.ckpt``)."""
-    folder = Path(job) / "checkpoints"
-    best = [p for p in folder.glob("*.ckpt") if not p.name.startswith(("last", "hpc_ckpt_"))]
-    if best:
-        # save_top_k=1 writes a new file only when the monitored metric improves: the newest one is the best.
-        return max(best, key=lambda p: p.stat().st_mtime), "best"
-    if (folder / "last.ckpt").is_file():
-        return folder / "last.ckpt", "last"
-    raise FileNotFoundError(f"study: no checkpoint in {str(folder)!r} (neither a best epoch_*.ckpt nor last.ckpt)")
 
 
 def analyse_job(job: str | Path, stage: str = "test") -> dict[str, Any]:
@@ -64,27 +54,18 @@ def analyse_job(job: str | Path, stage: str = "test") -> dict[str, Any]:
     from fusion.analysis import MODES  # here: it loads torch and the models, which only the leaning needs
 
     job = Path(job).resolve()
-    config = OmegaConf.load(job / "config_resolved.yaml")
     ckpt, kind = best_checkpoint(job)
-    analysis = OmegaConf.load(CONF / "analysis" / "default.yaml")
-    analysis.attention.split_by = "auto"  # answer types when the task has them
-    out = job / "leaning"
-    split = OmegaConf.select(config, f"task.{stage}_split", default=stage)
     results: dict[str, Any] = {"checkpoint": str(ckpt.relative_to(job)), "checkpoint_kind": kind}
-    with contextlib.chdir(_sweep_cwd(job)):
+    with contextlib.chdir(sweep_cwd(job)):
         for mode in ("attention", "encoder_ablation"):
-            cfg = OmegaConf.merge(config, {"mode": mode, "ckpt_path": str(ckpt), "split": split, "analysis": analysis})
-            # Not the job's own folder: an analysis writes its config_resolved.yaml into paths.output_dir.
-            cfg.paths.output_dir = str(out)
-            cfg.analysis.dir = str(out / mode)
-            cfg.logger = None
+            cfg = analysis_config(job, mode, stage, ckpt, job / "leaning")
             try:
                 results[mode] = MODES[mode](cfg)
             except Exception as e:
                 raise RuntimeError(
                     f"study: eval.py mode={mode} on {str(ckpt)!r} failed ({type(e).__name__}: {e}); the table is "
-                    "written; `python -m fusion.zoo.study <sweep dir> --no-leaning` (or "
-                    "hydra.callbacks.subset_table.leaning=false) skips the leaning"
+                    "written; `python -m fusion.study <sweep dir> --no-leaning` (or "
+                    "hydra.callbacks.study.leaning=false) skips the leaning and the masking"
                 ) from e
     return results
 
@@ -140,33 +121,31 @@ def leaning(jobs: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-def write_leaning(
-    sweep_dir: str | Path, rows: list[dict[str, Any]], summary: dict[str, Any], metric: str = "test/acc"
-) -> dict[str, Any]:
-    """Analyse the jobs of the all-encoder subset (:func:`analyse_job`) and write leaning.csv, leaning.md and
-    leaning.png into ``sweep_dir``; returns :func:`leaning` (``{"skipped": why}`` when there is nothing to do).
-
-    ``rows`` and ``summary``: :func:`collect`'s and :func:`summarize`'s; the subset is ``summary["all"]``.
-    """
-    sweep_dir = Path(sweep_dir)
-    full = summary["all"]["subset"]
+def analyse_full_jobs(sweep_dir: Path, rows: list[dict[str, Any]], full: str, stage: str) -> list[dict[str, Any]]:
+    """:func:`analyse_job` on every job of subset ``full`` among ``rows`` (one group's), each with its
+    ``job`` and ``seed``; empty when ``full`` has a single encoder (nothing to mask)."""
     if "+" not in full:
-        print(f"study: no leaning; the largest subset {full!r} has a single encoder")
-        return {"skipped": f"the largest subset {full!r} has a single encoder"}
-    stage = metric.partition("/")[0]
-    jobs = [r for r in rows if r["subset"] == full]
-    analysed = [{"job": r["job"], "seed": r["seed"], **analyse_job(sweep_dir / r["job"], stage)} for r in jobs]
+        return []
+    return [{"job": r["job"], "seed": r["seed"], **analyse_job(sweep_dir / r["job"], stage)}
+            for r in rows if r["subset"] == full]
+
+
+def write_leaning(folder: Path, analysed: list[dict[str, Any]]) -> dict[str, Any]:
+    """:func:`leaning` of the :func:`analyse_full_jobs` results, written as leaning.csv, leaning.md,
+    leaning.png (bars) and leaning_heatmap.png into ``folder``; ``{"skipped": why}`` without any."""
+    if not analysed:
+        return {"skipped": "no all-encoder job with more than one encoder"}
     result = leaning(analysed)
     table = [
         {"answer_type": t, "encoder": e, "n": entry["n"], "seeds": ",".join(map(str, result["seeds"])),
          **{k: v for m in MEASURES for k, v in _spread_columns(m, entry["encoders"][e][m]).items()}}
         for t, entry in result["by_type"].items() for e in result["encoders"]
     ]
-    _write_csv(sweep_dir / "leaning.csv", table, list(table[0]))
-    (sweep_dir / "leaning.md").write_text(_leaning_markdown(result))
-    _leaning_plot(result, sweep_dir / "leaning.png")
-    result["files"] = ["leaning.csv", "leaning.md", "leaning.png"]
-    print((sweep_dir / "leaning.md").read_text())
+    write_csv(folder / "leaning.csv", table, list(table[0]))
+    (folder / "leaning.md").write_text(_leaning_markdown(result))
+    _leaning_plot(result, folder / "leaning.png")
+    _leaning_heatmap(result, folder / "leaning_heatmap.png")
+    result["files"] = ["leaning.csv", "leaning.md", "leaning.png", "leaning_heatmap.png"]
     return result
 
 
@@ -283,8 +262,29 @@ def _leaning_plot(result: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
-def _sweep_cwd(job: Path) -> Path:
-    """The folder the job ran in (its ``.hydra/hydra.yaml``), else the current one."""
-    hydra_yaml = job / ".hydra" / "hydra.yaml"
-    cwd = OmegaConf.select(OmegaConf.load(hydra_yaml), "hydra.runtime.cwd") if hydra_yaml.is_file() else None
-    return Path(cwd) if cwd else Path.cwd()
+def _leaning_heatmap(result: dict[str, Any], path: Path) -> None:
+    """Answer types x encoders, one panel per measure, the mean over seeds in each cell."""
+    encoders, types = result["encoders"], list(result["by_type"])
+    fig, axes = plt.subplots(1, len(MEASURES), figsize=(2.2 + 1.6 * len(encoders) * len(MEASURES),
+                                                        1.4 + 0.45 * len(types)), squeeze=False)
+    for ax, m in zip(axes[0], MEASURES, strict=True):
+        values = [[(s["mean"] if (s := result["by_type"][t]["encoders"][e][m]) else math.nan) for e in encoders]
+                  for t in types]
+        diverging = m == "drop_when_removed"  # a drop can be negative: masking helped
+        finite = [abs(v) for row in values for v in row if math.isfinite(v)] or [1.0]
+        limit = max(finite) or 1.0
+        image = ax.imshow(values, cmap="RdBu_r" if diverging else "viridis", aspect="auto",
+                          vmin=-limit if diverging else None, vmax=limit if diverging else None)
+        for i, row in enumerate(values):
+            for j, v in enumerate(row):
+                if math.isfinite(v):
+                    ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7,
+                            color="black" if diverging else "white")
+        ax.set_xticks(range(len(encoders)), encoders, fontsize=7, rotation=20)
+        ax.set_yticks(range(len(types)), types, fontsize=7)
+        ax.set_title(m.replace("_", " "), fontsize=9)
+        fig.colorbar(image, ax=ax, fraction=0.05)
+    fig.suptitle(f"{result['subset']}: leaning per answer type (mean over seeds {result['seeds']})", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -1,0 +1,5 @@
+"""``python -m fusion.study <sweep dir>``: see :mod:`fusion.study.cli`."""
+
+from fusion.study.cli import main
+
+main()
