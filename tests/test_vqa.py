@@ -274,6 +274,12 @@ def _edit(path: Path, edit) -> None:
          r"question_id 1000: answer_type 'colour' is not one of \['yes/no', 'number', 'other'\]"),
         ("v2_mscoco_train2014_annotations.json", lambda d: d["annotations"][0].update(image_id=7),
          r"annotation of question_id 1000 has image_id 7, the question in .* has 1"),
+        # A question annotated twice: json keeps both entries, and the second must not silently win.
+        ("v2_mscoco_train2014_annotations.json", lambda d: d["annotations"].append(dict(d["annotations"][1])),
+         r"train2014_annotations\.json: annotation of question_id 1001: question_id annotated twice "
+         r"\(annotations\[12\] repeats it\)"),
+        ("v2_mscoco_train2014_annotations.json", lambda d: d["annotations"].clear(),
+         r"train2014_annotations\.json: no annotation for question_id 1000"),
     ],
 )
 def test_malformed_files_name_the_file_entry_and_key(data, tmp_path, file, edit, message):
