@@ -3,6 +3,7 @@
     python bench/cache_storage.py                        # tiny encoders, every measure, 3 seeds
     python bench/cache_storage.py --base                 # + base-size clip/dino/vit (random init): no accuracy
     python bench/cache_storage.py --seeds 1 --acc-epochs 2 --acc-storages float16 int8/16   # a shorter accuracy run
+    python bench/cache_storage.py --accuracy-only --acc-storages float16 int8 int8/4 task.num_train=1000
 
 Storages (rows): ``--dtypes`` (float16, int8 by default; float32, float8_e4m3fn possible) x pooling
 (full, then each K of ``--pool``, base size, or ``--tiny-pool``, tiny encoders: their grids are 4 x 4 and
@@ -150,6 +151,8 @@ def main() -> None:
     parser.add_argument("--acc-epochs", type=int, default=None, help="epochs of each accuracy run (default 8)")
     parser.add_argument("--acc-storages", nargs="+", default=None,
                         help="storages trained for accuracy, e.g. float16 int8/16 (default: every tiny row)")
+    parser.add_argument("--accuracy-only", action="store_true",
+                        help="only the accuracy part (storages from --acc-storages, or every tiny storage)")
     parser.add_argument("--zoo-dir", type=Path, default=ROOT / "zoo")
     parser.add_argument("--pretrain-steps", type=int, default=None,
                         help="steps per zoo tower if the towers must be pretrained (default: the recipes')")
@@ -158,8 +161,9 @@ def main() -> None:
     start(args)
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, {os.cpu_count()} CPUs, "
           f"load average {os.getloadavg()[0]:.2f} at start")
-    print(f"{'size':<5} {'storage':<16} {'tokens/img':>12} {'B/img':>10} {'x f16':>6} {'build img/s':>11} "
-          f"{'read smp/s':>10} {'step smp/s':>10}")
+    if not args.accuracy_only:
+        print(f"{'size':<5} {'storage':<16} {'tokens/img':>12} {'B/img':>10} {'x f16':>6} {'build img/s':>11} "
+              f"{'read smp/s':>10} {'step smp/s':>10}")
     ref_bytes: dict[str, int] = {}
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
@@ -169,7 +173,8 @@ def main() -> None:
         for size, encoders, pools in sizes:
             for dtype in args.dtypes:
                 for k in [None, *pools]:
-                    measure(size, encoders, dtype, k, args, out, ref_bytes)
+                    if not args.accuracy_only:
+                        measure(size, encoders, dtype, k, args, out, ref_bytes)
                     if size == "tiny":
                         tiny_storages.append(storage_name(dtype, k))
         if args.seeds and not args.only_base:
