@@ -59,6 +59,10 @@ def _release_when_requeued(job: str, timeout: float = 300) -> None:
         assert time.monotonic() < deadline, _state(job)
         time.sleep(1)
     assert _state(job) == "PENDING", _state(job)
+    # slurmd refuses to launch a job it has just killed ("Job N already killed, do not launch batch job", the
+    # attempt then FAILS) until it has cleaned up the killed attempt: released within a second of the requeue,
+    # under load, it did. A few seconds is still far below the BeginTime delay the release skips.
+    time.sleep(5)
     subprocess.run(["scontrol", "update", f"jobid={job}", "StartTime=now"], check=True)  # no BeginTime delay
 
 
