@@ -57,7 +57,17 @@ def cache_settings(cfg: DictConfig, always: bool = False) -> CacheSettings | Non
     if cache is None or not (always or cache.get("enabled", False)):
         return None
     names = [f.name for f in dataclasses.fields(CacheSettings)]
-    return CacheSettings(**{n: cache[n] for n in names if cache.get(n) is not None})
+    settings = CacheSettings(**{n: cache[n] for n in names if cache.get(n) is not None})
+    pooled, model_k = settings.tokens_per_encoder, cfg.get("fusion", {}).get("tokens_per_encoder")
+    if pooled is not None and not always and pooled != model_k:
+        # Caught before any cache is built: a cache pooled to K feeds only a model that pools to the same K
+        # (the fuser would refuse it at the first forward, after the build).
+        raise ValueError(
+            f"cache.tokens_per_encoder={pooled} stores the patch grids pooled to {pooled} tokens, but "
+            f"fusion.tokens_per_encoder={model_k}: set fusion.tokens_per_encoder={pooled}, or "
+            "cache.tokens_per_encoder=null (a full cache serves any fusion.tokens_per_encoder)"
+        )
+    return settings
 
 
 def build(cfg: DictConfig) -> tuple[FusionDataModule, FusionLitModule]:
@@ -255,7 +265,10 @@ def extract(cfg: DictConfig) -> dict[str, str]:
     paths = {}
     for name, encoder in encoders.items():
         encoder.to(device)
-        common = {"dtype": settings.dtype, "batch_size": settings.batch_size, "num_workers": settings.num_workers}
+        common = {
+            "dtype": settings.dtype, "tokens_per_encoder": settings.tokens_per_encoder,
+            "batch_size": settings.batch_size, "num_workers": settings.num_workers,
+        }
         if num_shards is None:
             cache = ensure_cache(encoder, images, settings.dir, rebuild=settings.rebuild, **common)
         else:

@@ -337,6 +337,31 @@ def test_extract_in_shards_then_train_from_the_cache(tmp_path):
     assert "no feature cache for the configured encoder 'clip_tiny'" in proc.stderr and "sha256" in proc.stderr
 
 
+def test_a_pooled_cache_needs_the_same_pooling_in_the_model(tmp_path):
+    from fusion.run import cache_settings
+
+    cfg = _compose(tmp_path, ["+experiment=shapes", "cache.enabled=true", "cache.tokens_per_encoder=4"])
+    with pytest.raises(ValueError, match=r"cache.tokens_per_encoder=4 .* but fusion.tokens_per_encoder=None"):
+        cache_settings(cfg)  # before any cache is built
+    cfg = _compose(tmp_path, ["+experiment=shapes", "cache.enabled=true", "cache.tokens_per_encoder=4",
+                              "fusion.tokens_per_encoder=4"])
+    assert cache_settings(cfg).tokens_per_encoder == 4
+    # A full cache serves any pooling of the model.
+    cfg = _compose(tmp_path, ["+experiment=shapes", "cache.enabled=true", "fusion.tokens_per_encoder=4"])
+    assert cache_settings(cfg).tokens_per_encoder is None
+
+
+def test_extract_builds_the_configured_storage(tmp_path):
+    args = ["mode=extract", "+experiment=shapes", *SMALL, "encoder=[clip_tiny]", "cache.num_workers=0",
+            "cache.dtype=int8", "cache.tokens_per_encoder=4", f"hydra.run.dir={tmp_path / 'x'}"]
+    proc = _run("eval.py", args, tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (folder,) = json.loads((tmp_path / "x" / "caches.json").read_text())["caches"].values()
+    meta = json.loads((Path(folder) / "meta.json").read_text())
+    # clip_tiny: [CLS] + a 4 x 4 grid pooled to 2 x 2: 5 tokens a row, stored as int8.
+    assert meta["shape"][1] == 5 and meta["dtype"] == "int8", meta
+
+
 def test_eval_names_a_missing_checkpoint(tmp_path):
     proc = _run("eval.py", ["+experiment=shapes", "ckpt_path=/no/such.ckpt", *SMALL], tmp_path)
     assert proc.returncode != 0 and "/no/such.ckpt" in proc.stderr
