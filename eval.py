@@ -1,7 +1,7 @@
 """Evaluate a checkpoint: python eval.py +experiment=shapes ckpt_path=.../last.ckpt split=val.
 
 Other modes: ``mode=extract`` builds the feature caches of the configured encoders (see conf/cache/);
-``mode=collect sweep_dir=<multirun folder>`` gathers a sweep's metrics.json into one table (fusion/collect.py);
+``mode=collect sweep_dir=<multirun folder>`` gathers a sweep's metrics.json into one table (fusion/sweeps/collect.py);
 the analysis modes (``mode=encoder_ablation`` ..., fusion/analysis/) write a report folder about a checkpoint.
 """
 
@@ -11,9 +11,9 @@ import hydra
 from omegaconf import DictConfig
 
 from fusion.analysis import MODES as ANALYSIS_MODES
-from fusion.cli import check_choices
-from fusion.collect import collect_from_config
-from fusion.run import evaluate, extract
+from fusion.run.cli import check_choices
+from fusion.run.commands import evaluate, extract
+from fusion.sweeps.collect import collect_from_config
 
 MODES = {"eval": evaluate, "extract": extract, "collect": collect_from_config, **ANALYSIS_MODES}
 

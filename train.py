@@ -5,8 +5,8 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from fusion.cli import check_choices
-from fusion.run import train
+from fusion.run.cli import check_choices
+from fusion.run.commands import train
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")

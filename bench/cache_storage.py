@@ -11,7 +11,7 @@ Storages (rows): ``--dtypes`` (float16, int8 by default; float32, float8_e4m3fn 
 in one process on the shapes experiment (``+experiment=shapes``, the caches under ``--cache-dir``):
 
 - ``B/img``: feature bytes per image on disk, all encoders (rows + int8 scales; ``x f16``: vs float16 full);
-- ``build img/s``: images per second of :func:`fusion.cache.build_cache` for every encoder in turn
+- ``build img/s``: images per second of :func:`fusion.data.cache.build_cache` for every encoder in turn
   (``--force``d: decode, transform, encode, pool, quantise, write, publish; 2 DataLoader workers);
 - ``read smp/s``: training samples per second out of the training DataLoader (``data.num_workers=2``,
   the collator reading and dequantising the cached rows; the files in the page cache), over
@@ -47,8 +47,8 @@ sys.path.insert(0, str(ROOT))
 from cache_vs_online import fit  # noqa: E402
 from training_setup import BASE, TINY, add_size_arguments, shapes_config, start  # noqa: E402
 
-from fusion.cache import build_cache, images_of  # noqa: E402
-from fusion.run import build  # noqa: E402
+from fusion.data.cache import build_cache, images_of  # noqa: E402
+from fusion.run.commands import build  # noqa: E402
 
 
 def storage_name(dtype: str, k: int | None) -> str:

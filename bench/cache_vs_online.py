@@ -5,8 +5,8 @@
     python bench/cache_vs_online.py --only-base --base-steps 5
     python bench/cache_vs_online.py fusion=gated             # extra Hydra overrides for both runs
 
-The real training path: ``fusion.run.build`` of ``+experiment=shapes`` gives the data module and the
-:class:`~fusion.lit.FusionLitModule`, and a Lightning ``Trainer`` built from ``conf/trainer`` (fp32,
+The real training path: ``fusion.run.commands.build`` of ``+experiment=shapes`` gives the data module and the
+:class:`~fusion.training.module.FusionLitModule`, and a Lightning ``Trainer`` built from ``conf/trainer`` (fp32,
 gradient clipping, AdamW + cosine schedule from the module) fits it with ``data.num_workers`` (2)
 workers. Once with ``cache.enabled=true`` (batches carry the cached fp16 features, the encoders never
 run) and once without (workers decode and transform the images, the frozen encoders run in the
@@ -39,7 +39,7 @@ sys.path.insert(0, str(ROOT))
 
 from training_setup import add_size_arguments, run_sizes, shapes_config, start  # noqa: E402
 
-from fusion.run import build  # noqa: E402
+from fusion.run.commands import build  # noqa: E402
 
 
 class StepTimer(pl.Callback):

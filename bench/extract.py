@@ -6,7 +6,7 @@
 For each encoder, in one process: (a) a bare loop of ``model.forward_features`` over pixel batches that
 were decoded and preprocessed beforehand (the encoder's own cost and nothing else), (b) the same bare loop
 fed by the same DataLoader the build uses (decode + preprocess in ``--workers`` workers: everything a
-build must do except storing), (c) a full :func:`fusion.cache.build_cache` over the same image files and
+build must do except storing), (c) a full :func:`fusion.data.cache.build_cache` over the same image files and
 batch size (that loader, encoder, fp16 conversion, writes, publish). Each is run ``--repeats`` times and
 the best is kept. Printed: images/s of the three, ``build/bare`` (1.0 = the cache costs nothing on top of
 the encoder; decoding dominates for tiny encoders) and ``build/loop`` (what storing costs on top of
@@ -33,10 +33,10 @@ sys.path.insert(0, str(ROOT))
 
 from torch.utils.data import DataLoader  # noqa: E402
 
-from fusion.cache import build_cache  # noqa: E402
-from fusion.cache.build import ImageFiles  # noqa: E402
-from fusion.encoders import TimmEncoder  # noqa: E402
-from fusion.images import load_image  # noqa: E402
+from fusion.data.cache import build_cache  # noqa: E402
+from fusion.data.cache.build import ImageFiles  # noqa: E402
+from fusion.data.images import load_image  # noqa: E402
+from fusion.encoders.vision import TimmEncoder  # noqa: E402
 
 
 def encoder(name: str) -> TimmEncoder:

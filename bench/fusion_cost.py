@@ -42,7 +42,7 @@ def build(strategy: str, n_encoders: int, overrides: list[str]):
     from hydra import compose, initialize_config_dir
     from hydra.utils import instantiate
 
-    from fusion.heads import ClassifierHead
+    from fusion.model.heads import ClassifierHead
 
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = compose("train", overrides=[f"fusion={strategy}", *overrides])

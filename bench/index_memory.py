@@ -1,13 +1,13 @@
 """Memory and lookup time of a cache's key -> row index: the ``index.json`` dict vs the compact sorted keys.
 
 For each key pattern a cache of ``--images`` rows is written by the package's own writer
-(:class:`fusion.cache.writer.PartialCache`) with ``(N, 1, 1)`` features, so that only the index weighs
+(:class:`fusion.data.cache.writer.PartialCache`) with ``(N, 1, 1)`` features, so that only the index weighs
 anything. Then, in a fresh process per (pattern, representation), ``RssAnon`` (``/proc/self/status``) is
 read before and after the index is loaded and kept:
 
-- ``dict``: ``json.loads`` of ``index.json``, what :class:`~fusion.cache.store.FeatureCache` held before
+- ``dict``: ``json.loads`` of ``index.json``, what :class:`~fusion.data.cache.store.FeatureCache` held before
   (one ``str`` and one ``int`` object per image, plus the hash table);
-- ``compact``: :class:`~fusion.cache.store.FeatureCache` as it is now (keys sorted as fixed-width UTF-8
+- ``compact``: :class:`~fusion.data.cache.store.FeatureCache` as it is now (keys sorted as fixed-width UTF-8
   bytes + an int64 row per key, looked up with ``np.searchsorted``).
 
 ``VmHWM`` growth is the peak while loading (opening still parses ``index.json`` into a dict once, to
@@ -53,8 +53,8 @@ def status() -> dict[str, int]:
 
 
 def synthesize(folder: Path, pattern: str, n: int) -> Path:
-    from fusion.cache.store import keys_digest
-    from fusion.cache.writer import PartialCache
+    from fusion.data.cache.store import keys_digest
+    from fusion.data.cache.writer import PartialCache
 
     folder.mkdir(parents=True, exist_ok=True)
     keys = [pattern.format(i=i) for i in range(n)]
@@ -69,7 +69,7 @@ def synthesize(folder: Path, pattern: str, n: int) -> Path:
 
 
 def child(path: Path, how: str, pattern: str, n: int, batch: int, repeats: int) -> dict[str, float]:
-    from fusion.cache.store import INDEX, FeatureCache
+    from fusion.data.cache.store import INDEX, FeatureCache
 
     rng = np.random.default_rng(0)
     queries = [[pattern.format(i=int(i)) for i in rng.integers(0, n, batch)] for _ in range(repeats)]

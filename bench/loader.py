@@ -4,11 +4,11 @@
     python bench/loader.py --base           # + base-size CLIP/DINO/ViT caches (random init), batches of 8
     python bench/loader.py --workers 1 --batches 50 fusion=resampler
 
-With ``cache.enabled=true`` the training loader of the real :class:`fusion.data.FusionDataModule`
+With ``cache.enabled=true`` the training loader of the real :class:`fusion.data.module.FusionDataModule`
 (``--workers`` persistent workers; each batch: tokenize the questions, gather every encoder's cached
 rows in one read per batch) is drained for ``--batches`` batches with nothing else running: the rate it
 can deliver. The first pass also keeps those batches in memory; the training step of
-:class:`fusion.lit.FusionLitModule` (``training_step`` + backward + gradient clipping + foreach AdamW,
+:class:`fusion.training.module.FusionLitModule` (``training_step`` + backward + gradient clipping + foreach AdamW,
 as ``conf/trainer`` and ``configure_optimizers`` set them up) then runs over exactly those batches,
 with no loading: the rate the model consumes them. The loader must deliver at least 5x what the step
 consumes, so it is never the bottleneck. Loader and step passes alternate ``--repeats`` times; medians.
@@ -37,8 +37,8 @@ sys.path.insert(0, str(ROOT))
 
 from training_setup import add_size_arguments, run_sizes, shapes_config, start  # noqa: E402
 
-from fusion.cache.store import FeatureCache  # noqa: E402
-from fusion.run import build  # noqa: E402
+from fusion.data.cache.store import FeatureCache  # noqa: E402
+from fusion.run.commands import build  # noqa: E402
 
 
 @contextlib.contextmanager

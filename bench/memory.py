@@ -6,12 +6,12 @@
 
 For each cache size the caches of the encoders (default: the shapes experiment's three tiny towers,
 17/37/17 tokens x 64, float16) are synthesized directly in the on-disk format: random rows written by
-the package's own writer (:class:`fusion.cache.writer.PartialCache`: temporary folder, ``COMPLETE``
+the package's own writer (:class:`fusion.data.cache.writer.PartialCache`: temporary folder, ``COMPLETE``
 marker, atomic publish) under the encoder's real fingerprint, so the data module's ``prepare_data``
 finds and opens them as built caches (nothing is encoded). Then, in a fresh subprocess per (size,
-reader), the real :class:`fusion.data.FusionDataModule` (``cache.enabled``, 2 DataLoader workers, the
+reader), the real :class:`fusion.data.module.FusionDataModule` (``cache.enabled``, 2 DataLoader workers, the
 collator's per-batch gather) feeds either a bare pass over the training loader (``--mode read``, the
-default) or a Lightning training run of :class:`fusion.lit.FusionLitModule` (``--mode train``). Every
+default) or a Lightning training run of :class:`fusion.training.module.FusionLitModule` (``--mode train``). Every
 example has its own image, so one epoch reads every row of every cache once, in shuffled order. (A
 training epoch over 100k images is 1563 steps: too long on a shared 2-core CPU, hence ``--steps``.)
 
@@ -99,10 +99,10 @@ def compose_cfg(args: argparse.Namespace, cache_dir: Path):
 
 def synthesize(args: argparse.Namespace, n: int, cache_dir: Path) -> float:
     """Write a complete cache of ``n`` random rows per encoder, as the builder would publish it; MiB on disk."""
-    from fusion.cache import cache_fingerprint, cache_path, images_of
-    from fusion.cache.store import keys_digest
-    from fusion.cache.writer import PartialCache
-    from fusion.run import build_encoders
+    from fusion.data.cache import cache_fingerprint, cache_path, images_of
+    from fusion.data.cache.store import keys_digest
+    from fusion.data.cache.writer import PartialCache
+    from fusion.run.commands import build_encoders
 
     cfg = compose_cfg(args, cache_dir)
     keys = sorted(images_of(CachedOnlyTask(n).examples("train")))
@@ -198,7 +198,7 @@ def patch_memmap_reader() -> None:
     """The previous FeatureCache.get: one ``np.take`` from a memory map of the whole file."""
     import torch
 
-    from fusion.cache.store import FeatureCache
+    from fusion.data.cache.store import FeatureCache
 
     def get(self: FeatureCache, keys, dtype=None):
         out = torch.from_numpy(np.take(self.array(), self.rows(keys), axis=0))
@@ -212,7 +212,7 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
     import torch
     from hydra.utils import instantiate
 
-    from fusion.run import build_encoders, cache_settings
+    from fusion.run.commands import build_encoders, cache_settings
 
     torch.set_num_threads(args.threads)
     if args.reader == "memmap":

@@ -21,8 +21,8 @@ import torch
 from omegaconf import OmegaConf
 from PIL import Image
 
-from fusion.encoders import TimmEncoder
-from fusion.images import load_image
+from fusion.data.images import load_image
+from fusion.encoders.vision import TimmEncoder
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf" / "encoder"
@@ -71,14 +71,14 @@ def run_worker(root: Path, images_json: Path, *args: str, wait: bool = True) -> 
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
-    """``python -m fusion.cache <args>`` in a new process, from the repository, as a user runs it."""
+    """``python -m fusion.data.cache <args>`` in a new process, from the repository, as a user runs it."""
     return subprocess.run(
-        [sys.executable, "-m", "fusion.cache", *args], cwd=ROOT, capture_output=True, text=True, timeout=300
+        [sys.executable, "-m", "fusion.data.cache", *args], cwd=ROOT, capture_output=True, text=True, timeout=300
     )
 
 
 def _main() -> None:
-    from fusion.cache import ensure_cache
+    from fusion.data.cache import ensure_cache
 
     parser = argparse.ArgumentParser()
     parser.add_argument("root")

@@ -13,7 +13,7 @@ from analysis_helpers import ENCODERS, check_wandb, run_mode, tiny_checkpoint
 from fusion.analysis.causal_trace import _order, position_labels
 from fusion.analysis.pairs import DEFAULT_SWAPS, swap_word
 from fusion.analysis.shapes_scene import scene_answers
-from fusion.model import CLS_GROUP, TEXT_GROUP
+from fusion.model.transformer import CLS_GROUP, TEXT_GROUP
 
 
 @pytest.fixture(scope="module")

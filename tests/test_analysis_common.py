@@ -9,7 +9,7 @@ import torch
 from entrypoints import run
 
 from fusion.analysis.common import keep_only, question_prior_accuracy, subsets, with_features
-from fusion.dropout import EncoderDropout
+from fusion.model.dropout import EncoderDropout
 from fusion.tasks.base import Example, VLTask
 
 MODES = ["encoder_ablation", "attention", "cross_modal_ablation", "probe", "causal_trace"]

@@ -267,7 +267,7 @@ def test_readme_shows_the_quick_start_and_the_docs_build():
 
 def test_extractor_handles_continuations_comments_placeholders_and_sweeps():
     text = (
-        "Prose with `python -m fusion.cache verify cache/x` inline.\n\n"
+        "Prose with `python -m fusion.data.cache verify cache/x` inline.\n\n"
         "```bash\n"
         "python train.py -m +experiment=shapes \\\n"
         "    'encoder=[clip_tiny],[dino_tiny]'   # a sweep\n"
@@ -278,7 +278,7 @@ def test_extractor_handles_continuations_comments_placeholders_and_sweeps():
         "```\n"
     )
     cmds = [c for c in (parse(line) for line in command_lines(text)) if c is not None]
-    assert [c.config or c.module for c in cmds] == ["train", "eval", "eval", "train", "fusion.cache"]
+    assert [c.config or c.module for c in cmds] == ["train", "eval", "eval", "train", "fusion.data.cache"]
     sweep, evaluate, extract, array, module = cmds
     assert sweep.multirun and sweep.overrides == ["+experiment=shapes", "encoder=[clip_tiny],[dino_tiny]"]
     assert first_of_sweeps(sweep.overrides) == ["+experiment=shapes", "encoder=[clip_tiny]"]
@@ -296,7 +296,7 @@ def test_extractor_handles_continuations_comments_placeholders_and_sweeps():
         ("python train.py -m +experiment=shapes fusion=token_concat,no_such_fuser", "no_such_fuser"),
         ("python eval.py +experiment=shapes model.no_such_key=1", "no_such_key"),
         ("python -m fusion.no_such_module", "no such module"),
-        ("python -m fusion.model", "no __main__ block"),
+        ("python -m fusion.model.transformer", "no __main__ block"),
         ("python bench/no_such_bench.py", "bench/no_such_bench.py does not exist"),
         ("sbatch slurm/train.sbatch +experiment=no_such_experiment", "no_such_experiment"),
     ],

@@ -10,7 +10,7 @@ import torch
 from entrypoints import FAST, train_then_eval
 from PIL import Image
 
-from fusion.ranking import RetrievalRecall, rerank
+from fusion.metrics.ranking import RetrievalRecall, rerank
 from fusion.tasks.flickr30k import Flickr30kTask
 
 SPLITS = {"train": 6, "val": 3, "test": 4}

@@ -11,7 +11,7 @@ from fusion.fusers import (
     TokenConcatFuser,
     resample_grid,
 )
-from fusion.model import FusionModel
+from fusion.model.transformer import FusionModel
 
 # Two encoders with different widths and grids: a 4x4 grid and a 6x6 grid, one [CLS] each.
 DIMS = {"a": 8, "b": 12}

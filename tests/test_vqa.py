@@ -184,7 +184,7 @@ def _write_split(root: Path, split: str, rows: list[tuple[str, list, str]], imag
 
 def test_vocabulary_targets_and_labels_use_the_evaluators_form_of_the_answers(tmp_path):
     # Training answers that the official evaluator compares in different forms (module docstring of
-    # fusion.tasks.vqa_metric): processed where annotators disagree, left as they are where all ten agree.
+    # fusion.metrics.vqa): processed where annotators disagree, left as they are where all ten agree.
     root = tmp_path / "vqa"
     (root / "train2014").mkdir(parents=True)
     Image.new("RGB", (8, 8)).save(root / "train2014" / "COCO_train2014_000000000001.jpg")

@@ -7,7 +7,7 @@ import torch
 from safetensors import safe_open
 from zoo_helpers import fit, one_thread, tiny_encoder, tiny_text
 
-from fusion.encoders import HFVisionEncoder
+from fusion.encoders.vision import HFVisionEncoder
 from fusion.zoo.clip import ClipRecipe
 from fusion.zoo.dino import DinoRecipe
 from fusion.zoo.recipe import SaveEncoder, save_encoder

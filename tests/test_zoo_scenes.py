@@ -5,8 +5,8 @@ import random
 import numpy as np
 import pytest
 
+from fusion.encoders.text import TINY_VOCAB
 from fusion.tasks.shapes import COLORS, SHAPES
-from fusion.text import TINY_VOCAB
 from fusion.zoo.scenes import ATTRIBUTE_GROUPS, SceneDataset, attribute_targets, caption, make_scene
 
 

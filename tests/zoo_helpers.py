@@ -13,8 +13,8 @@ from omegaconf import OmegaConf
 from PIL import Image
 from safetensors.torch import save_file
 
-from fusion.encoders import TimmEncoder
-from fusion.text import TextEncoder
+from fusion.encoders.text import TextEncoder
+from fusion.encoders.vision import TimmEncoder
 from fusion.zoo.data import ZooDataModule
 from fusion.zoo.recipe import ZooRecipe
 

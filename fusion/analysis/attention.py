@@ -1,10 +1,10 @@
 """``eval.py mode=attention``: attention-over-encoder statistics over a whole split, ranked and split by type.
 
 One pass over the split with the model's own attention read-out (``output_attentions=True``), every
-encoder visible. The per-layer/per-head masses are :class:`fusion.stats.AttentionOverEncoders`, the same
-statistic training logs: for the [CLS] query and the mean over each sample's real text queries, the share
-of attention that goes to each encoder's tokens (``fused`` for tokens that mix encoders), to the text and
-to [CLS]. The report adds
+encoder visible. The per-layer/per-head masses are
+:class:`fusion.monitoring.attention_stats.AttentionOverEncoders`, the same statistic training logs: for the
+[CLS] query and the mean over each sample's real text queries, the share of attention that goes to each
+encoder's tokens (``fused`` for tokens that mix encoders), to the text and to [CLS]. The report adds
 
 - heatmaps layers x groups and (layer, head) x groups for both query kinds,
 - heads ranked by cross-modal mass: the text queries' mass on image tokens (all encoders and ``fused``),
@@ -24,8 +24,8 @@ import torch
 from omegaconf import DictConfig
 
 from fusion.analysis.common import AnalysisContext, Batch, evaluate, new_report, open_analysis
-from fusion.model import FusionOutput
-from fusion.stats import QUERY_KINDS, AttentionOverEncoders, stats_rows
+from fusion.model.transformer import FusionOutput
+from fusion.monitoring.attention_stats import QUERY_KINDS, AttentionOverEncoders, stats_rows
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:

@@ -45,7 +45,7 @@ from omegaconf import DictConfig
 
 from fusion.analysis.common import AnalysisContext, Batch, new_report, open_analysis
 from fusion.analysis.pairs import Corrupter, make_pairs, select
-from fusion.model import CLS_GROUP, TEXT_GROUP
+from fusion.model.transformer import CLS_GROUP, TEXT_GROUP
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:

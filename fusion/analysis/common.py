@@ -1,6 +1,6 @@
 """What every analysis mode shares: loading a checkpoint, the evaluation loop, input ablations, the report.
 
-An analysis runs on the model :func:`fusion.run.build` makes from the run's config, with the checkpoint's
+An analysis runs on the model :func:`fusion.run.commands.build` makes from the run's config, with the checkpoint's
 weights loaded through the module's own ``on_load_checkpoint`` (encoder fingerprints and answer vocabulary
 are checked as in ``eval.py``). The loop :func:`evaluate` feeds the split's batches through
 ``FusionLitModule.forward`` (the attention read-out is the model's own ``output_attentions``) and scores
@@ -36,14 +36,14 @@ from torch import nn
 from torchmetrics import MeanMetric
 
 from fusion.analysis.report import Report
-from fusion.data import FusionDataModule
-from fusion.dropout import EncoderDropout
-from fusion.lit import FusionLitModule
-from fusion.model import FusionOutput
-from fusion.record import save_record
-from fusion.resume import load_checkpoint
-from fusion.run import build, finish_loggers, make_loggers
+from fusion.data.module import FusionDataModule
+from fusion.model.dropout import EncoderDropout
+from fusion.model.transformer import FusionOutput
+from fusion.run.commands import build, finish_loggers, make_loggers
+from fusion.run.record import save_record
 from fusion.tasks.base import VLTask
+from fusion.training.module import FusionLitModule
+from fusion.training.resume import load_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -143,7 +143,7 @@ def open_analysis(cfg: DictConfig, mode: str) -> Iterator[AnalysisContext]:
     output_dir = Path(cfg.paths.output_dir)
     save_record(cfg, output_dir)  # never over a training run folder's record
     datamodule, model = build(cfg)
-    from fusion.retrieval_lit import RetrievalLitModule  # here: only this check needs the retrieval code
+    from fusion.retrieval.module import RetrievalLitModule  # here: only this check needs the retrieval code
 
     if isinstance(model, RetrievalLitModule):
         raise ValueError(f"eval.py mode={mode} analyses classification tasks; retrieval ({model.task.name}) is not "

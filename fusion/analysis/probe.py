@@ -13,7 +13,8 @@ would give it, so the property exists; all other probes then read such represent
 shapes task the number of shapes and the colour in the top-left cell, read from the image's pixels.
 
 Also each head's modality importance (VALUE): the attention mass the [CLS] and text queries give image
-tokens vs text, from the same pass (the model's attention read-out, ``fusion.stats.AttentionOverEncoders``).
+tokens vs text, from the same pass (the model's attention read-out,
+``fusion.monitoring.attention_stats.AttentionOverEncoders``).
 """
 
 from __future__ import annotations
@@ -27,9 +28,9 @@ from omegaconf import DictConfig
 
 from fusion.analysis.attention import rank_heads
 from fusion.analysis.common import AnalysisContext, Batch, new_report, open_analysis, random_subsets
-from fusion.images import load_image
-from fusion.model import FusionOutput
-from fusion.stats import AttentionOverEncoders
+from fusion.data.images import load_image
+from fusion.model.transformer import FusionOutput
+from fusion.monitoring.attention_stats import AttentionOverEncoders
 from fusion.tasks.base import Example
 from fusion.tasks.shapes import COLORS, GRID, ShapesTask, cell_bounds
 

@@ -19,9 +19,7 @@ from typing import Any
 import torch
 from pytorch_lightning.loggers import Logger, WandbLogger
 
-from fusion.run import write_json_atomic
-from fusion.stats import save_figure
-from fusion.tasks.base import write_atomic
+from fusion.io import save_figure, write_json, write_text
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +75,7 @@ class Report:
         writer.writerow(columns)
         writer.writerows(rows)  # None: an empty cell
         path = self.out_dir / f"{name}.csv"
-        write_atomic(path, buffer.getvalue())
+        write_text(path, buffer.getvalue())
         self.files.append(path)
         for logger in self.loggers:
             if isinstance(logger, WandbLogger):
@@ -91,7 +89,7 @@ class Report:
         """Save a matplotlib ``Figure`` as ``<name>.png``, embed it in report.md and log it as wandb image
         ``<key>/<name>``."""
         path = self.out_dir / f"{name}.png"
-        save_figure(fig, path)
+        save_figure(fig, path, dpi=100)
         self.files.append(path)
         self.sections.append(f"![{caption}]({path.name})\n\n*{caption}*")
         for logger in self.loggers:
@@ -124,9 +122,9 @@ class Report:
     def write(self) -> dict[str, Any]:
         """``results.json`` (strict JSON: undefined numbers are null) and ``report.md``; returns the results."""
         self.results = jsonable(self.results)
-        write_json_atomic(self.out_dir / "results.json", self.results)
+        write_json(self.out_dir / "results.json", self.results)
         body = "\n\n".join([f"# {self.title}", *self.sections])
-        write_atomic(self.out_dir / "report.md", body + "\n")
+        write_text(self.out_dir / "report.md", body + "\n")
         log.info("%s: report in %s", self.title, self.out_dir)
         return self.results
 

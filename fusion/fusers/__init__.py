@@ -9,10 +9,11 @@ and maps ``features`` + ``keep`` (+ the projected text) to :class:`FusedTokens`:
 - :class:`GatedFuser` a text-conditioned gate mixes the encoders on one grid.
 """
 
-from fusion.fusers.base import MIXED_GROUP, FusedTokens, Fuser
+from fusion.encoders.grid import patch_grid_side, pooled_grid_side, resample_grid
+from fusion.fusers.base import FusedTokens, Fuser
 from fusion.fusers.channel_concat import ChannelConcatFuser
 from fusion.fusers.gated import GatedFuser
-from fusion.fusers.grid import patch_grid_side, pooled_grid_side, resample_grid
+from fusion.fusers.groups import MIXED_GROUP
 from fusion.fusers.resampler import ResamplerFuser
 from fusion.fusers.token_concat import TokenConcatFuser
 

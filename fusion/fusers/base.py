@@ -10,11 +10,8 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from fusion.fusers.grid import patch_grid_side, pool_tokens, pooled_grid_side, resample_grid, summary_token
-
-# ``token_encoder`` value of a visual token that mixes several encoders (encoders are 0..n-1; the model
-# uses -2 for [CLS] and -1 for text).
-MIXED_GROUP = -3
+from fusion.encoders.grid import patch_grid_side, pool_tokens, pooled_grid_side, resample_grid, summary_token
+from fusion.fusers.groups import MIXED_GROUP
 
 
 @dataclass

@@ -7,7 +7,8 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from fusion.fusers.base import MIXED_GROUP, FusedTokens, Fuser
+from fusion.fusers.base import FusedTokens, Fuser
+from fusion.fusers.groups import MIXED_GROUP
 
 
 class GatedFuser(Fuser):

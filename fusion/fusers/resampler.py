@@ -13,7 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fusion.fusers.base import MIXED_GROUP, FusedTokens, Fuser
+from fusion.fusers.base import FusedTokens, Fuser
+from fusion.fusers.groups import MIXED_GROUP
 
 
 class EncoderCrossAttention(nn.Module):

@@ -9,7 +9,8 @@ from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
-from fusion.tasks.base import resolve_root, write_atomic
+from fusion.io import write_text
+from fusion.tasks.base import resolve_root
 from fusion.tasks.formats import DataFormatError, field, read_json
 
 log = logging.getLogger(__name__)
@@ -57,7 +58,7 @@ def load_or_build_vocab(
             "answers": [a for a, _ in ranked], "counts": [c for _, c in ranked],
         }
         try:
-            write_atomic(path, json.dumps(blob))
+            write_text(path, json.dumps(blob))
         except OSError as err:
             log.warning("could not cache the answer vocabulary at %s (%s); it is rebuilt next time", path, err)
     return ranked

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -15,7 +13,8 @@ import torch
 import torch.nn.functional as F
 from torchmetrics import Metric
 
-from fusion.metrics import AccuracyByType
+from fusion.io import write_text
+from fusion.metrics.accuracy import AccuracyByType
 from fusion.tasks.formats import DataFormatError
 
 
@@ -124,7 +123,7 @@ class VLTask(ABC):
         Called where pixels are needed (the data module before an encoder runs online or a feature cache is
         built), not when a split is read: training from a complete feature cache needs no image files. One
         stat per distinct image (VQAv2 train: 443k questions on 83k images). Only existence is checked: an
-        unreadable file still fails when it is decoded (:func:`fusion.images.load_image`), which would cost
+        unreadable file still fails when it is decoded (:func:`fusion.data.images.load_image`), which would cost
         a full read of every image here.
         """
         first_use: dict[Path, Example] = {}
@@ -170,7 +169,7 @@ class VLTask(ABC):
 
     def write_predictions(self, rows: list[dict[str, Any]], path: Path) -> None:
         """Write the rows in the task's official format (a JSON list by default), atomically."""
-        write_atomic(path, json.dumps(rows, indent=1))
+        write_text(path, json.dumps(rows, indent=1))
 
     def answer_accuracy(self, example: Example, answer: int) -> float | None:
         """The metric's score of vocabulary entry ``answer`` as the prediction for ``example``; None if the
@@ -245,20 +244,6 @@ def check_examples(task: VLTask, split: str, examples: list[Example]) -> None:
                 f"{task.reference(split, example)}: the text of {qid!r} is empty (split {split!r}); "
                 "expected a question, statement or caption"
             )
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to a temp file beside ``path`` and rename it: readers never see half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def resolve_root(root: str | Path) -> Path:

@@ -8,14 +8,14 @@ Files under ``root``: the Karpathy split file ``dataset_flickr30k.json`` (``{"im
 Examples are the positive (image, caption) pairs, one per caption, in file order; the caption id
 ``<filename>#<n>`` (n = the caption's position in ``sentences``) follows Flickr30k's own captions file.
 Training turns them into image-text matching with hard negatives and a contrastive first stage
-(:mod:`fusion.retrieval_lit`); evaluation ranks every image of the split for every caption and every
-caption for every image. Metrics (:class:`~fusion.ranking.RetrievalRecall`): ``t2i_r1/5/10``,
+(:mod:`fusion.retrieval.module`); evaluation ranks every image of the split for every caption and every
+caption for every image. Metrics (:class:`~fusion.metrics.ranking.RetrievalRecall`): ``t2i_r1/5/10``,
 ``i2t_r1/5/10`` and their sum ``rsum``, by the standard Karpathy-split protocol of VSE++ (fartashf/vsepp,
 ``evaluation.py`` ``t2i`` / ``i2t``; 1,000 test images, five captions each): t2i R@K = the share of
 captions whose own image is among their first K images; i2t R@K = the share of images with at least one
 of their captions among their first K captions (the best-placed one counts). Values are fractions
 (rsum <= 6; the papers print percentages, rsum <= 600); exact score ties are broken against the model
-(:mod:`fusion.ranking`). Prediction file ``predictions.json``::
+(:mod:`fusion.metrics.ranking`). Prediction file ``predictions.json``::
 
     {"text_to_image": [{"caption_id": "1000092795.jpg#0", "images": ["1000092795.jpg", ...]}, ...],
      "image_to_text": [{"image": "1000092795.jpg", "captions": ["1000092795.jpg#0", ...]}, ...]}
@@ -35,8 +35,9 @@ from typing import Any
 
 from torchmetrics import Metric
 
-from fusion.ranking import RetrievalRecall
-from fusion.tasks.base import Example, FileTask, write_atomic
+from fusion.io import write_text
+from fusion.metrics.ranking import RetrievalRecall
+from fusion.tasks.base import Example, FileTask
 
 ANSWERS: tuple[str, ...] = ("no_match", "match")
 KARPATHY_SPLITS: tuple[str, ...] = ("train", "val", "test", "restval")
@@ -126,7 +127,7 @@ class Flickr30kTask(FileTask):
                 for key, ranked in zip(image_keys, image_to_text, strict=True)
             ],
         }
-        write_atomic(path, json.dumps(data, indent=1))
+        write_text(path, json.dumps(data, indent=1))
 
     # ---- reading -------------------------------------------------------------------------------
     def read_split(self, split: str) -> list[Example]:

@@ -10,9 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-
-class DataFormatError(ValueError):
-    """A data file that is not in the format its task reads; the message names the file, entry and key."""
+from fusion.io import DataFormatError  # noqa: F401  (raised here; importers name it from here too)
 
 
 def read_json(path: Path, what: str) -> Any:

@@ -8,7 +8,7 @@ submission (DrivenData "Hateful Memes"; the submission writer is facebookresearc
 ``accuracy`` of ``mmf/modules/metrics.py``): AUROC (headline ``auroc``) is scikit-learn's
 ``roc_auc_score(gold, proba)`` with ``proba`` = P(hateful) = softmax(logits)[1], tied probabilities
 counting half; accuracy (``auroc_acc``) is the share of memes whose submitted ``label`` equals the gold
-one, the label here being ``proba > 0.5`` (see :mod:`fusion.tasks.binary_metrics`). Every labelled line
+one, the label here being ``proba > 0.5`` (see :mod:`fusion.metrics.binary`). Every labelled line
 counts once; both are NaN on a split without labels, AUROC NaN when one class is absent. Prediction
 file: the challenge's submission CSV ``predictions.csv`` with the header ``id,proba,label``, one row per
 line of the split, in file order.
@@ -25,8 +25,9 @@ from typing import Any
 import torch
 from torchmetrics import Metric
 
-from fusion.tasks.base import Example, FileTask, write_atomic
-from fusion.tasks.binary_metrics import auroc_with_accuracy
+from fusion.io import write_text
+from fusion.metrics.binary import auroc_with_accuracy
+from fusion.tasks.base import Example, FileTask
 from fusion.tasks.formats import all_or_none, line_of, read_json_lines
 
 ANSWERS: tuple[str, ...] = ("not_hateful", "hateful")
@@ -117,7 +118,7 @@ class HatefulMemesTask(FileTask):
         writer = csv.DictWriter(out, fieldnames=["id", "proba", "label"], lineterminator="\n")
         writer.writeheader()
         writer.writerows(rows)
-        write_atomic(path, out.getvalue())
+        write_text(path, out.getvalue())
 
     def majority_accuracy(self, split: str) -> float | None:
         """The headline metric of a constant answer, which run.py records as ``<split>/majority_auroc``.

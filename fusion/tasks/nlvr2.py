@@ -32,8 +32,9 @@ from typing import Any
 import torch
 from torchmetrics import Metric
 
-from fusion.tasks.base import Example, FileTask, write_atomic
-from fusion.tasks.binary_metrics import AccuracyConsistency, group_id
+from fusion.io import write_text
+from fusion.metrics.binary import AccuracyConsistency, group_id
+from fusion.tasks.base import Example, FileTask
 from fusion.tasks.formats import all_or_none, line_of, read_json_lines
 
 ANSWERS: tuple[str, ...] = ("False", "True")
@@ -177,4 +178,4 @@ class NLVR2Task(FileTask):
 
     def write_predictions(self, rows: list[dict[str, Any]], path: Path) -> None:
         """The official CSV: no header, ``<identifier>,True|False`` per line."""
-        write_atomic(path, "".join(f"{r['identifier']},{r['prediction']}\n" for r in rows))
+        write_text(path, "".join(f"{r['identifier']},{r['prediction']}\n" for r in rows))

@@ -21,10 +21,10 @@ import torch
 import torch.nn.functional as F
 from torchmetrics import Metric
 
+from fusion.metrics.vqa import References, VQAAccuracy, clean, normalize_answer
 from fusion.tasks.answer_vocab import load_or_build_vocab, vocab_cache_path
 from fusion.tasks.base import Example, FileTask
 from fusion.tasks.formats import DataFormatError, check_pattern, field, read_json
-from fusion.tasks.vqa_metric import References, VQAAccuracy, clean, normalize_answer
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +49,7 @@ class VQATask(FileTask):
     """VQA-format data (VQAv2, OK-VQA) below ``root``; splits are the names in the file names.
 
     The vocabulary, the training targets, the label and the majority baseline all use the human answers
-    in the form the official evaluator compares them (:class:`~fusion.tasks.vqa_metric.References`:
+    in the form the official evaluator compares them (:class:`~fusion.metrics.vqa.References`:
     cleaned, and processed only when a question's annotators disagree), and every vocabulary entry's target
     on a question is exactly the official accuracy the evaluator gives that entry as the prediction: the
     answer the model is trained towards is the one the evaluator rewards. The loss is binary cross-entropy

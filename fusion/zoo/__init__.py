@@ -2,7 +2,7 @@
 
 Each recipe trains the architecture of ``conf/encoder/<name>_tiny.yaml`` with a different objective on
 generated scenes (:mod:`fusion.zoo.scenes`) or an image folder, and saves the tower as a timm state dict
-that :class:`fusion.encoders.TimmEncoder` loads through ``encoder.<name>.weights=<file>``:
+that :class:`fusion.encoders.vision.TimmEncoder` loads through ``encoder.<name>.weights=<file>``:
 
 - :mod:`fusion.zoo.clip`: contrastive image-caption pretraining with a small text tower;
 - :mod:`fusion.zoo.dino`: self-distillation without labels (EMA teacher, multi-crop, centring, sharpening);

@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fusion.encoders import TimmEncoder
-from fusion.text import TextEncoder
+from fusion.encoders.text import TextEncoder
+from fusion.encoders.vision import TimmEncoder
 from fusion.zoo.recipe import ZooRecipe
 
 __all__ = ["ClipRecipe", "symmetric_info_nce"]

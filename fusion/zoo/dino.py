@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from torch.optim.swa_utils import AveragedModel
 from torchvision.transforms import v2
 
-from fusion.encoders import TimmEncoder
+from fusion.encoders.vision import TimmEncoder
 from fusion.zoo.recipe import ZooRecipe
 
 __all__ = ["DinoHead", "DinoRecipe", "dino_loss", "multi_crop"]

@@ -4,7 +4,7 @@
   its tower to ``zoo.recipe.<name>.output`` and, with ``zoo.report``, probe every tower found in
   ``zoo.out_dir`` (trained vs random init) and write ``report.json`` there.
 - else ``zoo.weights`` (``+experiment=zoo/complementarity``): give each chosen encoder its zoo weights
-  file, then train the task as ``fusion.run.train`` always does.
+  file, then train the task as ``fusion.run.commands.train`` always does.
 """
 
 from __future__ import annotations
@@ -19,9 +19,9 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 from pytorch_lightning.loggers import Logger, WandbLogger
 
-from fusion.encoders import TimmEncoder
-from fusion.run import train as train_task
-from fusion.run import write_json_atomic
+from fusion.encoders.vision import TimmEncoder
+from fusion.io import write_json
+from fusion.run.commands import train as train_task
 from fusion.zoo.probe import probe_encoders
 from fusion.zoo.recipe import SaveEncoder, ZooRecipe
 
@@ -43,7 +43,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
             metrics.update({f"{name}/{k}": v for k, v in pretrain(cfg, name).items()})
         if zoo.get("report"):
             report(cfg)
-        write_json_atomic(Path(cfg.paths.output_dir) / "metrics.json", metrics)
+        write_json(Path(cfg.paths.output_dir) / "metrics.json", metrics)
         return metrics
     if zoo.get("weights"):
         use_zoo_weights(cfg)
@@ -102,7 +102,7 @@ def report(cfg: DictConfig) -> dict[str, Any]:
         raise FileNotFoundError(f"zoo report: no <encoder>.safetensors in {str(out_dir)!r}; train recipes first")
     rcfg = cfg.zoo.get("report_scenes") or {}
     result = probe_encoders({**trained, **random_init}, **rcfg)
-    write_json_atomic(out_dir / "report.json", result)
+    write_json(out_dir / "report.json", result)
     groups = list(next(iter(result["probe"].values())))
     print("zoo probe (linear, frozen [CLS]; trained / random init):")
     print(f"  {'encoder':<10} " + " ".join(f"{g:>16}" for g in groups))

@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader
 from torchmetrics.functional.classification import multiclass_accuracy, multilabel_exact_match
 from tqdm import tqdm
 
-from fusion.encoders import VisionEncoder
+from fusion.encoders.vision import VisionEncoder
 from fusion.zoo.scenes import ATTRIBUTE_GROUPS, MULTI_HOT, SceneDataset
 
 __all__ = ["cls_features", "linear_cka", "linear_probe", "probe_encoders", "scene_targets"]

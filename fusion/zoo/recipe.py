@@ -1,6 +1,6 @@
 """What every zoo recipe shares: a trainable copy of a tiny timm tower, the optimiser, and saving the tower.
 
-A recipe gets the :class:`~fusion.encoders.TimmEncoder` built from ``conf/encoder/<name>.yaml`` and trains
+A recipe gets the :class:`~fusion.encoders.vision.TimmEncoder` built from ``conf/encoder/<name>.yaml`` and trains
 its timm model, so the architecture (``model_name`` + ``model_kwargs``) and the preprocessing are exactly
 what ``encoder=<name> encoder.<name>.weights=<file>`` later rebuilds around the saved state dict.
 """
@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from abc import ABC, abstractmethod
 from collections.abc import Collection
 from pathlib import Path
@@ -18,11 +17,12 @@ from typing import Any
 import pytorch_lightning as pl
 import timm
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import save
 from torch import Tensor, nn
 from transformers import get_cosine_schedule_with_warmup
 
-from fusion.encoders import TimmEncoder, state_dict_digest
+from fusion.encoders.vision import TimmEncoder, state_dict_digest
+from fusion.io import atomic_write, write_bytes
 
 __all__ = ["SaveEncoder", "ZooRecipe", "save_encoder"]
 
@@ -50,7 +50,7 @@ class ZooRecipe(pl.LightningModule, ABC):
         if not isinstance(encoder, TimmEncoder):
             raise TypeError(
                 f"zoo recipes train timm towers; encoder {getattr(encoder, 'name', encoder)!r} is a "
-                f"{type(encoder).__name__}, not a fusion.encoders.TimmEncoder"
+                f"{type(encoder).__name__}, not a fusion.encoders.vision.TimmEncoder"
             )
         if encoder.layer != -1:
             raise ValueError(
@@ -128,17 +128,10 @@ def save_encoder(state: dict[str, Tensor], path: str | os.PathLike, metadata: di
     path = Path(path).expanduser()
     if path.suffix not in (".safetensors", ".pth"):
         raise ValueError(f"zoo output {str(path)!r}: use a .safetensors or .pth file name")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        if path.suffix == ".safetensors":
-            save_file(state, tmp, metadata={k: json.dumps(v) for k, v in metadata.items()})
-        else:
-            torch.save(state, tmp)
-        os.replace(tmp, path)  # readers never see half a file
-    finally:
-        Path(tmp).unlink(missing_ok=True)
+    if path.suffix == ".safetensors":
+        write_bytes(path, save(state, metadata={k: json.dumps(v) for k, v in metadata.items()}))
+    else:
+        atomic_write(path, lambda f: torch.save(state, f))
     return path
 
 

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics.functional.classification import multilabel_exact_match
 
-from fusion.encoders import TimmEncoder
+from fusion.encoders.vision import TimmEncoder
 from fusion.zoo.recipe import ZooRecipe
 
 __all__ = ["SupervisedRecipe"]

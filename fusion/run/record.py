@@ -1,0 +1,110 @@
+"""A run folder's record, ``config_resolved.yaml``: written once, never overwritten by another config.
+
+A training run resumes in its folder (a requeued SLURM job, or the same command run again), so the record
+must keep saying which config the folder's checkpoints were trained with. :func:`save_record` compares the
+new resolved config with the folder's record *before* writing and refuses a different one, naming every
+key that differs with both values; the same config (a resume) passes and the record stays as it is.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+from omegaconf import DictConfig, OmegaConf
+
+from fusion.data.distributed import is_rank_zero
+from fusion.io import write_text
+
+RECORD = "config_resolved.yaml"
+
+# Keys that may differ between a run and its resume in the same folder without changing what is trained:
+# which checkpoint a resume names (none for the folder's own), and where the command was launched from
+# (root_dir, log_dir; the run folder itself and the data and cache folders are compared, resolved), and how
+# often progress is logged. ``hydra`` is Hydra's own record (.hydra/), present only when composed with it.
+IGNORED = frozenset({"ckpt_path", "paths.root_dir", "paths.log_dir", "callbacks.progress", "hydra"})
+
+
+class RecordMismatch(ValueError):
+    """The run folder already records another config."""
+
+
+def _short(value: Any) -> str:
+    text = yaml.safe_dump(value, default_flow_style=True, width=10_000).strip()
+    text = text.removesuffix("\n...").removesuffix("...").strip()
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def differences(recorded: Any, current: Any, prefix: str = "") -> list[str]:
+    """``key: recorded vs current`` for every dotted key whose value differs (a whole missing subtree once,
+    as ``absent``; the order of a mapping's keys counts: the encoder list is built in that order), leaving
+    out :data:`IGNORED`."""
+    if isinstance(recorded, Mapping) and isinstance(current, Mapping):
+        def name(key: Any) -> str:
+            return f"{prefix}.{key}" if prefix else str(key)
+
+        out: list[str] = []
+        for key in [*recorded, *(k for k in current if k not in recorded)]:
+            if name(key) in IGNORED:
+                continue
+            if key not in current:
+                out.append(f"{name(key)}: {_short(recorded[key])} vs absent")
+            elif key not in recorded:
+                out.append(f"{name(key)}: absent vs {_short(current[key])}")
+            else:
+                out.extend(differences(recorded[key], current[key], name(key)))
+        before = [k for k in recorded if k in current and name(k) not in IGNORED]
+        after = [k for k in current if k in recorded and name(k) not in IGNORED]
+        if before != after:
+            out.append(f"{prefix or '(top level)'}: order {before} vs {after}")
+        return out
+    return [] if recorded == current else [f"{prefix}: {_short(recorded)} vs {_short(current)}"]
+
+
+def _as_plain(text: str, path: Path) -> Any:
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise RecordMismatch(
+            f"{path} (this run folder's record of its config) is not readable YAML ({err}); a run folder's record "
+            "is never overwritten: restore it, or train into another folder (hydra.run.dir=...)"
+        ) from err
+
+
+def check_record(cfg: DictConfig, output_dir: Path) -> str | None:
+    """The resolved config as YAML to record in ``output_dir``, or None to keep the record there (a training
+    run's, which this config resumes). Raises :class:`RecordMismatch` naming the differing keys when the folder
+    holds a training run of another config (or when this is a training run and the folder holds another
+    run's record)."""
+    text = OmegaConf.to_yaml(cfg, resolve=True)
+    path = output_dir / RECORD
+    if not path.is_file():
+        return text
+    recorded = _as_plain(path.read_text(), path)
+    recorded = recorded if isinstance(recorded, dict) else {}
+    # Evaluations may be run into their folder again with another split or checkpoint; a training folder's
+    # record is what its checkpoints were trained with.
+    if "train" not in (recorded.get("task_name"), cfg.get("task_name")):
+        return text
+    found = differences(recorded, _as_plain(text, path))
+    if found:
+        shown = "; ".join(found[:12]) + (f"; (+{len(found) - 12} more)" if len(found) > 12 else "")
+        raise RecordMismatch(
+            f"run folder {output_dir} already holds a run of another config (recorded in {path}, left unchanged); "
+            f"recorded vs now: {shown}. Rerunning in a run folder resumes the run it holds, with the config it "
+            "was started with: run the same command again to resume, or train into a new folder (without "
+            f"hydra.run.dir=..., or another one), with ckpt_path={output_dir / 'checkpoints' / 'last.ckpt'} to "
+            "start from its weights"
+        )
+    return None  # the record says what the run started with (a resume may name its checkpoint)
+
+
+def save_record(cfg: DictConfig, output_dir: Path) -> None:
+    """Check ``cfg`` against ``output_dir``'s record (:func:`check_record`, on every rank: all stop alike),
+    then write it (rank 0) unless the folder's training record stays."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    text = check_record(cfg, output_dir)
+    if text is not None and is_rank_zero():
+        write_text(output_dir / RECORD, text)

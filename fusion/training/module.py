@@ -1,0 +1,398 @@
+"""The LightningModule: frozen encoders -> fusion -> head -> loss, metrics and attention statistics."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.loggers import WandbLogger
+from torch import nn
+from torchmetrics import MeanMetric, Metric
+from transformers import get_cosine_schedule_with_warmup
+
+from fusion.data.distributed import gather_prediction_rows
+from fusion.encoders.text import TextEncoder
+from fusion.encoders.vision import VisionEncoder
+from fusion.model.dropout import EncoderDropout
+from fusion.model.heads import ClassifierHead
+from fusion.model.transformer import FusionModel, FusionOutput
+from fusion.monitoring.attention_stats import AttentionOverEncoders, save_stats, scalar_metrics, stats_rows
+from fusion.monitoring.fuser_weights import FuserWeights, fuser_scalars, save_fuser_weights
+from fusion.options import number
+from fusion.tasks.base import VLTask
+
+log = logging.getLogger(__name__)
+
+ENCODER_PREFIX = "encoders."
+# Lightning's warning at the start of fit about modules in eval mode (fusion.run.commands filters it while fitting):
+# the frozen encoders always are; FusionLitModule.report_eval_modes says so in one line instead.
+EVAL_MODE_WARNING = r"Found \d+ module\(s\) in eval mode at the start of training"
+
+
+def _all_frozen(module: nn.Module) -> bool:
+    """Whether ``module`` has parameters and none of them trains."""
+    params = list(module.parameters())
+    return bool(params) and not any(p.requires_grad for p in params)
+
+
+def annotated_count(batch: Mapping[str, Any]) -> int:
+    """How many examples of ``batch`` the task's loss averages over: those whose ``targets`` are not -1 (a
+    label index (B,), or soft scores (B, C) that are all -1 for an unannotated question)."""
+    targets = batch["targets"]
+    return int((targets.reshape(targets.shape[0], -1)[:, 0] >= 0).sum())
+
+
+class FusionLitModule(pl.LightningModule):
+    """Trains the fusion model and head on a task; the vision encoders stay frozen.
+
+    Frozen encoder weights are not stored in checkpoints (they come from the encoder configs); a
+    checkpoint carries each encoder's fingerprint instead, and loading it with different encoders
+    fails with a message naming the encoder and what differs.
+    """
+
+    def __init__(
+        self,
+        encoders: Mapping[str, VisionEncoder],
+        text: TextEncoder,
+        task: VLTask,
+        fusion: Callable[..., FusionModel] = FusionModel,
+        head: Callable[..., nn.Module] = ClassifierHead,
+        ve_dropout: float | Mapping[str, float] = 0.0,
+        drop_encoders: Sequence[str] = (),
+        lr: float = 3e-4,
+        weight_decay: float = 0.05,
+        warmup_ratio: float = 0.1,
+        attention_stats: bool = True,
+        output_dir: str | None = None,
+    ) -> None:
+        super().__init__()
+        # Checked here, where they are built, so that a bad value names its key (not torch's AdamW); plain
+        # containers, not OmegaConf ones: checkpoints must load with torch.load(weights_only=True).
+        lr = number("model.lr", lr, low=0.0, low_open=True)
+        weight_decay = number("model.weight_decay", weight_decay, low=0.0)
+        warmup_ratio = number("model.warmup_ratio", warmup_ratio, low=0.0, high=1.0)
+        if isinstance(ve_dropout, Mapping):
+            ve_dropout = {
+                str(k): number(f"model.ve_dropout.{k}", v, low=0.0, high=1.0, high_open=True)
+                for k, v in ve_dropout.items()
+            }
+        else:
+            ve_dropout = number("model.ve_dropout", ve_dropout, low=0.0, high=1.0, high_open=True)
+        drop_encoders = [str(n) for n in drop_encoders]
+        if not encoders:
+            raise ValueError("the encoder list is empty: choose at least one, e.g. encoder=[clip_tiny]")
+        self.save_hyperparameters(ignore=["encoders", "text", "task", "fusion", "head"])
+        self.encoders = nn.ModuleDict(dict(encoders))
+        self.encoder_names = list(encoders)
+        self.text = text
+        self.task = task
+        self.fusion = fusion(
+            encoder_dims={n: e.embed_dim for n, e in encoders.items()},
+            encoder_tokens={n: e.num_tokens for n, e in encoders.items()},
+            encoder_prefix={n: e.num_prefix_tokens for n, e in encoders.items()},
+            text_dim=text.hidden_size,
+            num_images=task.images_per_example,
+        )
+        self.head = head(width=self.fusion.width, num_classes=task.num_classes)
+        self.ve_dropout = EncoderDropout(self.encoder_names, p=ve_dropout, drop_encoders=list(drop_encoders))
+        self.metrics = nn.ModuleDict({stage: task.metric() for stage in ("val", "test")})
+        # The evaluation loss, per annotated example over all ranks (score_batch). Not self.log(sync_dist=True):
+        # Lightning mean-syncs its integer batch-size count, which floors when ranks hold unequal shares
+        # (Lightning issue #21838). A batch without any annotated example weighs 0 (its loss may be NaN: left
+        # out); a split without labels has no loss.
+        self.eval_loss = nn.ModuleDict({stage: MeanMetric(nan_strategy="ignore") for stage in ("val", "test")})
+        self.train_acc = MeanMetric()
+        self.attention_stats = attention_stats
+        self.attn_stats = nn.ModuleDict(
+            {
+                stage: AttentionOverEncoders(
+                    self.encoder_names, self.fusion.depth, self.fusion.num_heads, mixed=self.fusion.mixes_encoders
+                )
+                for stage in ("val", "test")
+            }
+        )
+        # The fuser's own share of each encoder (fusers that mix encoders); cheap, so always collected.
+        self.fuser_stats = (
+            nn.ModuleDict({stage: FuserWeights(self.encoder_names) for stage in ("val", "test")})
+            if self.fusion.reports_encoder_weights
+            else None
+        )
+        self.output_dir = Path(output_dir) if output_dir else None
+        self._fingerprints: dict[str, dict] | None = None
+        # Set by eval.py: where the task's official prediction file goes.
+        self.predictions_path: Path | None = None
+        self._prediction_rows: list[dict[str, Any]] = []
+
+    # ---- forward -------------------------------------------------------------------------------
+    def forward(self, batch: Mapping[str, Any], output_attentions: bool = False) -> tuple[torch.Tensor, FusionOutput]:
+        """Logits ``(B, num_classes)`` and the fusion output for one collated batch."""
+        features = self.encode_images(batch)
+        text_hidden = self.text(batch["input_ids"], batch["attention_mask"])
+        keep = self.ve_dropout(batch["input_ids"].shape[0])
+        out = self.fusion(features, keep, text_hidden, batch["attention_mask"].bool(), output_attentions)
+        return self.head(out.pooled), out
+
+    def encode_images(self, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+        """Each encoder's features of the batch's images: (B, N_e, D_e), or (B, I, N_e, D_e) with I images.
+
+        They come from ``batch["features"]`` when the data module read them from its feature cache (cast
+        here, on the model's device), else the frozen encoder runs on ``batch["images"]``.
+        """
+        cached = batch.get("features") or {}
+        return {
+            name: cached[name].to(self.dtype) if name in cached else self._encode(enc, batch["images"][name])
+            for name, enc in self.encoders.items()
+        }
+
+    @staticmethod
+    def _encode(encoder: VisionEncoder, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) -> (B, N, D); several images per example, (B, I, 3, H, W) -> (B, I, N, D)."""
+        if images.dim() == 5:
+            return encoder(images.flatten(0, 1)).unflatten(0, images.shape[:2])
+        return encoder(images)
+
+    def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> torch.Tensor:
+        logits, _ = self(batch)
+        loss = self.task.loss(logits, batch)
+        size = batch["labels"].shape[0]
+        self.log("train/loss", loss, prog_bar=True, batch_size=size)
+        # Every labelled example of the epoch, on every rank (unlabelled ones weigh nothing).
+        hits = (logits.argmax(-1) == batch["labels"]).float()
+        self.train_acc.update(hits, weight=(batch["labels"] >= 0).float())
+        self.log("train/acc", self.train_acc, prog_bar=True, on_step=False, on_epoch=True)
+        return loss
+
+    # ---- evaluation ----------------------------------------------------------------------------
+    def score_batch(
+        self, batch: Mapping[str, Any], metric: Metric, loss_mean: MeanMetric, output_attentions: bool = False
+    ) -> tuple[torch.Tensor, FusionOutput]:
+        """Forward one batch, feed the task ``metric`` and the running mean loss ``loss_mean``; returns the logits
+        ``(B, num_classes)`` and the fusion output.
+
+        The one scoring step of evaluation (``validation_step`` / ``test_step``) and of the analysis modes
+        (``fusion.analysis.common.evaluate``), so an analysis's unablated numbers are eval.py's. The task's loss
+        is a mean over the batch's annotated examples, so it is weighted by their count: the split's loss is
+        the mean over its annotated examples, however they fall into batches (a batch without any weighs 0).
+        """
+        logits, out = self(batch, output_attentions=output_attentions)
+        self.task.update_metric(metric, logits, batch)
+        loss_mean.update(self.task.loss(logits, batch).detach().float(), weight=annotated_count(batch))
+        return logits, out
+
+    def _eval_step(self, batch: Mapping[str, Any], stage: str) -> None:
+        logits, out = self.score_batch(batch, self.metrics[stage], self.eval_loss[stage], self.attention_stats)
+        if self.predictions_path is not None:
+            self._prediction_rows.extend(self.task.prediction_rows(logits, batch))
+        if self.attention_stats:
+            self.attn_stats[stage].update(out.attentions, out.key_groups, out.text_query_mask)
+        if self.fuser_stats is not None:
+            self.fuser_stats[stage].update(out.encoder_weights)
+
+    def validation_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
+        self._eval_step(batch, "val")
+
+    def test_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
+        self._eval_step(batch, "test")
+
+    def on_validation_epoch_end(self) -> None:
+        self._end_eval("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._end_eval("test")
+
+    def _end_eval(self, stage: str) -> None:
+        if self.predictions_path is not None and not self.trainer.sanity_checking:
+            # Under DDP each rank holds its share of the rows: all ranks gather, rank 0 writes.
+            rows = gather_prediction_rows(self.trainer, stage, self._prediction_rows)
+            if self.trainer.is_global_zero:
+                self.task.write_predictions(rows, self.predictions_path)
+        self._prediction_rows = []
+        if self._scored(stage):
+            self._log_task_metrics(stage)
+        self.metrics[stage].reset()
+        self.eval_loss[stage].reset()
+        if self.attention_stats:
+            self._end_attention_stats(stage)
+        if self.fuser_stats is not None:
+            self._end_fuser_stats(stage)
+
+    def _scored(self, stage: str) -> bool:
+        """Whether the split evaluated in ``stage`` has labels; an unlabelled one gets predictions, no metrics
+        (its accuracy would read 0 and its loss would be of nothing)."""
+        datamodule = getattr(self.trainer, "datamodule", None)
+        split = getattr(datamodule, "val_split", self.task.val_split) if stage == "val" else self.task.test_split
+        if self.task.is_labelled(split):
+            return True
+        if not self.trainer.sanity_checking:
+            log.info("split %s has no labels: predictions only, no %s metrics", split, stage)
+        return False
+
+    def _log_task_metrics(self, stage: str) -> None:
+        name = self.task.metric_name
+        values = {f"{stage}/{name}" + (f"_{k}" if k else ""): v for k, v in self.metrics[stage].compute().items()}
+        headline = f"{stage}/{name}"
+        self.log(headline, values.pop(headline), prog_bar=stage == "val")
+        self.log_dict(values)
+        loss = self.eval_loss[stage].compute()  # synced: the same on every rank
+        if not torch.isnan(loss):
+            self.log(f"{stage}/loss", loss)
+
+    def _end_attention_stats(self, stage: str) -> None:
+        stats = self.attn_stats[stage].compute()
+        self.attn_stats[stage].reset()
+        if self.trainer.sanity_checking:
+            return
+        groups = self.attn_stats[stage].group_names
+        prefix = "attn" if stage == "val" else f"{stage}/attn"
+        self.log_dict(scalar_metrics(stats, groups, prefix=prefix))
+        if self.trainer.is_global_zero:
+            self._publish_stats(stats, groups, stage, prefix)
+
+    def _end_fuser_stats(self, stage: str) -> None:
+        weights = self.fuser_stats[stage].compute()
+        self.fuser_stats[stage].reset()
+        if self.trainer.sanity_checking:
+            return
+        prefix = "fuser" if stage == "val" else f"{stage}/fuser"
+        self.log_dict(fuser_scalars(weights, self.encoder_names, prefix=prefix))
+        if self.trainer.is_global_zero and self.output_dir is not None:
+            extra = {"split": stage, "epoch": self.current_epoch, "drop_encoders": list(self.hparams.drop_encoders)}
+            paths = save_fuser_weights(weights.cpu(), self.encoder_names, self.output_dir / "attention" / stage, extra)
+            for logger in self.loggers:
+                if isinstance(logger, WandbLogger):
+                    rows = [[n, float(w)] for n, w in zip(self.encoder_names, weights.tolist(), strict=True)]
+                    logger.log_table(key=f"{prefix}/table", columns=["encoder", "weight"], data=rows)
+                    logger.log_image(key=f"{prefix}/fuser_weights", images=[str(paths["fuser_weights.png"])])
+
+    def _publish_stats(self, stats: torch.Tensor, groups: list[str], stage: str, prefix: str) -> None:
+        """Statistics files into the run folder, and a table and heatmaps into wandb."""
+        if self.output_dir is None:
+            return
+        extra = {"split": stage, "epoch": self.current_epoch, "drop_encoders": list(self.hparams.drop_encoders)}
+        paths = save_stats(stats.cpu(), groups, self.output_dir / "attention" / stage, extra=extra)
+        rows = stats_rows(stats.cpu(), groups)
+        for logger in self.loggers:
+            if isinstance(logger, WandbLogger):
+                columns = list(rows[0])
+                logger.log_table(key=f"{prefix}/table", columns=columns, data=[[r[c] for c in columns] for r in rows])
+                for file_name, path in paths.items():
+                    if file_name.endswith(".png"):  # one key per figure: their sizes differ
+                        logger.log_image(key=f"{prefix}/{Path(file_name).stem}", images=[str(path)])
+
+    # ---- training start ------------------------------------------------------------------------
+    def on_train_start(self) -> None:
+        if self.trainer.is_global_zero:
+            self.report_eval_modes()
+
+    def report_eval_modes(self) -> tuple[list[str], list[str]]:
+        """Log which modules are in eval mode as training starts; returns their names, (frozen on purpose,
+        others). Frozen parts (the encoders, a frozen text model) stay in eval mode by design: one info line
+        says so, and fusion.run.commands hides Lightning's warning about them (:data:`EVAL_MODE_WARNING`); a module
+        that trains but is in eval mode gets a warning naming it."""
+        frozen = {n for n, m in self.named_modules() if n and _all_frozen(m)}
+
+        def frozen_part(name: str) -> str | None:
+            """The outermost frozen module holding ``name`` (or being it)."""
+            parts = name.split(".")
+            return next((p for p in (".".join(parts[:i]) for i in range(1, len(parts) + 1)) if p in frozen), None)
+
+        in_eval = [n for n, m in self.named_modules() if n and not m.training]
+        expected = [n for n in in_eval if frozen_part(n) is not None]
+        others = [n for n in in_eval if frozen_part(n) is None]
+        if expected:
+            parts = sorted({frozen_part(n) for n in expected})
+            log.info(
+                "%d modules of the frozen %s are in eval mode on purpose (they never train): Lightning's "
+                "'module(s) in eval mode' warning about them is expected and not shown", len(expected),
+                ", ".join(parts),
+            )
+        if others:
+            more = f" (+{len(others) - 8} more)" if len(others) > 8 else ""
+            log.warning("%d modules that train are in eval mode as training starts: %s%s", len(others),
+                        ", ".join(others[:8]), more)
+        return expected, others
+
+    # ---- optimisation --------------------------------------------------------------------------
+    def configure_optimizers(self) -> dict[str, Any]:
+        decay, no_decay = [], []
+        for name, p in self.named_parameters():
+            if not p.requires_grad:
+                continue
+            # Norms, biases and embeddings are not weight-decayed, as in BERT/ViT training recipes.
+            (no_decay if p.ndim < 2 or "embed" in name or "token" in name else decay).append(p)
+        # One multi-tensor kernel per step instead of a Python loop over parameters (fused on CUDA).
+        kernel = {"fused": True} if self.device.type == "cuda" else {"foreach": True}
+        optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": self.hparams.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=self.hparams.lr,
+            **kernel,
+        )
+        total = max(int(self.trainer.estimated_stepping_batches), 1)
+        scheduler = get_cosine_schedule_with_warmup(optimizer, int(self.hparams.warmup_ratio * total), total)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ---- checkpoints ---------------------------------------------------------------------------
+    def encoder_fingerprints(self) -> dict[str, dict]:
+        if self._fingerprints is None:  # hashing base-size weights takes a moment; they never change
+            self._fingerprints = {n: e.fingerprint() for n, e in self.encoders.items()}
+        return self._fingerprints
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        state = checkpoint["state_dict"]
+        for key in [k for k in state if k.startswith(ENCODER_PREFIX)]:
+            del state[key]
+        checkpoint["encoder_fingerprints"] = self.encoder_fingerprints()
+        # The head's classes are indices into this list: a task that derives its vocabulary from data
+        # (VQA, GQA) must give the same list when the checkpoint is evaluated.
+        checkpoint["task_answers"] = list(self.task.answers)
+        checkpoint["task_name"] = self.task.name
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self._check_answers(checkpoint.get("task_answers"), checkpoint.get("task_name"))
+        saved = checkpoint.get("encoder_fingerprints", {})
+        current = self.encoder_fingerprints()
+        if set(saved) != set(current):
+            raise ValueError(
+                f"checkpoint was trained with encoders {sorted(saved)}, but the config builds {sorted(current)}; "
+                "choose the same encoders (e.g. the same +experiment and encoder=[...])"
+            )
+        for name, fp in saved.items():
+            differing = sorted(k for k in set(fp) | set(current[name]) if fp.get(k) != current[name].get(k))
+            if differing:
+                raise ValueError(
+                    f"encoder {name!r} differs from the one the checkpoint was trained with in {differing}: "
+                    f"checkpoint {[fp.get(k) for k in differing]} vs config {[current[name].get(k) for k in differing]}"
+                )
+        state = checkpoint["state_dict"]
+        for key, value in self.encoders.state_dict(prefix=ENCODER_PREFIX).items():
+            state.setdefault(key, value)
+
+    def _check_answers(self, saved: list[str] | None, saved_task: str | None = None) -> None:
+        """Refuse a checkpoint whose answer vocabulary differs from the task's (its predictions would be
+        read against the wrong answers), naming both tasks when it was trained on another one."""
+        current = list(self.task.answers)
+        if saved is None or saved == current:
+            return  # the same answers under another task name (OK-VQA with VQAv2's pinned vocabulary) is fine
+        if saved_task is not None and saved_task != self.task.name:
+            raise ValueError(
+                f"checkpoint was trained on task {saved_task!r} ({len(saved)} answers), but the config's task is "
+                f"{self.task.name!r} ({len(current)} answers); evaluate it with task {saved_task!r} (the task or "
+                "+experiment it was trained with)"
+            )
+        first = next(
+            (i for i, (a, b) in enumerate(zip(saved, current, strict=False)) if a != b), min(len(saved), len(current))
+        )
+
+        def at(answers: list[str]) -> str:
+            return repr(answers[first]) if first < len(answers) else "(end)"
+
+        raise ValueError(
+            f"checkpoint was trained with a {len(saved)}-answer vocabulary for task {self.task.name!r}, but the "
+            f"task now gives {len(current)} answers, first differing at index {first}: checkpoint {at(saved)} vs "
+            f"task {at(current)}; evaluate with the training data's vocabulary (e.g. pin task.vocab_file=<the "
+            "answer_vocab_*.json of the training run>)"
+        )
