@@ -1,6 +1,6 @@
 """Checking numeric options where they are built, so that a bad value is named with its config key.
 
-Hydra passes a command-line value such as ``model.lr=fast`` through as a string; without a check it fails
+Hydra passes a command-line value such as ``training.lr=fast`` through as a string; without a check it fails
 deep inside the optimiser (or as Python's "could not convert string to float") with no key in sight.
 """
 
@@ -22,7 +22,7 @@ def number(
     """``value`` as a finite float within the bounds, or a ValueError naming ``key``, the value and the range.
 
     ``low``/``high`` are inclusive unless ``low_open``/``high_open``. A numeric string (YAML reads ``3e-4``
-    as one) is accepted; a bool is not (``model.lr=true`` is a slip, not 1.0).
+    as one) is accepted; a bool is not (``training.lr=true`` is a slip, not 1.0).
     """
     expected = "a number" + _range(low, high, low_open, high_open)
     if isinstance(value, bool):

@@ -25,7 +25,7 @@ COMMON = [
     "data.num_workers=0", "data.batch_size=32", "data.eval_batch_size=100",
     "fusion.width=64", "fusion.depth=2", "fusion.num_heads=2",
 ]
-TRAIN = ["trainer.max_epochs=1", "model.attention_stats=false", "+trainer.num_sanity_val_steps=0"]
+TRAIN = ["trainer.max_epochs=1", "training.attention_stats=false", "+trainer.num_sanity_val_steps=0"]
 
 
 def tiny_checkpoint(factory: pytest.TempPathFactory) -> tuple[Path, Path]:

@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # The smallest run that still goes through every step: tiny encoders and text, two training batches.
 FAST = [
     "encoder=[clip_tiny,dino_tiny]", "text=tiny", "logger=csv", "data.num_workers=0", "data.batch_size=4",
-    "model.attention_stats=false", "fusion.width=32", "fusion.depth=1", "fusion.num_heads=2",
+    "training.attention_stats=false", "fusion.width=32", "fusion.depth=1", "fusion.num_heads=2",
     "+trainer.num_sanity_val_steps=0", "+trainer.limit_train_batches=2",
 ]
 

@@ -65,7 +65,7 @@ def test_every_mode_runs_on_a_fuser_that_mixes_encoders(tmp_path):
         "task.num_train=40", "task.num_val=10", "task.num_test=10", "data.num_workers=0", "data.batch_size=8",
         "fusion.width=32", "fusion.depth=1", "fusion.num_heads=2",
     ]
-    proc = run("train.py", [*common, "trainer.max_epochs=1", "model.attention_stats=false",
+    proc = run("train.py", [*common, "trainer.max_epochs=1", "training.attention_stats=false",
                             f"hydra.run.dir={tmp_path / 'train'}"], tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     ckpt = tmp_path / "train" / "checkpoints" / "last.ckpt"

@@ -36,7 +36,8 @@ def reports(tmp_path_factory) -> dict[str, tuple[dict, Path]]:
     root = write_nlvr2(workdir / "nlvr2", {"train": rows("train", 100, 48), "dev": rows("dev", 900, DEV),
                                            "test1": rows("test1", 500, 4)})
     common = ["+experiment=nlvr2", f"task.root={root}", *TINY]
-    train = ["trainer.max_epochs=4", "model.lr=1e-3", "model.attention_stats=false", "+trainer.num_sanity_val_steps=0"]
+    train = ["trainer.max_epochs=4", "training.lr=1e-3", "training.attention_stats=false",
+             "+trainer.num_sanity_val_steps=0"]
     proc = run("train.py", [*common, *train, f"hydra.run.dir={workdir / 'train'}"], workdir)
     assert proc.returncode == 0, proc.stderr[-4000:]
     ckpt = workdir / "train" / "checkpoints" / "last.ckpt"

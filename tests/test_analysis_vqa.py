@@ -30,7 +30,7 @@ def reports(tmp_path_factory) -> dict[str, tuple[dict, Path]]:
     workdir = tmp_path_factory.mktemp("analysis_vqa")
     data = write_vqa(workdir / "vqa")
     common = ["+experiment=vqav2", f"task.root={data}", *TINY]
-    train = ["trainer.max_epochs=1", "model.attention_stats=false", "+trainer.num_sanity_val_steps=0"]
+    train = ["trainer.max_epochs=1", "training.attention_stats=false", "+trainer.num_sanity_val_steps=0"]
     proc = run("train.py", [*common, *train, f"hydra.run.dir={workdir / 'train'}"], workdir)
     assert proc.returncode == 0, proc.stderr[-4000:]
     ckpt = workdir / "train" / "checkpoints" / "last.ckpt"

@@ -246,7 +246,7 @@ def test_cli_build_with_storage_options_and_info(images, tmp_path, capsys):
 def test_shapes_trains_through_an_int8_pooled_cache(tmp_path):
     args = ["+experiment=shapes", "task.num_train=24", "task.num_val=8", "task.num_test=8", "data.num_workers=0",
             "data.batch_size=16", "encoder=[clip_tiny,dino_tiny]", "cache.num_workers=0", "logger=csv",
-            "trainer.max_epochs=1", "model.attention_stats=false", "fusion.width=32", "fusion.depth=1",
+            "trainer.max_epochs=1", "training.attention_stats=false", "fusion.width=32", "fusion.depth=1",
             "cache.enabled=true", "cache.dtype=int8", "cache.tokens_per_encoder=4", "fusion.tokens_per_encoder=4",
             f"hydra.run.dir={tmp_path / 'run'}"]
     proc = run("train.py", args, tmp_path)

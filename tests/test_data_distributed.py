@@ -30,7 +30,7 @@ NUM_TEST = 27
 TINY = [
     "+experiment=shapes", "encoder=[clip_tiny,dino_tiny]", "fusion=gated", "task.num_train=32", "task.num_val=4",
     "task.num_test=9", "data.batch_size=4", "data.num_workers=0", "fusion.width=32", "fusion.depth=1",
-    "fusion.num_heads=2", "fusion.dropout=0.0", "model.lr=3e-3",
+    "fusion.num_heads=2", "fusion.dropout=0.0", "training.lr=3e-3",
 ]
 DDP = ["trainer.accelerator=cpu", "trainer.devices=2", "+trainer.strategy=ddp"]
 EPOCHS = 4

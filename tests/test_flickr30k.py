@@ -192,7 +192,7 @@ def test_recalls_match_the_protocol_on_the_written_rankings_with_ties_and_ranks_
 def test_train_then_eval_writes_recalls_and_the_rankings(tmp_path):
     root = write_flickr30k(tmp_path / "f30k")
     done = train_then_eval(["+experiment=flickr30k", f"task.root={root}", *FAST], "test", tmp_path,
-                           train_args=["model.rerank_k=2"], eval_args=["model.rerank_k=3"])
+                           train_args=["training.rerank_k=2"], eval_args=["training.rerank_k=3"])
     run, out = done.run, done.out
     metrics = done.train_metrics
     for stage in ("val", "test"):

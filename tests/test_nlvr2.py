@@ -209,7 +209,7 @@ def test_the_written_csv_scores_officially_as_the_metric_reports(tmp_path):
 def test_train_then_eval_writes_metrics_and_the_official_csv(tmp_path):
     root = write_nlvr2(tmp_path / "nlvr2")
     done = train_then_eval(["+experiment=nlvr2", f"task.root={root}", *FAST], "dev", tmp_path,
-                           train_args=["model.attention_stats=true", "model.ve_dropout=0.3"])
+                           train_args=["training.attention_stats=true", "training.ve_dropout=0.3"])
     run, out = done.run, done.out
     metrics = done.train_metrics
     assert {"val/acc", "val/acc_consistency", "test/acc", "test/acc_consistency", "val/majority_acc"} <= set(metrics)

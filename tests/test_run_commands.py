@@ -123,8 +123,8 @@ def test_image_crop_makes_every_encoder_see_the_whole_wide_picture(tmp_path):
 
 @pytest.mark.parametrize(
     ("override", "says"),
-    [("model.lr=fast", r"model.lr='fast': expected a number > 0"),
-     ("model.ve_dropout=abc", r"model.ve_dropout='abc': expected a number in \[0, 1\)")],
+    [("training.lr=fast", r"training.lr='fast': expected a number > 0"),
+     ("training.ve_dropout=abc", r"training.ve_dropout='abc': expected a number in \[0, 1\)")],
 )
 def test_a_bad_numeric_option_is_named_with_its_key(tmp_path, override, says):
     cfg = _compose(tmp_path, ["+experiment=shapes", override, "task.num_train=4"])
@@ -134,7 +134,7 @@ def test_a_bad_numeric_option_is_named_with_its_key(tmp_path, override, says):
 
 
 def test_unknown_drop_encoder_is_named(tmp_path):
-    cfg = _compose(tmp_path, ["+experiment=shapes", "model.drop_encoders=[dino]", "task.num_train=4"])
+    cfg = _compose(tmp_path, ["+experiment=shapes", "training.drop_encoders=[dino]", "task.num_train=4"])
     # Hydra wraps the constructor's ValueError; the message reaches the user unchanged.
     with pytest.raises(Exception, match=r"\['dino'\].*allowed: \['clip_tiny', 'dino_tiny', 'vit_tiny'\]"):
         build(cfg)
@@ -272,7 +272,7 @@ def test_train_then_eval_end_to_end(tmp_path):
     ckpt = run_dir / "checkpoints" / "last.ckpt"
     proc = _run(
         "eval.py",
-        ["+experiment=shapes", f"ckpt_path={ckpt}", "split=test", "model.drop_encoders=[dino_tiny]",
+        ["+experiment=shapes", f"ckpt_path={ckpt}", "split=test", "training.drop_encoders=[dino_tiny]",
          f"hydra.run.dir={eval_dir}", *SMALL],
         tmp_path,
     )
@@ -319,7 +319,7 @@ def test_extract_in_shards_then_train_from_the_cache(tmp_path):
     assert written["splits"] == ["train", "val", "test"] and set(written["caches"]) == {"clip_tiny", "dino_tiny"}
 
     # Training with the cache and no rebuilding merges the shards and never needs the encoders' pixels.
-    train = ["logger=csv", "trainer.max_epochs=1", "model.attention_stats=false", "cache.enabled=true"]
+    train = ["logger=csv", "trainer.max_epochs=1", "training.attention_stats=false", "cache.enabled=true"]
     run = tmp_path / "run"
     proc = _run("train.py", [*common, *train, "cache.rebuild=false", f"hydra.run.dir={run}"], tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -453,7 +453,7 @@ def test_every_strategy_trains_with_every_score_function(shared_dirs, fusion, sc
     cfg = _compose(
         shared_dirs,
         ["+experiment=shapes", f"fusion={fusion}", f"fusion.attention_score={score}", "task.num_train=6",
-         "task.num_val=2", "task.num_test=2", "data.batch_size=12", "data.num_workers=0", "model.ve_dropout=0.3"],
+         "task.num_val=2", "task.num_test=2", "data.batch_size=12", "data.num_workers=0", "training.ve_dropout=0.3"],
     )
     torch.manual_seed(0)
     dm, model = build(cfg)

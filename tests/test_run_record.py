@@ -35,12 +35,12 @@ def test_the_same_config_resumes_whatever_checkpoint_it_names(recorded):
 @pytest.mark.parametrize(
     ("overrides", "says"),
     [
-        (["model.lr=0.01"], ["model.lr: 0.001 vs 0.01"]),
-        (["seed=7", "model.lr=fast"], ["seed: 42 vs 7", "model.lr: 0.001 vs fast"]),
+        (["training.lr=0.01"], ["training.lr: 0.001 vs 0.01"]),
+        (["seed=7", "training.lr=fast"], ["seed: 42 vs 7", "training.lr: 0.001 vs fast"]),
         (["encoder=[clip_tiny,dino_tiny]"], ["encoder.vit_tiny: {_target_: fusion.encoders.vision.TimmEncoder, "]),
         (["encoder=[dino_tiny,clip_tiny,vit_tiny]"],
          ["encoder: order ['clip_tiny', 'dino_tiny', 'vit_tiny'] vs ['dino_tiny', 'clip_tiny', 'vit_tiny']"]),
-        (["+model.extra=1"], ["model.extra: absent vs 1"]),
+        (["+training.extra=1"], ["training.extra: absent vs 1"]),
     ],
     ids=["lr", "seed and lr", "encoder removed", "encoder order", "key added"],
 )

@@ -12,7 +12,7 @@ def job(folder, subset, seed, acc, ve_dropout=0.0, task=None, fuser="fusion.fuse
     folder.mkdir(parents=True)
     config = {"encoder": {n: {"name": n} for n in subset}, "seed": seed,
               "task": task or {"_target_": "fusion.tasks.shapes.ShapesTask"},
-              "model": {"ve_dropout": ve_dropout, "head": {"_target_": "fusion.model.heads.ClassifierHead"}},
+              "training": {"ve_dropout": ve_dropout, "head": {"_target_": "fusion.model.heads.ClassifierHead"}},
               "fusion": {"fuser": {"_target_": fuser}}}
     (folder / "config_resolved.yaml").write_text(yaml.safe_dump(config))
     (folder / "metrics.json").write_text(json.dumps({"test/acc": acc}))

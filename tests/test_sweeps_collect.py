@@ -13,14 +13,14 @@ from fusion.sweeps.collect import collect
 TINY = [
     "+experiment=shapes", "logger=csv", "task.num_train=12", "task.num_val=4", "task.num_test=4",
     "data.num_workers=0", "data.batch_size=8", "trainer.max_epochs=1", "fusion.width=32", "fusion.depth=1",
-    "fusion.num_heads=2", "model.attention_stats=false", "callbacks.progress=null",
+    "fusion.num_heads=2", "training.attention_stats=false", "callbacks.progress=null",
 ]
 
 
 def test_a_real_sweep_with_a_failing_element_is_collected(tmp_path):
     logs = tmp_path / "logs"
     # The second element names an encoder the model does not have: it fails, the sweep goes on.
-    proc = run("train.py", ["-m", *TINY, "encoder=[clip_tiny]", "model.drop_encoders=[],[vit_tiny]",
+    proc = run("train.py", ["-m", *TINY, "encoder=[clip_tiny]", "training.drop_encoders=[],[vit_tiny]",
                             f"paths.log_dir={logs}"], tmp_path)
     assert proc.returncode != 0
     (sweep,) = (logs / "train" / "multiruns").iterdir()
@@ -37,7 +37,7 @@ def test_a_real_sweep_with_a_failing_element_is_collected(tmp_path):
     md = (sweep / "results.md").read_text()
     assert "1 of 2 elements finished" in md and "| task | clip_tiny |" in md
     assert f"| shapes | {metrics['test/acc']:.4f} (1 failed) |" in md
-    assert "| 1 | shapes | clip_tiny | model.drop_encoders=[vit_tiny] | ValueError(" in md
+    assert "| 1 | shapes | clip_tiny | training.drop_encoders=[vit_tiny] | ValueError(" in md
     assert (sweep / "results.png").stat().st_size > 1000
     assert "sweep element 1 (shapes, clip_tiny) failed" in proc.stdout + proc.stderr
 

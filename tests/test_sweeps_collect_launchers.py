@@ -19,7 +19,7 @@ def _element(sweep: Path, job: str, job_id: str | None, metrics: dict | None, en
     hydra_job = {"num": int(job), **({"id": job_id} if job_id else {})}
     hydra = {"hydra": {"job": hydra_job, "runtime": {"choices": {"task": "shapes"}}}}
     (folder / ".hydra" / "hydra.yaml").write_text(yaml.safe_dump(hydra))
-    (folder / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump([f"model.lr={job}"]))
+    (folder / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump([f"training.lr={job}"]))
     if metrics is not None:
         (folder / "metrics.json").write_text(json.dumps(metrics))
     return folder

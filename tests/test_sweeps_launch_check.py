@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY = [
     "+experiment=shapes", "encoder=[clip_tiny]", "logger=csv", "task.num_train=12", "task.num_val=4",
     "task.num_test=4", "data.num_workers=0", "data.batch_size=8", "trainer.max_epochs=1", "fusion.depth=1",
-    "fusion.num_heads=2", "model.attention_stats=false", "callbacks.progress=null", "test=false",
+    "fusion.num_heads=2", "training.attention_stats=false", "callbacks.progress=null", "test=false",
 ]
 
 
@@ -75,7 +75,7 @@ def test_optuna_search_writes_the_best_parameters(tmp_path, trials):
     assert proc.returncode == 0, proc.stderr[-3000:]
     (sweep,) = (logs / "train" / "multiruns").iterdir()
     best = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
-    assert set(best["best_params"]) == {"model.lr", "model.ve_dropout", "fusion.width"}
-    assert 1e-4 <= best["best_params"]["model.lr"] <= 3e-3 and 0 <= best["best_params"]["model.ve_dropout"] <= 0.5
+    assert set(best["best_params"]) == {"training.lr", "training.ve_dropout", "fusion.width"}
+    assert 1e-4 <= best["best_params"]["training.lr"] <= 3e-3 and 0 <= best["best_params"]["training.ve_dropout"] <= 0.5
     assert 0.0 <= best["best_value"] <= 1.0
     assert len(list(sweep.glob("*/metrics.json"))) == trials

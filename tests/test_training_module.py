@@ -202,12 +202,12 @@ def test_annotated_count_reads_label_indices_and_soft_scores():
 @pytest.mark.parametrize(
     ("option", "value", "says"),
     [
-        ("lr", "fast", r"model.lr='fast': expected a number > 0$"),
-        ("lr", 0.0, r"model.lr=0.0: expected a number > 0$"),
-        ("weight_decay", -0.1, r"model.weight_decay=-0.1: expected a number >= 0$"),
-        ("warmup_ratio", 1.5, r"model.warmup_ratio=1.5: expected a number in \[0, 1\]$"),
-        ("ve_dropout", "abc", r"model.ve_dropout='abc': expected a number in \[0, 1\)$"),
-        ("ve_dropout", {"a": 0.2, "b": "abc"}, r"model.ve_dropout.b='abc': expected a number in \[0, 1\)$"),
+        ("lr", "fast", r"training.lr='fast': expected a number > 0$"),
+        ("lr", 0.0, r"training.lr=0.0: expected a number > 0$"),
+        ("weight_decay", -0.1, r"training.weight_decay=-0.1: expected a number >= 0$"),
+        ("warmup_ratio", 1.5, r"training.warmup_ratio=1.5: expected a number in \[0, 1\]$"),
+        ("ve_dropout", "abc", r"training.ve_dropout='abc': expected a number in \[0, 1\)$"),
+        ("ve_dropout", {"a": 0.2, "b": "abc"}, r"training.ve_dropout.b='abc': expected a number in \[0, 1\)$"),
     ],
 )
 def test_numeric_options_are_checked_where_the_module_is_built_naming_the_key(parts, option, value, says):

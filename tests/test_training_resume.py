@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY = [
     "+experiment=shapes", "encoder=[clip_tiny,dino_tiny]", "logger=csv", "task.num_train=24", "task.num_val=8",
     "task.num_test=8", "data.batch_size=16", "data.num_workers=0", "fusion.width=32", "fusion.depth=1",
-    "fusion.num_heads=2", "model.ve_dropout=0.3", "model.attention_stats=false", "trainer.max_epochs=2",
+    "fusion.num_heads=2", "training.ve_dropout=0.3", "training.attention_stats=false", "trainer.max_epochs=2",
     "trainer.deterministic=true", "callbacks.step_checkpoint.every_n_train_steps=1", "callbacks.progress=null",
 ]
 
@@ -212,16 +212,16 @@ def test_train_names_a_ckpt_path_that_is_not_a_checkpoint(uninterrupted):
 
 
 def test_rerun_in_a_run_folder_with_another_config_is_refused_naming_the_keys(uninterrupted):
-    """A finished run's folder, the same command with another model.lr, seed and encoder list: refused before
+    """A finished run's folder, the same command with another training.lr, seed and encoder list: refused before
     anything is written, naming each key with both values; the record and the checkpoints stay as they were."""
     tmp, whole = uninterrupted
     record = (whole / RECORD).read_text()
     checkpoints = {p.name: p.stat().st_mtime_ns for p in (whole / "checkpoints").iterdir()}
-    proc = _train(tmp, whole, "model.lr=0.01", "seed=7", "encoder=[clip_tiny]")
+    proc = _train(tmp, whole, "training.lr=0.01", "seed=7", "encoder=[clip_tiny]")
     assert proc.returncode != 0
     message = proc.stderr
     assert f"run folder {whole} already holds a run of another config" in message, message[-3000:]
-    assert "model.lr: 0.001 vs 0.01" in message and "seed: 42 vs 7" in message
+    assert "training.lr: 0.001 vs 0.01" in message and "seed: 42 vs 7" in message
     assert "encoder.dino_tiny: {" in message and "vs absent" in message
     assert (whole / RECORD).read_text() == record
     assert {p.name: p.stat().st_mtime_ns for p in (whole / "checkpoints").iterdir()} == checkpoints

@@ -158,7 +158,7 @@ class RetrievalLitModule(FusionLitModule):
             )
         if int(rerank_k) < 1 or int(rerank_batch_size) < 1:
             raise ValueError(
-                f"model.rerank_k ({rerank_k}) and model.rerank_batch_size ({rerank_batch_size}) must be >= 1"
+                f"training.rerank_k ({rerank_k}) and training.rerank_batch_size ({rerank_batch_size}) must be >= 1"
             )
         self.first_stage = DualEncoder(
             {n: e.embed_dim for n, e in self.encoders.items()},

@@ -40,8 +40,27 @@ def unknown_choice_errors(args: Sequence[str], conf_dir: Path) -> list[str]:
     return errors
 
 
+# Config groups that were renamed: an override of the old name is refused naming the new one (Hydra alone
+# would say only that the key is not in the config).
+RENAMED_GROUPS = {"model": "training"}
+
+
+def renamed_group_errors(args: Sequence[str]) -> list[str]:
+    """Messages for overrides of a renamed group (``model.lr=1e-3`` is now ``training.lr=1e-3``)."""
+    errors = []
+    for arg in args:
+        key = arg.split("=", 1)[0].lstrip("+~")
+        head, _, rest = key.partition(".")
+        if "=" in arg and head in RENAMED_GROUPS:
+            new = RENAMED_GROUPS[head] + ("." + rest if rest else "")
+            errors.append(f"{arg!r}: the config group {head!r} is now {RENAMED_GROUPS[head]!r}; write {new}=...")
+    return errors
+
+
 def check_choices(conf_dir: Path, args: Sequence[str] | None = None) -> None:
-    """Exit with a clear message if a multi-select group names a config that does not exist."""
-    errors = unknown_choice_errors(sys.argv[1:] if args is None else args, conf_dir)
+    """Exit with a clear message if a multi-select group names a config that does not exist, or an override
+    names a renamed group."""
+    args = sys.argv[1:] if args is None else args
+    errors = renamed_group_errors(args) + unknown_choice_errors(args, conf_dir)
     if errors:
         sys.exit("error: " + "\n".join(errors))

@@ -82,7 +82,7 @@ def build(cfg: DictConfig) -> tuple[FusionDataModule, FusionLitModule]:
     datamodule = make_datamodule(
         task=task, transforms=transforms, tokenizer=text.tokenizer, encoders=encoders, cache=cache_settings(cfg)
     )
-    model = instantiate(cfg.model, encoders=encoders, text=text, task=task, fusion=instantiate(cfg.fusion))
+    model = instantiate(cfg.training, encoders=encoders, text=text, task=task, fusion=instantiate(cfg.fusion))
     return datamodule, model
 
 

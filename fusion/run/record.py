@@ -9,6 +9,7 @@ key that differs with both values; the same config (a resume) passes and the rec
 from __future__ import annotations
 
 from collections.abc import Mapping
+from importlib import import_module
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,71 @@ RECORD = "config_resolved.yaml"
 # (root_dir, log_dir; the run folder itself and the data and cache folders are compared, resolved), and how
 # often progress is logged. ``hydra`` is Hydra's own record (.hydra/), present only when composed with it.
 IGNORED = frozenset({"ckpt_path", "paths.root_dir", "paths.log_dir", "callbacks.progress", "hydra"})
+
+
+# The package restructure of December 2026 (#16): module -> its new home, and config groups renamed. A record
+# written before it names the old ``_target_`` paths and the ``model`` group; :func:`upgrade_record` reads it
+# in today's names, so a run folder of the old layout still resumes.
+RENAMED_MODULES = {
+    "fusion.encoders": "fusion.encoders.vision",
+    "fusion.text": "fusion.encoders.text",
+    "fusion.preprocess": "fusion.encoders.preprocess",
+    "fusion.fusers.grid": "fusion.encoders.grid",
+    "fusion.images": "fusion.data.images",
+    "fusion.data": "fusion.data.module",
+    "fusion.distributed": "fusion.data.distributed",
+    "fusion.cache": "fusion.data.cache",
+    "fusion.metrics": "fusion.metrics.accuracy",
+    "fusion.tasks.vqa_metric": "fusion.metrics.vqa",
+    "fusion.tasks.gqa_metric": "fusion.metrics.gqa",
+    "fusion.tasks.binary_metrics": "fusion.metrics.binary",
+    "fusion.ranking": "fusion.metrics.ranking",
+    "fusion.model": "fusion.model.transformer",
+    "fusion.attention": "fusion.model.attention",
+    "fusion.heads": "fusion.model.heads",
+    "fusion.dropout": "fusion.model.dropout",
+    "fusion.stats": "fusion.monitoring.attention_stats",
+    "fusion.fuser_weights": "fusion.monitoring.fuser_weights",
+    "fusion.progress": "fusion.monitoring.progress",
+    "fusion.lit": "fusion.training.module",
+    "fusion.resume": "fusion.training.resume",
+    "fusion.preempt": "fusion.training.preempt",
+    "fusion.retrieval": "fusion.retrieval.dual_encoder",
+    "fusion.retrieval_lit": "fusion.retrieval.module",
+    "fusion.run": "fusion.run.commands",
+    "fusion.record": "fusion.run.record",
+    "fusion.cli": "fusion.run.cli",
+    "fusion.collect": "fusion.sweeps.collect",
+    "fusion.launch_check": "fusion.sweeps.launch_check",
+}
+RENAMED_KEYS = {"model": "training"}
+
+
+def _renamed_target(value: str) -> str:
+    module, _, attr = value.rpartition(".")
+    try:  # today's name (or not ours): as it is
+        getattr(import_module(module), attr)
+        return value
+    except (ImportError, AttributeError, ValueError):
+        pass
+    for old in sorted(RENAMED_MODULES, key=len, reverse=True):
+        if value == old or value.startswith(old + "."):
+            return RENAMED_MODULES[old] + value[len(old):]
+    return value
+
+
+def upgrade_record(recorded: Any, top: bool = True) -> Any:
+    """``recorded`` (a plain config) in today's names: renamed top-level groups, moved ``_target_`` modules."""
+    if isinstance(recorded, Mapping):
+        return {
+            (RENAMED_KEYS.get(k, k) if top else k): (
+                _renamed_target(v) if k == "_target_" and isinstance(v, str) else upgrade_record(v, top=False)
+            )
+            for k, v in recorded.items()
+        }
+    if isinstance(recorded, list):
+        return [upgrade_record(v, top=False) for v in recorded]
+    return recorded
 
 
 class RecordMismatch(ValueError):
@@ -83,7 +149,7 @@ def check_record(cfg: DictConfig, output_dir: Path) -> str | None:
     if not path.is_file():
         return text
     recorded = _as_plain(path.read_text(), path)
-    recorded = recorded if isinstance(recorded, dict) else {}
+    recorded = upgrade_record(recorded) if isinstance(recorded, dict) else {}
     # Evaluations may be run into their folder again with another split or checkpoint; a training folder's
     # record is what its checkpoints were trained with.
     if "train" not in (recorded.get("task_name"), cfg.get("task_name")):

@@ -48,7 +48,7 @@ def _task_name(config: DictConfig) -> str:
 def describe(config: DictConfig) -> dict[str, Any]:
     """The study's view of one resolved config: task, subset, size, seed, VE-dropout, fusion, head."""
     encoders = list(config.get("encoder") or {})
-    dropout = OmegaConf.select(config, "model.ve_dropout", default=0.0)
+    dropout = OmegaConf.select(config, "training.ve_dropout", default=0.0)
     if isinstance(dropout, DictConfig):  # {name: p}: one label for the group
         dropout = ",".join(f"{k}={v}" for k, v in OmegaConf.to_container(dropout).items())
     return {
@@ -58,7 +58,7 @@ def describe(config: DictConfig) -> dict[str, Any]:
         "seed": config.get("seed"),
         "ve_dropout": dropout,
         "fusion": _short(OmegaConf.select(config, "fusion.fuser._target_", default=None)),
-        "head": _short(OmegaConf.select(config, "model.head._target_", default=None)),
+        "head": _short(OmegaConf.select(config, "training.head._target_", default=None)),
     }
 
 
@@ -97,7 +97,7 @@ def collect(sweep_dir: str | Path) -> list[dict[str, Any]]:
 
 def _name_groups(rows: list[dict[str, Any]]) -> None:
     """Set each row's ``group``: its task, plus ``<setting>=<value>`` for each setting that varies within
-    the task's jobs (one subset table per VE-dropout value when the sweep varies ``model.ve_dropout``)."""
+    the task's jobs (one subset table per VE-dropout value when the sweep varies ``training.ve_dropout``)."""
     for task in {r["task"] for r in rows}:
         jobs = [r for r in rows if r["task"] == task]
         varying = [s for s in SETTINGS if len({str(r[s]) for r in jobs}) > 1]

@@ -72,16 +72,16 @@ class FusionLitModule(pl.LightningModule):
         super().__init__()
         # Checked here, where they are built, so that a bad value names its key (not torch's AdamW); plain
         # containers, not OmegaConf ones: checkpoints must load with torch.load(weights_only=True).
-        lr = number("model.lr", lr, low=0.0, low_open=True)
-        weight_decay = number("model.weight_decay", weight_decay, low=0.0)
-        warmup_ratio = number("model.warmup_ratio", warmup_ratio, low=0.0, high=1.0)
+        lr = number("training.lr", lr, low=0.0, low_open=True)
+        weight_decay = number("training.weight_decay", weight_decay, low=0.0)
+        warmup_ratio = number("training.warmup_ratio", warmup_ratio, low=0.0, high=1.0)
         if isinstance(ve_dropout, Mapping):
             ve_dropout = {
-                str(k): number(f"model.ve_dropout.{k}", v, low=0.0, high=1.0, high_open=True)
+                str(k): number(f"training.ve_dropout.{k}", v, low=0.0, high=1.0, high_open=True)
                 for k, v in ve_dropout.items()
             }
         else:
-            ve_dropout = number("model.ve_dropout", ve_dropout, low=0.0, high=1.0, high_open=True)
+            ve_dropout = number("training.ve_dropout", ve_dropout, low=0.0, high=1.0, high_open=True)
         drop_encoders = [str(n) for n in drop_encoders]
         if not encoders:
             raise ValueError("the encoder list is empty: choose at least one, e.g. encoder=[clip_tiny]")

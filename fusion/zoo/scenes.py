@@ -49,7 +49,7 @@ def caption(objects: Sequence[SceneObject], rng: random.Random) -> str:
     """Name every object with its colour, shape and grid cell, in random order.
 
     E.g. ``"a blue square in the bottom left and a red circle in the top right"``. Every word is in the
-    tiny text vocabulary (``fusion/assets/tiny_vocab.txt``). The order is random so that a text tower
+    tiny text vocabulary (``fusion/encoders/assets/tiny_vocab.txt``). The order is random so that a text tower
     cannot read positions off word order alone.
     """
     if not objects:

@@ -18,7 +18,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[2]
 TINY = [
     "logger=csv", "task.num_train=12", "task.num_val=4", "task.num_test=4", "data.num_workers=0",
-    "data.batch_size=8", "fusion.width=32", "fusion.depth=1", "fusion.num_heads=2", "model.attention_stats=false",
+    "data.batch_size=8", "fusion.width=32", "fusion.depth=1", "fusion.num_heads=2", "training.attention_stats=false",
     "callbacks.progress=null",
 ]
 
@@ -126,7 +126,7 @@ def test_optuna_search_runs_its_trials_as_slurm_jobs_and_collects_them(slurm_clu
     jobs = sorted(p.name for p in (sweep / ".submitit").iterdir() if re.fullmatch(r"\d+(_\d+)?", p.name))
     assert len(jobs) == 2 and len({j.split("_")[0] for j in jobs}) == 2  # two batches: two SLURM jobs
     best = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
-    assert set(best["best_params"]) == {"model.lr", "model.ve_dropout", "fusion.width"}
+    assert set(best["best_params"]) == {"training.lr", "training.ve_dropout", "fusion.width"}
     assert 0.0 <= best["best_value"] <= 1.0
     proc = subprocess.run([sys.executable, str(ROOT / "eval.py"), "mode=collect", f"sweep_dir={sweep}"],
                           cwd=tmp_path, env=_env(tmp_path), capture_output=True, text=True, timeout=300)
@@ -296,7 +296,7 @@ def test_two_process_gloo_ddp_through_srun_reports_the_single_process_metrics(sl
     # Lightning's DistributedSampler adds no padding (duplicated examples) to either rank's share.
     (best,) = (runs / single / "checkpoints").glob("epoch_*.ckpt")
     evals = ["+experiment=shapes", "encoder=[clip_tiny]", *[a for a in TINY if not a.startswith("callbacks.")],
-             "model.attention_stats=true", "trainer.accelerator=cpu", "split=test", f"ckpt_path={best}"]
+             "training.attention_stats=true", "trainer.accelerator=cpu", "split=test", f"ckpt_path={best}"]
     eval_one = _sbatch(tmp_path, ["--cpus-per-task=1", str(ROOT / "slurm" / "eval.sbatch"), *evals])
     eval_two = _sbatch(tmp_path, ["--ntasks-per-node=2", "--cpus-per-task=1", str(ROOT / "slurm" / "eval.sbatch"),
                                   *evals, "+trainer.strategy=ddp"])

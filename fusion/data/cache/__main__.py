@@ -36,7 +36,7 @@ from fusion.data.cache.merge import merge_shards
 from fusion.data.cache.storage import STORAGES
 from fusion.data.cache.store import CHECKSUMS, INDEX, FeatureCache
 
-CONF_ENCODER = Path(__file__).resolve().parents[2] / "conf" / "encoder"
+CONF_ENCODER = Path(__file__).resolve().parents[3] / "conf" / "encoder"
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp"}
 
 
