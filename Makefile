@@ -1,6 +1,9 @@
 # Two commands for a fresh machine: `make train` and `make test` (both create .venv and install first);
 # `make docs` builds the documentation site into site/ (mkdocs build --strict, as CI does).
 PYTHON ?= python3
+# Test workers (pytest-xdist): each test file runs whole on one worker, so module fixtures are made once.
+# Most tests wait on one-thread Python work (imports, tiny models), so two workers fill two cores.
+TEST_WORKERS ?= 2
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
@@ -19,7 +22,7 @@ train: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/ruff check .
-	$(BIN)/pytest
+	$(BIN)/pytest -n $(TEST_WORKERS) --dist loadfile
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
