@@ -15,3 +15,10 @@ MIXED_NAME = "fused"
 TEXT_NAME = "text"
 CLS_NAME = "cls"
 RESERVED_NAMES = (MIXED_NAME, TEXT_NAME, CLS_NAME)  # no encoder may be called one of these
+
+# The LM head (fusion.model.lm) lays out [BOS] + visual + prompt + answer per sample, left-padded: the
+# attention read-out tells the prompt's queries from the answer's, and padding differs per sample.
+ANSWER_GROUP = -4
+PAD_GROUP = -5
+ANSWER_NAME = "answer"
+LM_RESERVED_NAMES = (*RESERVED_NAMES, ANSWER_NAME)  # with the LM head, no encoder may be called these either
