@@ -90,5 +90,6 @@ def test_an_old_run_folder_resumes_under_todays_names(tmp_path):
     assert (run_dir / "config_resolved.yaml").read_text() == recorded  # and the record is kept as written
     assert upgrade_record(plain)["training"]["_target_"] == "fusion.training.module.FusionLitModule"
     cfg.training.lr = 0.5
-    with pytest.raises(RecordMismatch, match=r"recorded vs now: training.lr: 0.001 vs 0.5\."):
+    # training.optimizer.lr reads training.lr: both differ.
+    with pytest.raises(RecordMismatch, match=r"training.lr: 0.001 vs 0.5; training.optimizer.lr: 0.001 vs 0.5\."):
         save_record(cfg, run_dir)

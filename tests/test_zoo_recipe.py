@@ -64,3 +64,15 @@ def test_only_timm_towers_can_be_trained(tmp_path, monkeypatch):
 def test_intermediate_layer_encoder_is_refused():
     with pytest.raises(ValueError, match="layer=-1"):
         SupervisedRecipe(tiny_encoder("vit_tiny", layer=0))
+
+
+def test_clip_recipe_groups_follow_no_weight_decay(tmp_path):
+    from fusion.training.optim import no_weight_decay_names
+
+    recipe = RECIPES["clip_tiny"](tmp_path)
+    skipped = no_weight_decay_names(recipe)
+    # timm's ViT lists pos_embed and cls_token; the text tower its embedding tables; logit_scale is a scalar.
+    assert {"backbone.pos_embed", "backbone.cls_token", "logit_scale",
+            "text.model.embeddings.word_embeddings.weight"} <= skipped
+    decayed = {n for n, _ in recipe.named_parameters() if n not in skipped}
+    assert {"backbone.patch_embed.proj.weight", "image_proj.weight", "text_proj.weight"} <= decayed

@@ -66,6 +66,11 @@ class TextEncoder(nn.Module):
         else:  # from_pretrained returns it in eval mode, and Lightning keeps modes as found: it trains (dropout on)
             self.model.train()
 
+    def no_weight_decay(self) -> set[str]:
+        """The text model's embedding tables (word, position, token type) are not weight-decayed, as in
+        BERT-style fine-tuning recipes; names relative to this module (``model.embeddings.word_embeddings.weight``)."""
+        return {f"{name}.weight" for name, m in self.named_modules() if isinstance(m, nn.Embedding)}
+
     def tokenize(self, texts: list[str]) -> dict[str, Tensor]:
         """Texts -> ``input_ids``, ``attention_mask`` (B, L), padded to the longest, cut at ``max_length``."""
         enc = self.tokenizer(

@@ -73,6 +73,11 @@ class Fuser(nn.Module, ABC):
         self.tokens_per_encoder = tokens_per_encoder
         self.pooled_side = pooled_grid_side(tokens_per_encoder) if tokens_per_encoder is not None else None
 
+    def no_weight_decay(self) -> set[str]:
+        """Parameter names (relative to the fuser) left out of weight decay: the positional embeddings every
+        fuser learns (a parameter, or a dict of them per encoder); subclasses add their own embeddings/tokens."""
+        return {"pos_embed"}
+
     @property
     def num_tokens(self) -> int:
         """Number ``N`` of visual tokens the fuser outputs."""

@@ -117,6 +117,10 @@ class ResamplerFuser(Fuser):
         self.register_buffer("key_encoder", key_encoder, persistent=False)  # (N,) encoder index of each key
         self.register_buffer("token_encoder", torch.full((num_queries,), MIXED_GROUP), persistent=False)
 
+    def no_weight_decay(self) -> set[str]:
+        """The positional embeddings and the learned queries are not weight-decayed."""
+        return {*super().no_weight_decay(), "query_tokens"}
+
     def forward(
         self,
         features: Mapping[str, torch.Tensor],

@@ -41,6 +41,10 @@ class TokenConcatFuser(Fuser):
         )
         self.register_buffer("token_encoder", token_encoder, persistent=False)
 
+    def no_weight_decay(self) -> set[str]:
+        """The positional embeddings and the encoder-type embedding are not weight-decayed."""
+        return {*super().no_weight_decay(), "type_embed"}
+
     def forward(
         self,
         features: Mapping[str, torch.Tensor],

@@ -91,6 +91,12 @@ class FusionModel(nn.Module):
         )
         self.norm = nn.LayerNorm(width)
 
+    def no_weight_decay(self) -> set[str]:
+        """Parameter names (relative to this module) left out of weight decay: [CLS], the text-type embedding and
+        the image-index embedding (timm's ViT likewise exempts ``cls_token`` and ``pos_embed``); the fuser lists
+        its own."""
+        return {"cls_token", "text_type", "image_embed"}
+
     @property
     def mixes_encoders(self) -> bool:
         """True if the fuser outputs tokens that mix encoders (``MIXED_GROUP`` in ``key_groups``)."""

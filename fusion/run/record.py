@@ -79,15 +79,39 @@ def _renamed_target(value: str) -> str:
     return value
 
 
+def _with_optimizer_nodes(training: Any) -> Any:
+    """A ``training`` node recorded before the optimiser and scheduler came from config, with the nodes that
+    built the same AdamW and cosine schedule (from its ``lr``, ``weight_decay``, ``warmup_ratio``), placed after
+    ``warmup_ratio`` as in conf/training/default.yaml (the comparison with today's config sees key order)."""
+    if not isinstance(training, Mapping) or "optimizer" in training or "lr" not in training:
+        return training
+    nodes = {
+        "optimizer": {"_target_": "torch.optim.AdamW", "_partial_": True, "lr": training["lr"],
+                      "weight_decay": training.get("weight_decay", 0.05)},
+        "scheduler": {"_target_": "fusion.training.optim.cosine_with_warmup", "_partial_": True,
+                      "warmup_ratio": training.get("warmup_ratio", 0.1)},
+    }
+    out: dict[str, Any] = {}
+    for key, value in training.items():
+        out[key] = value
+        if key == "warmup_ratio":
+            out.update(nodes)
+    return out if "optimizer" in out else {**out, **nodes}
+
+
 def upgrade_record(recorded: Any, top: bool = True) -> Any:
-    """``recorded`` (a plain config) in today's names: renamed top-level groups, moved ``_target_`` modules."""
+    """``recorded`` (a plain config) in today's names: renamed top-level groups, moved ``_target_`` modules,
+    and the optimiser and scheduler nodes a record from before they existed stood for."""
     if isinstance(recorded, Mapping):
-        return {
+        upgraded = {
             (RENAMED_KEYS.get(k, k) if top else k): (
                 _renamed_target(v) if k == "_target_" and isinstance(v, str) else upgrade_record(v, top=False)
             )
             for k, v in recorded.items()
         }
+        if top and "training" in upgraded:
+            upgraded["training"] = _with_optimizer_nodes(upgraded["training"])
+        return upgraded
     if isinstance(recorded, list):
         return [upgrade_record(v, top=False) for v in recorded]
     return recorded

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +13,6 @@ import torch
 from pytorch_lightning.loggers import WandbLogger
 from torch import nn
 from torchmetrics import MeanMetric, Metric
-from transformers import get_cosine_schedule_with_warmup
 
 from fusion.data.distributed import gather_prediction_rows
 from fusion.encoders.text import TextEncoder
@@ -24,6 +24,7 @@ from fusion.monitoring.attention_stats import AttentionOverEncoders, save_stats,
 from fusion.monitoring.fuser_weights import FuserWeights, fuser_scalars, save_fuser_weights
 from fusion.options import number
 from fusion.tasks.base import VLTask
+from fusion.training.optim import OptimizerFactory, SchedulerFactory, configure, cosine_with_warmup
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +69,8 @@ class FusionLitModule(pl.LightningModule):
         warmup_ratio: float = 0.1,
         attention_stats: bool = True,
         output_dir: str | None = None,
+        optimizer: OptimizerFactory | None = None,
+        scheduler: SchedulerFactory | None = None,
     ) -> None:
         super().__init__()
         # Checked here, where they are built, so that a bad value names its key (not torch's AdamW); plain
@@ -85,7 +88,15 @@ class FusionLitModule(pl.LightningModule):
         drop_encoders = [str(n) for n in drop_encoders]
         if not encoders:
             raise ValueError("the encoder list is empty: choose at least one, e.g. encoder=[clip_tiny]")
-        self.save_hyperparameters(ignore=["encoders", "text", "task", "fusion", "head"])
+        # The factories are not hyperparameters: partials do not load with weights_only=True (their config is
+        # in the run folder's config_resolved.yaml).
+        self.save_hyperparameters(ignore=["encoders", "text", "task", "fusion", "head", "optimizer", "scheduler"])
+        # Without a config (tests, older run records): AdamW and the cosine schedule from lr / weight_decay /
+        # warmup_ratio, which is what conf/training/default.yaml's nodes give.
+        self.optimizer_factory: OptimizerFactory = optimizer or partial(
+            torch.optim.AdamW, lr=lr, weight_decay=weight_decay
+        )
+        self.scheduler_factory: SchedulerFactory = scheduler or partial(cosine_with_warmup, warmup_ratio=warmup_ratio)
         self.encoders = nn.ModuleDict(dict(encoders))
         self.encoder_names = list(encoders)
         self.text = text
@@ -318,22 +329,10 @@ class FusionLitModule(pl.LightningModule):
 
     # ---- optimisation --------------------------------------------------------------------------
     def configure_optimizers(self) -> dict[str, Any]:
-        decay, no_decay = [], []
-        for name, p in self.named_parameters():
-            if not p.requires_grad:
-                continue
-            # Norms, biases and embeddings are not weight-decayed, as in BERT/ViT training recipes.
-            (no_decay if p.ndim < 2 or "embed" in name or "token" in name else decay).append(p)
-        # One multi-tensor kernel per step instead of a Python loop over parameters (fused on CUDA).
-        kernel = {"fused": True} if self.device.type == "cuda" else {"foreach": True}
-        optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": self.hparams.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=self.hparams.lr,
-            **kernel,
-        )
-        total = max(int(self.trainer.estimated_stepping_batches), 1)
-        scheduler = get_cosine_schedule_with_warmup(optimizer, int(self.hparams.warmup_ratio * total), total)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        """The config's optimiser over :func:`~fusion.training.optim.param_groups` (weight decay off for the
+        ``no_weight_decay()`` names, biases and norms), its scheduler stepped every optimiser step."""
+        total = int(self.trainer.estimated_stepping_batches)
+        return configure(self, self.optimizer_factory, self.scheduler_factory, total, self.device)
 
     # ---- checkpoints ---------------------------------------------------------------------------
     def encoder_fingerprints(self) -> dict[str, dict]:

@@ -11,6 +11,7 @@ import json
 import os
 from abc import ABC, abstractmethod
 from collections.abc import Collection
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -19,10 +20,10 @@ import timm
 import torch
 from safetensors.torch import save
 from torch import Tensor, nn
-from transformers import get_cosine_schedule_with_warmup
 
 from fusion.encoders.vision import TimmEncoder, state_dict_digest
 from fusion.io import atomic_write, write_bytes
+from fusion.training.optim import configure, cosine_with_warmup
 
 __all__ = ["SaveEncoder", "ZooRecipe", "save_encoder"]
 
@@ -107,20 +108,13 @@ class ZooRecipe(pl.LightningModule, ABC):
             self.log(f"val/{key}", value)
 
     def configure_optimizers(self) -> dict[str, Any]:
-        decay, no_decay = [], []
-        for name, p in self.named_parameters():
-            if not p.requires_grad:
-                continue
-            # Norms, biases, embeddings and temperatures are not weight-decayed (ViT/CLIP/DINO recipes).
-            (no_decay if p.ndim < 2 or "embed" in name or "token" in name else decay).append(p)
-        optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": self.hparams.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=self.hparams.lr,
-            foreach=True,
-        )
-        total = max(int(self.trainer.estimated_stepping_batches), 1)
-        scheduler = get_cosine_schedule_with_warmup(optimizer, int(self.hparams.warmup_ratio * total), total)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        """AdamW over :func:`~fusion.training.optim.param_groups` (no weight decay for biases, norms and the
+        ``no_weight_decay()`` names: timm's ``pos_embed`` / ``cls_token``, the text tower's embeddings), with
+        a linear warm-up and cosine decay stepped every optimiser step."""
+        hp = self.hparams
+        optimizer = partial(torch.optim.AdamW, lr=hp.lr, weight_decay=hp.weight_decay, foreach=True)
+        schedule = partial(cosine_with_warmup, warmup_ratio=hp.warmup_ratio)
+        return configure(self, optimizer, schedule, int(self.trainer.estimated_stepping_batches), self.device)
 
 
 def save_encoder(state: dict[str, Tensor], path: str | os.PathLike, metadata: dict[str, Any]) -> Path:
