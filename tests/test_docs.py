@@ -19,6 +19,7 @@ from __future__ import annotations
 import importlib.util
 import re
 import shlex
+import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,6 +27,8 @@ import pytest
 from hydra import compose, initialize_config_dir
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.utils import instantiate
+
+import fusion
 
 ROOT = Path(__file__).resolve().parents[1]
 # Paths a command may name that must exist in the repository.
@@ -294,7 +297,7 @@ def test_extractor_handles_continuations_comments_placeholders_and_sweeps():
     [
         ("python train.py +experiment=no_such_experiment", "no_such_experiment"),
         ("python train.py -m +experiment=shapes fusion=token_concat,no_such_fuser", "no_such_fuser"),
-        ("python eval.py +experiment=shapes model.no_such_key=1", "no_such_key"),
+        ("python eval.py +experiment=shapes training.no_such_key=1", "no_such_key"),
         ("python -m fusion.no_such_module", "no such module"),
         ("python -m fusion.model.transformer", "no __main__ block"),
         ("python bench/no_such_bench.py", "bench/no_such_bench.py does not exist"),
@@ -345,3 +348,48 @@ def test_task_page_gives_train_and_eval_commands_for_every_task():
         if cmd.config == "eval":
             assert "split" in given and "ckpt_path" in given, cmd.line
     assert scripts == {task: {"train", "eval"} for task in DOWNSTREAM}
+
+
+# ---- the API reference: one page per package, every module once ------------------------------------
+API = ROOT / "docs" / "api"
+# Modules that are another module under an old name (documented where they point).
+API_ALIASES = {"fusion.zoo.study"}
+
+
+def _package_modules() -> set[str]:
+    """Every module of fusion/ that git tracks (an uncommitted file of work in progress is not asked for)."""
+    try:
+        out = subprocess.run(["git", "ls-files", "fusion"], cwd=ROOT, capture_output=True, text=True, check=True)
+        files = [ROOT / f for f in out.stdout.split()]
+    except (OSError, subprocess.CalledProcessError):  # not a git checkout: every file
+        files = list((ROOT / "fusion").rglob("*.py"))
+    mods = set()
+    for f in files:
+        if f.suffix != ".py":
+            continue
+        parts = f.relative_to(ROOT).with_suffix("").parts
+        parts = parts[:-1] if parts[-1] == "__init__" else parts
+        if not any(p.startswith("_") for p in parts):  # private modules and a package's __main__ may be left out
+            mods.add(".".join(parts))
+    return mods - API_ALIASES
+
+
+def test_api_reference_has_every_module_once_on_its_packages_page():
+    entries: dict[str, list[str]] = {}
+    for page in sorted(API.glob("*.md")):
+        for name in re.findall(r"^::: (\S+)", page.read_text(), re.M):
+            entries.setdefault(name, []).append(page.name)
+    twice = {name: pages for name, pages in entries.items() if len(pages) > 1}
+    assert twice == {}, f"documented on more than one page: {twice}"
+    missing = sorted(_package_modules() - set(entries))
+    assert missing == [], f"modules without an entry in docs/api/: {missing}"
+    for name, (page,) in entries.items():
+        layer = name.split(".")[1] if name != "fusion" else None
+        if layer is None:
+            assert page == "index.md"
+        elif layer in ("io", "options"):
+            assert page == "foundations.md", name
+        elif name.startswith("fusion.data.cache"):
+            assert page == "data-cache.md", name
+        else:
+            assert layer in fusion.LAYERS and page == f"{layer}.md", f"{name} is on {page}, not {layer}.md"
