@@ -23,6 +23,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only; no display on a cluster node
 import matplotlib.pyplot as plt  # noqa: E402
 
+from fusion.io import save_figure, write_text  # noqa: E402
 from fusion.study.common import MAX, MIN, STD, seed_key, seed_name, spread, write_csv  # noqa: E402
 from fusion.study.common import is_number as _is_number  # noqa: E402
 from fusion.study.jobs import KEYS  # noqa: E402
@@ -122,7 +123,7 @@ def write_table(folder: Path, rows: list[dict[str, Any]], metric: str, summary: 
     write_csv(folder / "jobs.csv", rows, list(KEYS))
     table = aggregate(rows, metric)
     write_csv(folder / "subsets.csv", table, ["subset", "size", "n", "seeds"])
-    (folder / "subsets.md").write_text(_markdown(table, metric))
+    write_text(folder / "subsets.md", _markdown(table, metric))
     _plot(rows, table, metric, summary, folder / "subsets.png")
     return table
 
@@ -181,7 +182,7 @@ def _plot(rows: list[dict[str, Any]], table: list[dict[str, Any]], metric: str, 
     ax.set_ylabel(f"{metric} (mean over seeds)")
     ax.set_title("encoder subsets (gray: one, blue: two, green: three); small dots: one seed each")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path, dpi=120)
     plt.close(fig)
 
 

@@ -15,7 +15,6 @@ folder each (``<sweep>/<group>/``).
 from __future__ import annotations
 
 import argparse
-import json
 import re
 from pathlib import Path
 from typing import Any
@@ -23,6 +22,7 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
+from fusion.io import write_json, write_text
 from fusion.study.aggregate import summarize, write_table
 from fusion.study.agreement import agreement
 from fusion.study.common import write_csv
@@ -72,7 +72,7 @@ def write_study(sweep_dir: str | Path, metric: str = "test/acc", leaning: bool =
         tables[g] = write_table(folder, g_rows, metric, summary)
         images[f"{g}/subsets"] = folder / "subsets.png"
         summaries[g] = summary
-        (folder / "summary.json").write_text(json.dumps(summary, indent=2))
+        write_json(folder / "summary.json", summary)
     # The tables are on disk before the analyses: they take longer, and a failing one must not lose them.
     if leaning:
         for g, g_rows in groups.items():
@@ -97,13 +97,13 @@ def write_study(sweep_dir: str | Path, metric: str = "test/acc", leaning: bool =
             summary["effective_rank"] = ranks
             columns, util_rows = utilisation_rows(summary["utilisation"])
             write_csv(folder / "utilisation.csv", [dict(zip(columns, r, strict=True)) for r in util_rows], columns)
-            (folder / "summary.json").write_text(json.dumps(summary, indent=2))
+            write_json(folder / "summary.json", summary)
     write_csv(sweep_dir / "jobs.csv", rows, list(KEYS))
-    (sweep_dir / "study.md").write_text(study_markdown(metric, tables, summaries, folders))
+    write_text(sweep_dir / "study.md", study_markdown(metric, tables, summaries, folders))
     top: dict[str, Any] = {"metric": metric, "groups": summaries, "folders": folders}
     if len(groups) == 1:
         top.update(next(iter(summaries.values())))  # one group: its summary at the top, as before the groups
-    (sweep_dir / "summary.json").write_text(json.dumps(top, indent=2))
+    write_json(sweep_dir / "summary.json", top)
     print((sweep_dir / "study.md").read_text())
     if wandb if wandb is not None else _used_wandb(sweep_dir, rows):
         wandb_tables = {"subsets_by_group": paper_rows(tables, metric)}
@@ -114,7 +114,7 @@ def write_study(sweep_dir: str | Path, metric: str = "test/acc", leaning: bool =
             if s.get("utilisation"):
                 wandb_tables[f"{g}/utilisation"] = utilisation_rows(s["utilisation"])
         top["wandb_run"] = str(log_wandb(sweep_dir, wandb_tables, images))
-        (sweep_dir / "summary.json").write_text(json.dumps(top, indent=2))
+        write_json(sweep_dir / "summary.json", top)
     return top
 
 

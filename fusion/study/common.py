@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import csv
 import math
 import statistics
 from pathlib import Path
 from typing import Any
+
+from fusion.io import write_csv as write_rows
 
 __all__ = ["MAX", "MIN", "STD", "cell", "is_number", "job_key", "seed_key", "seed_name", "spread", "write_csv"]
 
@@ -48,10 +49,7 @@ def job_key(job: str) -> tuple[int, Any]:
 def write_csv(path: Path, rows: list[dict[str, Any]], first: list[str]) -> None:
     """``rows`` as a CSV: the ``first`` columns, then every other key sorted; None is an empty cell."""
     rest = sorted({k for r in rows for k in r} - set(first))
-    with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=first + rest)
-        writer.writeheader()
-        writer.writerows([{k: ("" if v is None else v) for k, v in r.items()} for r in rows])
+    write_rows(path, [{k: ("" if v is None else v) for k, v in r.items()} for r in rows], first + rest)
 
 
 def cell(value: Any, signed: bool = False) -> str:

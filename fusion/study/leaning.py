@@ -29,6 +29,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only; no display on a cluster node
 import matplotlib.pyplot as plt  # noqa: E402
 
+from fusion.io import save_figure, write_text  # noqa: E402
 from fusion.study.common import MAX, MIN, STD, spread, write_csv  # noqa: E402
 from fusion.study.common import seed_key as _seed_key  # noqa: E402
 from fusion.study.common import seed_name as _seed_name  # noqa: E402
@@ -142,7 +143,7 @@ def write_leaning(folder: Path, analysed: list[dict[str, Any]]) -> dict[str, Any
         for t, entry in result["by_type"].items() for e in result["encoders"]
     ]
     write_csv(folder / "leaning.csv", table, list(table[0]))
-    (folder / "leaning.md").write_text(_leaning_markdown(result))
+    write_text(folder / "leaning.md", _leaning_markdown(result))
     _leaning_plot(result, folder / "leaning.png")
     _leaning_heatmap(result, folder / "leaning_heatmap.png")
     result["files"] = ["leaning.csv", "leaning.md", "leaning.png", "leaning_heatmap.png"]
@@ -258,7 +259,7 @@ def _leaning_plot(result: dict[str, Any], path: Path) -> None:
     fig.suptitle(f"{result['subset']}: which encoder the model leans on (bars: mean over seeds {result['seeds']}, "
                  "error bars min..max, dots: one seed each)", fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path, dpi=120)
     plt.close(fig)
 
 
@@ -286,5 +287,5 @@ def _leaning_heatmap(result: dict[str, Any], path: Path) -> None:
         fig.colorbar(image, ax=ax, fraction=0.05)
     fig.suptitle(f"{result['subset']}: leaning per answer type (mean over seeds {result['seeds']})", fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path, dpi=120)
     plt.close(fig)

@@ -16,6 +16,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only; no display on a cluster node
 import matplotlib.pyplot as plt  # noqa: E402
 
+from fusion.io import save_figure  # noqa: E402
 from fusion.study.common import STD, cell, mean_std  # noqa: E402
 
 __all__ = ["agreement_rows", "log_wandb", "paper_rows", "scatter", "study_markdown", "utilisation_rows"]
@@ -99,7 +100,7 @@ def scatter(agreement: dict[str, Any], path: Path, title: str) -> None:
     ax.set_title(f"{title}: tau={cell(pooled['kendall_tau']) or 'undefined'}, "
                  f"rho={cell(pooled['spearman_rho']) or 'undefined'} (pooled)", fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path, dpi=120)
     plt.close(fig)
 
 

@@ -26,9 +26,7 @@ Which launcher log belongs to which element:
 
 from __future__ import annotations
 
-import csv
 import glob
-import io
 import json
 import logging
 import math
@@ -39,6 +37,9 @@ from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
+
+from fusion.io import save_figure, write_text
+from fusion.io import write_csv as write_rows
 
 log = logging.getLogger(__name__)
 
@@ -280,17 +281,14 @@ def _cell(values: list[float] | None, failed: int) -> str:
 
 
 def write_csv(elements: list[Element], path: Path) -> None:
+    """``results.csv``: one row per element, every metric any element logged as a column."""
     metric_names = sorted({k for e in elements for k in e.metrics})
-    out = io.StringIO()
-    writer = csv.writer(out)
-    writer.writerow(["job", "status", "task", "encoders", "seed", "overrides", "launcher_id", *metric_names,
-                     "error"])
-    for e in elements:
-        writer.writerow(
-            [e.job, "ok" if e.ok else "failed", e.task, e.encoders, e.seed, " ".join(e.overrides),
-             e.launcher_id or "", *[e.metrics.get(k, "") for k in metric_names], e.error or ""]
-        )
-    path.write_text(out.getvalue())
+    header = ["job", "status", "task", "encoders", "seed", "overrides", "launcher_id", *metric_names, "error"]
+    write_rows(path, [header, *(
+        [e.job, "ok" if e.ok else "failed", e.task, e.encoders, e.seed, " ".join(e.overrides),
+         e.launcher_id or "", *[e.metrics.get(k, "") for k in metric_names], e.error or ""]
+        for e in elements
+    )])
 
 
 def markdown(elements: list[Element], metric: str | None) -> str:
@@ -345,7 +343,7 @@ def plot(elements: list[Element], metric: str | None, path: Path) -> bool:
     ax.set_title(f"{', '.join(names)} by task and encoder subset", fontsize=9)
     fig.colorbar(image, ax=ax)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path, dpi=120)
     plt.close(fig)
     return True
 
@@ -361,7 +359,7 @@ def collect(sweep_dir: str | Path, out_dir: str | Path | None = None, metric: st
     out = Path(str(out_dir)).expanduser() if out_dir else sweep
     out.mkdir(parents=True, exist_ok=True)
     write_csv(elements, out / "results.csv")
-    (out / "results.md").write_text(markdown(elements, metric))
+    write_text(out / "results.md", markdown(elements, metric))
     plot(elements, metric, out / "results.png")
     for e in elements:
         if not e.ok:

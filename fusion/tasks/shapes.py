@@ -21,6 +21,7 @@ from pathlib import Path
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
+from fusion.io import atomic_write, write_text
 from fusion.tasks.base import Example, FileTask
 from fusion.tasks.formats import read_json
 
@@ -289,7 +290,8 @@ class ShapesTask(FileTask):
             for i in tqdm(range(self.num_images[split]), desc=f"shapes {split}", unit="img"):
                 image_id = f"{i:06d}"
                 objects = sample_scene(rng, self.image_size, self.max_objects)
-                render_scene(objects, self.image_size).save(image_dir / f"{image_id}.png")
+                image = render_scene(objects, self.image_size)
+                atomic_write(image_dir / f"{image_id}.png", lambda f, image=image: image.save(f, format="PNG"))
                 chosen = choose_questions(candidate_questions(objects), rng, type_counts, answer_counts)
                 for j, (question, answer, answer_type) in enumerate(chosen):
                     questions.append(
@@ -301,7 +303,7 @@ class ShapesTask(FileTask):
                             "answer_type": answer_type,
                         }
                     )
-            (folder / f"{split}_questions.json").write_text(json.dumps(questions, indent=1))
+            write_text(folder / f"{split}_questions.json", json.dumps(questions, indent=1))
             stats[split] = {
                 "images": self.num_images[split],
                 "questions": len(questions),
@@ -319,7 +321,7 @@ class ShapesTask(FileTask):
             # Written last and checked by is_complete(): its presence marks the folder as finished.
             "complete": True,
         }
-        (folder / "meta.json").write_text(json.dumps(meta, indent=1))
+        write_text(folder / "meta.json", json.dumps(meta, indent=1))
 
     def questions_path(self, split: str) -> Path:
         """The generated questions of ``split``."""
