@@ -53,7 +53,7 @@ def status() -> dict[str, int]:
 
 
 def synthesize(folder: Path, pattern: str, n: int) -> Path:
-    from fusion.data.cache.store import keys_digest
+    from fusion.data.cache.files import keys_digest
     from fusion.data.cache.writer import PartialCache
 
     folder.mkdir(parents=True, exist_ok=True)

@@ -1,7 +1,7 @@
 """GQA (Hudson & Manning 2019) from the official ``<split>_balanced_questions.json`` files.
 
 Metrics: GQA's official measures as its evaluation script ``eval.py`` computes them (see
-:mod:`fusion.metrics.gqa` for the rules): accuracy (headline ``acc``), ``acc_binary``, ``acc_open``,
+:mod:`fusion.metrics.gqa_official` for the rules): accuracy (headline ``acc``), ``acc_binary``, ``acc_open``,
 accuracy per structural type (``acc_<type>``), per semantic type (``acc_semantic_<type>``), per number of
 reasoning steps (``acc_steps_<n>``) and of words (``acc_words_<n>``), and, where the files allow them:
 
@@ -36,7 +36,8 @@ import torch
 import torch.nn.functional as F
 from torchmetrics import Metric
 
-from fusion.metrics.gqa import GQAMetric, GQAQuestion, question_record
+from fusion.metrics.gqa import GQAMetric
+from fusion.metrics.gqa_official import GQAQuestion, question_record
 from fusion.tasks.answer_vocab import load_or_build_vocab, vocab_cache_path
 from fusion.tasks.base import Example, FileTask
 from fusion.tasks.formats import DataFormatError, check_pattern, field, read_json

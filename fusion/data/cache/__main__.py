@@ -31,10 +31,11 @@ from typing import Any
 
 from fusion.data.cache.build import build_cache
 from fusion.data.cache.errors import CacheError
+from fusion.data.cache.files import CHECKSUMS, INDEX
 from fusion.data.cache.fingerprint import cache_fingerprint
 from fusion.data.cache.merge import merge_shards
 from fusion.data.cache.storage import STORAGES
-from fusion.data.cache.store import CHECKSUMS, INDEX, FeatureCache
+from fusion.data.cache.store import FeatureCache
 
 CONF_ENCODER = Path(__file__).resolve().parents[3] / "conf" / "encoder"
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp"}

@@ -28,11 +28,12 @@ from fusion.data.cache.errors import (
     CacheNotFoundError,
     FingerprintMismatchError,
 )
+from fusion.data.cache.files import keys_digest
 from fusion.data.cache.fingerprint import cache_fingerprint, normalize_dtype, stored_tokens
 from fusion.data.cache.layout import cache_path, find_shards, lock_path, nearest_mismatch
 from fusion.data.cache.merge import merge_shards
 from fusion.data.cache.storage import quantise
-from fusion.data.cache.store import FeatureCache, keys_digest
+from fusion.data.cache.store import FeatureCache
 from fusion.data.cache.writer import PartialCache, check_writable, disk_errors, is_disk_error
 from fusion.data.images import load_image  # the training path's decoder: cached and online pixels match
 from fusion.encoders.grid import pool_tokens, pooled_grid_side

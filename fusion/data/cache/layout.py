@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from fusion.data.cache.errors import FingerprintMismatchError
+from fusion.data.cache.files import META
 from fusion.data.cache.fingerprint import diff, folder_name
-from fusion.data.cache.store import META
 
 _SHARD = re.compile(r"\.shard-(\d+)-of-(\d+)$")
 

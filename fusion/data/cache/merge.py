@@ -20,8 +20,9 @@ import numpy as np
 from filelock import FileLock
 
 from fusion.data.cache.errors import CacheCorruptError, CacheError, CacheKeyError, CacheNotFoundError
+from fusion.data.cache.files import keys_digest
 from fusion.data.cache.layout import cache_path, lock_path
-from fusion.data.cache.store import FeatureCache, keys_digest
+from fusion.data.cache.store import FeatureCache
 from fusion.data.cache.writer import PartialCache, check_writable, disk_errors
 
 log = logging.getLogger(__name__)

@@ -1,21 +1,4 @@
-"""The on-disk layout of one published cache and its reader.
-
-A cache is one folder ``<root>/<encoder name>-<fingerprint hash>/`` holding
-
-- ``features.npy``: the features, an ``(N, T, D)`` array in NumPy's ``.npy`` format, row ``i`` = the
-  ``(T, D)`` tokens of one image ([CLS]/prefix first, as the encoder returns them; a pooled cache holds
-  the prefix tokens and the patch grid pooled to K: ``T = prefix + K``), float16/float32, or quantised
-  (meta.json's ``dtype`` int8: int8; float8_e4m3fn: its raw bytes as uint8), see :mod:`fusion.data.cache.storage`;
-- ``scales.npy`` (quantised caches only): ``(N, T)`` float16, the scale of each token row;
-- ``index.json``: ``{image_key: row}`` (read and checked once on opening, then held compactly: see
-  :class:`FeatureCache`);
-- ``checksums.npy``: ``(N, 2)`` uint64, row ``i`` = the 64-bit BLAKE2b of row ``i``'s image key (column 0)
-  and of that key, a NUL and the row's stored bytes (column 1: ``features.npy``'s row, followed for a
-  quantised cache by its ``scales.npy`` row), computed from the rows as the build wrote them;
-- ``meta.json``: the full fingerprint (see :mod:`fusion.data.cache.fingerprint`), ``shape``, ``dtype``, the
-  digest of the sorted key list, for a shard which shard it is, and ``integrity``: the sha256 of
-  ``checksums.npy`` and of the keys in row order;
-- ``COMPLETE``: the completeness marker, written last before the folder is published.
+"""The reader of one published cache (the files it holds: :mod:`fusion.data.cache.files`).
 
 Folders are only ever published by an atomic rename of a finished temporary folder (see
 :mod:`fusion.data.cache.writer`), so a folder with this name is complete unless someone damaged it; opening
@@ -38,7 +21,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import io
-import json
 import logging
 import math
 import os
@@ -56,110 +38,33 @@ from fusion.data.cache.errors import (
     CacheCorruptError,
     CacheError,
     CacheKeyError,
-    CacheNotFoundError,
     CacheUnverifiableError,
     FingerprintMismatchError,
 )
+from fusion.data.cache.files import (
+    CHECKSUMS,
+    DATA,
+    INDEX,
+    META,
+    SAMPLE_ROWS,
+    check_array,
+    compact_index,
+    key_checksums,
+    order_digest,
+    read_index,
+    read_meta,
+    read_runs,
+    row_checksums,
+    sample_rows,
+)
 from fusion.data.cache.fingerprint import describe_diff
-from fusion.data.cache.storage import SCALES, STORAGES, Storage, dequantise, float8_supported, storage_of
+from fusion.data.cache.storage import SCALES, Storage, dequantise, float8_supported, storage_of
 
-DATA = "features.npy"
-INDEX = "index.json"
-META = "meta.json"
-CHECKSUMS = "checksums.npy"
-COMPLETE = "COMPLETE"
-# Rows whose checksums opening a cache checks (evenly spaced, first and last included): a bounded read.
-SAMPLE_ROWS = 64
-CHECKSUM_ALGORITHM = "blake2b-64"
-CHECKSUM_COLUMNS = ["key", "key NUL row bytes"]
 # Rows are verified in reads of about this many bytes (bounded memory whatever the row size).
 _VERIFY_CHUNK_BYTES = 64 * 2**20
 
 log = logging.getLogger(__name__)
 _warned_unverifiable: set[Path] = set()  # caches without checksums already warned about in this process
-
-
-def keys_digest(keys: Iterable[str]) -> str:
-    """sha256 of the sorted key list: identifies the image set a cache (or a shard's parent) covers."""
-    h = hashlib.sha256()
-    for k in sorted(keys):
-        h.update(k.encode())
-        h.update(b"\0")
-    return h.hexdigest()
-
-
-def key_checksums(keys: Sequence[bytes]) -> np.ndarray:
-    """``(B,)`` uint64: the 64-bit BLAKE2b of each UTF-8 key (column 0 of ``checksums.npy``)."""
-    return np.frombuffer(b"".join(hashlib.blake2b(k, digest_size=8).digest() for k in keys), dtype="<u8").copy()
-
-
-def row_checksums(keys: Sequence[bytes], rows: np.ndarray, scales: np.ndarray | None = None) -> np.ndarray:
-    """``(B,)`` uint64: the 64-bit BLAKE2b of each key, a NUL and its ``(T, D)`` row's bytes (column 1),
-    followed for a quantised cache by the row's ``(T,)`` scales' bytes (the checksum covers what is stored).
-
-    The key is hashed with the row so that a row read under another key (an index mapping keys to other
-    rows) fails just as changed bytes do; keys never hold a NUL, so the pair is unambiguous. A float16
-    cache's checksums are those caches had before quantised storage existed.
-    """
-    rows = np.ascontiguousarray(rows)
-    if len(keys) != len(rows) or (scales is not None and len(scales) != len(rows)):
-        extra = f" and {len(scales)} scales" if scales is not None else ""
-        raise ValueError(f"{len(keys)} keys for {len(rows)} rows{extra}")
-    scales = None if scales is None else np.ascontiguousarray(scales)
-    digests = []
-    for i, (key, row) in enumerate(zip(keys, rows, strict=True)):
-        h = hashlib.blake2b(key, digest_size=8)
-        h.update(b"\0")
-        h.update(row)
-        if scales is not None:
-            h.update(scales[i])
-        digests.append(h.digest())
-    return np.frombuffer(b"".join(digests), dtype="<u8").copy()
-
-
-def order_digest(keys: Iterable[bytes]) -> str:
-    """sha256 of the UTF-8 keys in row order: identifies which key each row belongs to."""
-    h = hashlib.sha256()
-    for k in keys:
-        h.update(k)
-        h.update(b"\0")
-    return h.hexdigest()
-
-
-def checksum_file_bytes(table: np.ndarray) -> bytes:
-    """``checksums.npy``'s content for an ``(N, 2)`` uint64 table (its sha256 goes into ``meta.json``)."""
-    buf = io.BytesIO()
-    np.save(buf, np.ascontiguousarray(table, dtype="<u8"), allow_pickle=False)
-    return buf.getvalue()
-
-
-def sample_rows(num_rows: int, count: int = SAMPLE_ROWS) -> np.ndarray:
-    """``count`` evenly spaced rows of ``num_rows`` (all of them if fewer), first and last included."""
-    if num_rows <= 0 or count <= 0:
-        return np.zeros(0, dtype=np.int64)
-    return np.unique(np.linspace(0, num_rows - 1, num=min(num_rows, count)).round().astype(np.int64))
-
-
-def read_into(fd: int, view: memoryview, pos: int, what: str) -> None:
-    """Fill ``view`` from byte ``pos`` of the open file ``what`` names (positioned reads; a short file fails)."""
-    while view:  # a positioned read may return less than asked
-        n = os.preadv(fd, [view], pos)
-        if n == 0:
-            raise CacheCorruptError(f"{what} ended at byte {pos} while reading; it was truncated after it was opened")
-        view, pos = view[n:], pos + n
-
-
-def read_header(path: Path) -> tuple[tuple[int, ...], np.dtype, int]:
-    """``(shape, dtype, data offset)`` from a ``.npy`` header, without touching the data."""
-    with open(path, "rb") as f:
-        version = np.lib.format.read_magic(f)
-        if version == (1, 0):
-            shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
-        else:
-            shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
-        if fortran:
-            raise CacheCorruptError(f"{path}: Fortran-ordered array; caches are always C-ordered")
-        return tuple(shape), np.dtype(dtype), f.tell()
 
 
 class FeatureCache:
@@ -185,7 +90,7 @@ class FeatureCache:
         self, path: str | os.PathLike, fingerprint: dict[str, Any] | None = None, *, check_rows: int = SAMPLE_ROWS
     ) -> None:
         self.path = Path(path)
-        self.meta = _read_meta(self.path)
+        self.meta = read_meta(self.path)
         if fingerprint is not None and self.meta["fingerprint"] != fingerprint:
             raise FingerprintMismatchError(
                 f"feature cache {self.path} was built for a different encoder configuration: "
@@ -200,11 +105,11 @@ class FeatureCache:
             )
         self.dtype = self.storage.file_dtype  # of features.npy (int8 / uint8 for quantised caches)
         # index.json's {key: row} as sorted keys (S<longest>) + their rows: no Python object per image.
-        self._sorted_keys, self._sorted_rows = _compact(self.path, _read_index(self.path, self.shape[0]))
-        self._offset = _check_array(self.path, self.shape, self.dtype)
+        self._sorted_keys, self._sorted_rows = compact_index(self.path, read_index(self.path, self.shape[0]))
+        self._offset = check_array(self.path, self.shape, self.dtype)
         self._row_bytes = self.shape[1] * self.shape[2] * self.dtype.itemsize
         self._scales_offset = (
-            _check_array(self.path, self.shape[:2], np.dtype(np.float16), SCALES) if self.storage.quantised else 0
+            check_array(self.path, self.shape[:2], np.dtype(np.float16), SCALES) if self.storage.quantised else 0
         )
         self._fds: dict[str, int] = {}
         self._pid: int | None = None  # the process that opened ``_fds``
@@ -421,7 +326,7 @@ class FeatureCache:
         found = self._sorted_keys[pos] == wanted
         if found.any():
             # Fixed-width bytes ignore trailing NULs ("a" == "a\0"); stored keys never hold a NUL (see
-            # _compact), so a query that does is not in the cache.
+            # compact_index), so a query that does is not in the cache.
             found &= np.array([b"\0" not in k for k in encoded])
         return self._sorted_rows[pos], found
 
@@ -468,7 +373,7 @@ class FeatureCache:
         if not self.storage.quantised:
             return data, None
         scales = np.empty((len(rows), self.shape[1]), dtype=np.float16)
-        _read_runs(self._file(SCALES), rows, scales, self._scales_offset, self.shape[1] * 2,
+        read_runs(self._file(SCALES), rows, scales, self._scales_offset, self.shape[1] * 2,
                    f"feature cache {self.path}: {SCALES}")
         return data, scales
 
@@ -476,7 +381,7 @@ class FeatureCache:
         """Rows ``rows`` of the array into ``out`` (a new ``(B, T, D)`` array if None); runs in one read each."""
         if out is None:
             out = np.empty((len(rows), *self.shape[1:]), dtype=self.dtype)
-        _read_runs(self._file(), rows, out, self._offset, self._row_bytes, f"feature cache {self.path}: {DATA}")
+        read_runs(self._file(), rows, out, self._offset, self._row_bytes, f"feature cache {self.path}: {DATA}")
         return out
 
     def __getitem__(self, key: str) -> Tensor:
@@ -487,15 +392,6 @@ class FeatureCache:
         return {**self.__dict__, "_fds": {}, "_pid": None, "_array": None, "_array_pid": None}
 
 
-def _read_runs(fd: int, rows: np.ndarray, out: np.ndarray, offset: int, size: int, what: str) -> None:
-    """Rows ``rows`` (of ``size`` bytes each, from byte ``offset`` of ``fd``) into ``out``; runs in one read."""
-    if not len(rows):
-        return
-    buf = memoryview(out.reshape(-1)).cast("B")
-    starts = np.flatnonzero(np.diff(rows) != 1) + 1
-    for lo, hi in zip([0, *starts.tolist()], [*starts.tolist(), len(rows)], strict=True):
-        read_into(fd, buf[lo * size : hi * size], offset + int(rows[lo]) * size, what)
-
 
 def _empty(shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
     """An uninitialised tensor; in a DataLoader worker, in shared memory from the start (as torch's own
@@ -505,76 +401,3 @@ def _empty(shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
     numel = math.prod(shape)
     storage = torch.empty(0, dtype=dtype)._typed_storage()._new_shared(numel)
     return torch.empty(0, dtype=dtype).set_(storage).view(shape)
-
-
-def _read_meta(path: Path) -> dict[str, Any]:
-    if not path.is_dir():
-        raise CacheNotFoundError(f"no feature cache at {path}")
-    if not (path / COMPLETE).is_file():
-        raise CacheNotFoundError(f"feature cache {path} is incomplete (no {COMPLETE} marker): its build did not finish")
-    try:
-        meta = json.loads((path / META).read_text())
-        shape, dtype = tuple(int(v) for v in meta["shape"]), meta["dtype"]
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise CacheCorruptError(f"feature cache {path}: unreadable {META} ({type(e).__name__}: {e})") from e
-    if len(shape) != 3 or dtype not in STORAGES:
-        raise CacheCorruptError(
-            f"feature cache {path}: {META} has shape {shape} / dtype {dtype!r}; want (N, T, D) and one of "
-            f"{', '.join(STORAGES)}"
-        )
-    return meta
-
-
-def _read_index(path: Path, num_rows: int) -> dict[str, int]:
-    try:
-        index = json.loads((path / INDEX).read_text())
-    except (OSError, ValueError) as e:
-        raise CacheCorruptError(f"feature cache {path}: unreadable {INDEX} ({type(e).__name__}: {e})") from e
-    if not isinstance(index, dict):
-        raise CacheCorruptError(f"feature cache {path}: {INDEX} holds a {type(index).__name__}, want {{key: row}}")
-    for key, row in index.items():
-        if not isinstance(row, int) or not 0 <= row < num_rows:
-            raise CacheCorruptError(
-                f"feature cache {path}: {INDEX} lists image {key!r} at row {row!r}, "
-                f"but {DATA} holds only {num_rows} rows"
-            )
-    if len(index) != num_rows or len(set(index.values())) != num_rows:
-        raise CacheCorruptError(
-            f"feature cache {path}: {INDEX} maps {len(index)} images to {len(set(index.values()))} distinct rows, "
-            f"but {DATA} holds {num_rows} rows"
-        )
-    return index
-
-
-def _compact(path: Path, index: dict[str, int]) -> tuple[np.ndarray, np.ndarray]:
-    """``(keys, rows)``: the keys as sorted fixed-width UTF-8 bytes and the row of each."""
-    encoded = [k.encode() for k in index]
-    if any(b"\0" in k for k in encoded):  # fixed-width bytes could not tell "a" from "a\0"
-        bad = next(k for k in index if "\0" in k)
-        raise CacheCorruptError(f"feature cache {path}: {INDEX} lists image {bad!r}, a key holding a NUL character")
-    keys = np.array(encoded, dtype=bytes) if encoded else np.empty(0, dtype="S1")
-    rows = np.fromiter(index.values(), dtype=np.int64, count=len(index))
-    order = np.argsort(keys, kind="stable")
-    return keys[order], rows[order]
-
-
-def _check_array(path: Path, shape: tuple[int, ...], dtype: np.dtype, name: str = DATA) -> int:
-    """Header of ``name`` agrees with ``meta.json`` and the file is as long as the header says; returns the
-    data offset."""
-    file = path / name
-    try:
-        got_shape, got_dtype, offset = read_header(file)
-        size = file.stat().st_size
-    except (OSError, ValueError) as e:
-        raise CacheCorruptError(f"feature cache {path}: unreadable {name} ({type(e).__name__}: {e})") from e
-    if got_shape != shape or got_dtype != dtype:
-        raise CacheCorruptError(
-            f"feature cache {path}: {name} holds {got_shape} {got_dtype.name}, {META} says {shape} {dtype.name}"
-        )
-    expected = offset + int(np.prod(shape)) * dtype.itemsize
-    if size != expected:
-        raise CacheCorruptError(
-            f"feature cache {path}: {name} is {'truncated' if size < expected else 'too long'}: "
-            f"{size} bytes, expected {expected} for {shape} {dtype.name}"
-        )
-    return offset

@@ -28,8 +28,7 @@ from typing import Any
 import numpy as np
 
 from fusion.data.cache.errors import CacheWriteError
-from fusion.data.cache.storage import SCALES, storage_of
-from fusion.data.cache.store import (
+from fusion.data.cache.files import (
     CHECKSUM_ALGORITHM,
     CHECKSUM_COLUMNS,
     CHECKSUMS,
@@ -44,6 +43,7 @@ from fusion.data.cache.store import (
     read_into,
     row_checksums,
 )
+from fusion.data.cache.storage import SCALES, storage_of
 from fusion.io import write_bytes, write_json
 
 PROGRESS = "progress.json"
