@@ -16,7 +16,7 @@ from omegaconf import open_dict
 from PIL import Image
 
 from fusion.model.attention import ATTENTION_SCORES
-from fusion.run.commands import build, build_encoders, wandb_group
+from fusion.run.commands import build, build_encoders
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["clip_tiny", "dino_tiny", "vit_tiny"]
@@ -138,38 +138,6 @@ def test_unknown_drop_encoder_is_named(tmp_path):
     # Hydra wraps the constructor's ValueError; the message reaches the user unchanged.
     with pytest.raises(Exception, match=r"\['dino'\].*allowed: \['clip_tiny', 'dino_tiny', 'vit_tiny'\]"):
         build(cfg)
-
-
-def test_wandb_group_is_the_sweep_of_the_run(tmp_path, monkeypatch):
-    monkeypatch.delenv("SLURM_ARRAY_JOB_ID", raising=False)
-    sweep = ["hydra.mode=MULTIRUN", "hydra.sweep.dir=/x/multiruns/2026-01-02_03-04-05"]
-    _compose(tmp_path, ["+experiment=shapes", *sweep])
-    assert wandb_group("shapes") == "sweep-2026-01-02_03-04-05"  # every job of one multirun, whatever its experiment
-    monkeypatch.setenv("SLURM_ARRAY_JOB_ID", "77")
-    assert wandb_group("shapes") == "sweep-2026-01-02_03-04-05"  # submitit's array: still the multirun
-    _compose(tmp_path, ["+experiment=shapes"])  # a single run: an element of slurm/array.sbatch
-    assert wandb_group("shapes") == "array-77"
-    monkeypatch.delenv("SLURM_ARRAY_JOB_ID")
-    assert wandb_group("shapes") == "shapes"
-
-
-def test_a_training_folder_keeps_its_wandb_run_and_an_evaluation_starts_a_new_one(tmp_path, monkeypatch):
-    from fusion.run.commands import finish_loggers, make_loggers
-
-    monkeypatch.setenv("WANDB_MODE", "offline")
-    monkeypatch.delenv("SLURM_ARRAY_JOB_ID", raising=False)
-    ids = {}
-    for config in ("train", "eval"):
-        with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-            overrides = ["+experiment=shapes", "logger=wandb", f"paths.output_dir={tmp_path / config}"]
-            cfg = compose(config, overrides=overrides)
-        ids[config] = []
-        for _ in range(2):  # the same folder twice: a requeued / resumed job, or an evaluation run again
-            (logger,) = make_loggers(cfg)
-            ids[config].append(logger.experiment.id)
-            finish_loggers([logger])
-    assert ids["train"][0] == ids["train"][1] == (tmp_path / "train" / "wandb_id").read_text().strip()
-    assert ids["eval"][0] != ids["eval"][1] and not (tmp_path / "eval" / "wandb_id").exists()
 
 
 # ---- entry points as subprocesses ---------------------------------------------------------------

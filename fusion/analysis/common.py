@@ -27,7 +27,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import pytorch_lightning as pl
 import torch
 from lightning_utilities.core.apply_func import apply_to_collection
 from omegaconf import DictConfig, OmegaConf
@@ -39,8 +38,8 @@ from fusion.analysis.report import Report
 from fusion.data.module import FusionDataModule
 from fusion.model.dropout import EncoderDropout
 from fusion.model.transformer import FusionOutput
-from fusion.run.commands import build, finish_loggers, make_loggers
-from fusion.run.record import save_record
+from fusion.run.commands import build
+from fusion.run.context import open_run
 from fusion.tasks.base import VLTask
 from fusion.training.module import FusionLitModule
 from fusion.training.resume import load_checkpoint
@@ -128,7 +127,8 @@ def load_weights(model: FusionLitModule, ckpt_path: str | Path) -> None:
 
 @contextlib.contextmanager
 def open_analysis(cfg: DictConfig, mode: str) -> Iterator[AnalysisContext]:
-    """Seed, build data and model from ``cfg``, load ``cfg.ckpt_path``, and close the loggers afterwards."""
+    """Open the run (:func:`fusion.run.context.open_run`: seed, record, loggers closed afterwards), build data and
+    model from ``cfg`` and load ``cfg.ckpt_path``."""
     if cfg.get("ckpt_path") is None:
         raise ValueError(f"eval.py mode={mode} needs ckpt_path=<a checkpoint>, e.g. <run>/checkpoints/last.ckpt")
     ckpt = Path(str(cfg.ckpt_path)).expanduser()
@@ -139,32 +139,28 @@ def open_analysis(cfg: DictConfig, mode: str) -> Iterator[AnalysisContext]:
         # Many small forward passes (causal tracing runs ~150 per batch): on a busy CPU every op of a
         # multi-threaded pass waits for a descheduled thread.
         torch.set_num_threads(int(analysis.num_threads))
-    pl.seed_everything(cfg.seed, workers=True)
-    output_dir = Path(cfg.paths.output_dir)
-    save_record(cfg, output_dir)  # never over a training run folder's record
-    datamodule, model = build(cfg)
-    from fusion.retrieval.module import RetrievalLitModule  # here: only this check needs the retrieval code
+    # Seeded, recorded (never over a training run folder's record), loggers closed: as every run.
+    with open_run(cfg, mode) as run:
+        datamodule, model = build(cfg)
+        from fusion.retrieval.module import RetrievalLitModule  # here: only this check needs the retrieval code
 
-    if isinstance(model, RetrievalLitModule):
-        raise ValueError(f"eval.py mode={mode} analyses classification tasks; retrieval ({model.task.name}) is not "
-                         "supported (its scores are rankings over a gallery, not a head's answer)")
-    load_weights(model, ckpt)
-    # Evaluation behaviour everywhere: dropout off, VE-dropout only through what a mode sets.
-    model.to(device).eval()
-    log.info("analysis on %s", device)
-    split = str(cfg.split)
-    model.task.check_split(split)
-    datamodule.prepare_data()
-    datamodule.setup("validate")
-    out_dir = Path(str(analysis.get("dir") or output_dir / mode))
-    out_dir.mkdir(parents=True, exist_ok=True)
-    loggers = make_loggers(cfg)
-    settings = analysis.get(mode) or OmegaConf.create({})
-    try:
+        if isinstance(model, RetrievalLitModule):
+            raise ValueError(f"eval.py mode={mode} analyses classification tasks; retrieval ({model.task.name}) is "
+                             "not supported (its scores are rankings over a gallery, not a head's answer)")
+        load_weights(model, ckpt)
+        # Evaluation behaviour everywhere: dropout off, VE-dropout only through what a mode sets.
+        model.to(device).eval()
+        log.info("analysis on %s", device)
+        split = str(cfg.split)
+        model.task.check_split(split)
+        datamodule.prepare_data()
+        datamodule.setup("validate")
+        out_dir = Path(str(analysis.get("dir") or run.output_dir / mode))
+        out_dir.mkdir(parents=True, exist_ok=True)
+        loggers = run.start_loggers()
+        settings = analysis.get(mode) or OmegaConf.create({})
         with torch.no_grad():
             yield AnalysisContext(cfg, mode, model, datamodule, split, out_dir, loggers, settings, device)
-    finally:
-        finish_loggers(loggers)
 
 
 # ---- which encoders the model sees --------------------------------------------------------------------

@@ -1,29 +1,25 @@
-"""Build everything a run needs from the Hydra config, then train or evaluate."""
+"""Build everything a run needs from the Hydra config, then train, evaluate or extract (set-up and tear-down:
+:mod:`fusion.run.context`)."""
 
 from __future__ import annotations
 
 import dataclasses
 import logging
-import os
-import secrets
 import warnings
 from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
-from hydra.core.hydra_config import HydraConfig
-from hydra.types import RunMode
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
-from pytorch_lightning.loggers import Logger, WandbLogger
+from omegaconf import DictConfig
+from pytorch_lightning.loggers import Logger
 
 from fusion.data.cache import build_cache, ensure_cache, images_of
 from fusion.data.cache.settings import CacheSettings
-from fusion.data.distributed import is_rank_zero
 from fusion.data.module import FusionDataModule
 from fusion.encoders.vision import VisionEncoder
-from fusion.io import write_json, write_text
-from fusion.run.record import save_record
+from fusion.io import write_json
+from fusion.run.context import open_run
 from fusion.tasks.base import VLTask
 from fusion.training.module import EVAL_MODE_WARNING, FusionLitModule
 from fusion.training.preempt import Requeued, RequeueOnSignal, slurm_job_id
@@ -86,80 +82,14 @@ def build(cfg: DictConfig) -> tuple[FusionDataModule, FusionLitModule]:
     return datamodule, model
 
 
-def _wandb_run_id(output_dir: Path) -> str:
-    """This run folder's wandb run id: made once and kept in the folder, so that a requeued or resumed job
-    in the same folder continues the same wandb run."""
-    path = output_dir / "wandb_id"
-    if not path.is_file():
-        write_text(path, secrets.token_hex(4))  # not the global RNG: seeded runs stay reproducible
-    return path.read_text().strip()
-
-
-def wandb_group(experiment_name: str) -> str:
-    """The wandb group of a run whose ``logger.wandb.group`` is null: its sweep, so that one sweep's runs form
-    one group and two sweeps two. A multirun (local, submitit's SLURM array, an Optuna search): its folder's
-    name; an element of a plain ``sbatch --array`` (slurm/array.sbatch): its array job; else the experiment."""
-    if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
-        return f"sweep-{Path(HydraConfig.get().sweep.dir).name}"
-    array = os.environ.get("SLURM_ARRAY_JOB_ID")
-    if array:
-        return f"array-{array}"
-    return experiment_name
-
-
-def _logger(cfg: DictConfig, output_dir: Path, experiment_name: str, resumable: bool) -> Logger:
-    if not cfg.get("_target_", "").endswith("WandbLogger"):
-        return instantiate(cfg)
-    extra: dict[str, Any] = {}
-    if cfg.get("group") is None:
-        extra["group"] = wandb_group(experiment_name)
-    # Only rank 0 keeps the id file (the other DDP ranks' wandb loggers never start a run).
-    if resumable and cfg.get("id") is None and is_rank_zero():
-        extra.update(id=_wandb_run_id(output_dir), resume="allow")
-    return instantiate(cfg, **extra)
-
-
-def make_loggers(cfg: DictConfig) -> list[Logger]:
-    """The run's loggers from ``cfg.logger``, with the config logged. A training run's wandb run resumes the id
-    kept in its folder (a requeued or resumed job continues it); an evaluation or analysis is a new run each
-    time, even in a folder used before. The group is the run's sweep (:func:`wandb_group`)."""
-    output_dir = Path(cfg.paths.output_dir)
-    name = str(cfg.get("experiment_name") or cfg.get("task_name") or "fusion")
-    resumable = cfg.get("task_name") == "train"
-    loggers = [_logger(c, output_dir, name, resumable) for c in (cfg.get("logger") or {}).values() if c is not None]
-    resolved = OmegaConf.to_container(cfg, resolve=True)
-    for logger in loggers:
-        logger.log_hyperparams(resolved)
-    return loggers
-
-
 def _trainer(cfg: DictConfig, loggers: list[Logger]) -> pl.Trainer:
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
     return instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
 
 
-def finish_loggers(loggers: list[Logger]) -> None:
-    """Close the loggers' runs."""
-    # A multirun executes its jobs in one process: close the wandb run so the next job gets its own.
-    for logger in loggers:
-        if isinstance(logger, WandbLogger):
-            logger.experiment.finish()
-
-
 def _flat_metrics(results: list[dict[str, Any]]) -> dict[str, float]:
     # Attention and fuser statistics have their own files (attention/); metrics.json keeps the task metrics.
     return {k: float(v) for r in results for k, v in r.items() if "attn/" not in k and "fuser/" not in k}
-
-
-def _setup(cfg: DictConfig) -> tuple[Path, FusionDataModule, FusionLitModule, list[Logger], pl.Trainer]:
-    """Seed, save the resolved config into the run folder (refused when the folder records a training run of
-    another config: fusion.run.record), and build data, model, loggers and trainer."""
-    pl.seed_everything(cfg.seed, workers=True)
-    output_dir = Path(cfg.paths.output_dir)
-    save_record(cfg, output_dir)
-    datamodule, model = build(cfg)
-    loggers = make_loggers(cfg)
-    return output_dir, datamodule, model, loggers, _trainer(cfg, loggers)
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
@@ -176,12 +106,13 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
 
 def _train(cfg: DictConfig) -> dict[str, float]:
-    output_dir, datamodule, model, loggers, trainer = _setup(cfg)
-    metrics: dict[str, float] = {}
-    try:
+    with open_run(cfg, "train") as run:
+        datamodule, model = build(cfg)
+        trainer = _trainer(cfg, run.start_loggers())
+        metrics: dict[str, float] = {}
         if cfg.get("train", True):
             # ckpt_path, or the run folder's own newest checkpoint: a requeued job continues where it stopped.
-            ckpt = resume_path(cfg.get("ckpt_path"), output_dir)
+            ckpt = resume_path(cfg.get("ckpt_path"), run.output_dir)
             if ckpt is not None:
                 check_compatible(ckpt, model)
                 log.info("resuming from %s (step %d)", ckpt, checkpoint_step(ckpt))
@@ -192,8 +123,7 @@ def _train(cfg: DictConfig) -> dict[str, float]:
             requeue = next((cb for cb in trainer.callbacks if isinstance(cb, RequeueOnSignal) and cb.stopped), None)
             if requeue is not None:
                 log.warning("stopped for a requeue: the requeued job resumes, evaluates and writes metrics.json")
-                finish_loggers(loggers)  # before the requeue stops this job's processes (wandb's service among them)
-                loggers = []
+                run.close_loggers()  # before the requeue stops this job's processes (wandb's service among them)
                 requeue.requeue(trainer)
                 raise Requeued(slurm_job_id())  # not a return: the job is not done (see fusion.training.preempt)
         best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
@@ -206,11 +136,7 @@ def _train(cfg: DictConfig) -> dict[str, float]:
                 majority = task.majority_accuracy(split)
                 if majority is not None:
                     metrics[f"{stage}/majority_{task.metric_name}"] = majority
-        if trainer.is_global_zero:
-            write_json(output_dir / "metrics.json", metrics, sort_keys=True)
-    finally:
-        finish_loggers(loggers)
-    return metrics
+        return run.finish(metrics)
 
 
 def evaluate(cfg: DictConfig) -> dict[str, float]:
@@ -219,11 +145,12 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         raise ValueError("eval.py needs ckpt_path=<a checkpoint>, e.g. <run>/checkpoints/last.ckpt")
     ckpt = Path(str(cfg.ckpt_path)).expanduser()
     load_checkpoint(ckpt)  # before the run folder is written to: a file that is no checkpoint is named now
-    output_dir, datamodule, model, loggers, trainer = _setup(cfg)
-    split = str(cfg.split)
-    try:
+    with open_run(cfg, "eval") as run:
+        datamodule, model = build(cfg)
+        trainer = _trainer(cfg, run.start_loggers())
+        split = str(cfg.split)
         model.task.check_split(split)
-        model.predictions_path = output_dir / model.task.prediction_file
+        model.predictions_path = run.output_dir / model.task.prediction_file
         if split == model.task.test_split:
             results = trainer.test(model, datamodule=datamodule, ckpt_path=str(ckpt))
         else:
@@ -233,11 +160,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         majority = model.task.majority_accuracy(split)
         if majority is not None:
             metrics[f"{split}/majority_{model.task.metric_name}"] = majority
-        if trainer.is_global_zero:
-            write_json(output_dir / "metrics.json", metrics, sort_keys=True)
-    finally:
-        finish_loggers(loggers)
-    return metrics
+        return run.finish(metrics)
 
 
 def extract(cfg: DictConfig) -> dict[str, str]:
@@ -247,31 +170,35 @@ def extract(cfg: DictConfig) -> dict[str, str]:
     the first time a run (or an extract without sharding) opens it. Returns encoder -> cache folder.
     """
     settings = cache_settings(cfg, always=True)
-    encoders = build_encoders(cfg)
-    task: VLTask = instantiate(cfg.task)
-    task.prepare_data()
-    splits = list(cfg.cache.get("splits") or dict.fromkeys(task.splits))
-    for split in splits:  # extraction decodes the images: a missing one is named with its annotation now
-        task.check_images(split)
-    images = images_of(ex for split in splits for ex in task.examples(split))
     shard, num_shards = cfg.cache.get("shard"), cfg.cache.get("num_shards")
     if (shard is None) != (num_shards is None):
         raise ValueError(f"give both cache.shard and cache.num_shards (got shard={shard}, num_shards={num_shards})")
-    device = settings.build_device()
-    paths = {}
-    for name, encoder in encoders.items():
-        encoder.to(device)
-        common = {
-            "dtype": settings.dtype, "tokens_per_encoder": settings.tokens_per_encoder,
-            "batch_size": settings.batch_size, "num_workers": settings.num_workers,
-        }
-        if num_shards is None:
-            cache = ensure_cache(encoder, images, settings.dir, rebuild=settings.rebuild, **common)
-        else:
-            cache = build_cache(encoder, images, settings.dir, shard=int(shard), num_shards=int(num_shards), **common)
-        encoder.to("cpu")
-        paths[name] = str(cache.path)
-        log.info("encoder %s: %d images of splits %s in %s", name, len(cache), splits, cache.path)
-    output_dir = Path(cfg.paths.output_dir)
-    write_json(output_dir / "caches.json", {"splits": splits, "images": len(images), "caches": paths}, sort_keys=True)
+    # No record: an extraction writes caches.json into its folder, never config_resolved.yaml.
+    with open_run(cfg, "extract", record=False) as run:
+        encoders = build_encoders(cfg)
+        task: VLTask = instantiate(cfg.task)
+        task.prepare_data()
+        splits = list(cfg.cache.get("splits") or dict.fromkeys(task.splits))
+        for split in splits:  # extraction decodes the images: a missing one is named with its annotation now
+            task.check_images(split)
+        images = images_of(ex for split in splits for ex in task.examples(split))
+        device = settings.build_device()
+        paths = {}
+        for name, encoder in encoders.items():
+            encoder.to(device)
+            common = {
+                "dtype": settings.dtype, "tokens_per_encoder": settings.tokens_per_encoder,
+                "batch_size": settings.batch_size, "num_workers": settings.num_workers,
+            }
+            if num_shards is None:
+                cache = ensure_cache(encoder, images, settings.dir, rebuild=settings.rebuild, **common)
+            else:
+                cache = build_cache(
+                    encoder, images, settings.dir, shard=int(shard), num_shards=int(num_shards), **common
+                )
+            encoder.to("cpu")
+            paths[name] = str(cache.path)
+            log.info("encoder %s: %d images of splits %s in %s", name, len(cache), splits, cache.path)
+        written = {"splits": splits, "images": len(images), "caches": paths}
+        write_json(run.output_dir / "caches.json", written, sort_keys=True)
     return paths

@@ -17,11 +17,11 @@ import pytorch_lightning as pl
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
-from pytorch_lightning.loggers import Logger, WandbLogger
 
 from fusion.encoders.vision import TimmEncoder
 from fusion.io import write_json
 from fusion.run.commands import train as train_task
+from fusion.run.context import RunContext, open_run
 from fusion.zoo.probe import probe_encoders
 from fusion.zoo.recipe import SaveEncoder, ZooRecipe
 
@@ -37,14 +37,14 @@ def run(cfg: DictConfig) -> dict[str, float]:
         torch.set_num_threads(int(zoo.num_threads))
     recipes = zoo.get("recipe") or {}
     if recipes:
-        pl.seed_everything(cfg.seed, workers=True)
-        metrics: dict[str, float] = {}
-        for name in recipes:
-            metrics.update({f"{name}/{k}": v for k, v in pretrain(cfg, name).items()})
-        if zoo.get("report"):
-            report(cfg)
-        write_json(Path(cfg.paths.output_dir) / "metrics.json", metrics)
-        return metrics
+        # No record: a zoo run folder holds towers and their logs, and may be run into again with other recipes.
+        with open_run(cfg, "zoo", record=False) as run:
+            metrics: dict[str, float] = {}
+            for name in recipes:
+                metrics.update({f"{name}/{k}": v for k, v in pretrain(run, name).items()})
+            if zoo.get("report"):
+                report(cfg)
+            return run.finish(metrics)
     if zoo.get("weights"):
         use_zoo_weights(cfg)
         return train_task(cfg)
@@ -54,8 +54,10 @@ def run(cfg: DictConfig) -> dict[str, float]:
     )
 
 
-def pretrain(cfg: DictConfig, name: str) -> dict[str, float]:
-    """Train recipe ``cfg.zoo.recipe.<name>`` and save its tower; returns its last logged metrics."""
+def pretrain(run: RunContext, name: str) -> dict[str, float]:
+    """Train recipe ``cfg.zoo.recipe.<name>`` of ``run`` and save its tower; returns its last logged metrics.
+    Its loggers save into ``<run folder>/<name>``: one wandb run per recipe."""
+    cfg = run.cfg
     rcfg = cfg.zoo.recipe[name]
     if name not in (cfg.get("encoder") or {}):
         raise ValueError(
@@ -64,12 +66,8 @@ def pretrain(cfg: DictConfig, name: str) -> dict[str, float]:
         )
     module: ZooRecipe = instantiate(rcfg.module)
     datamodule = instantiate(rcfg.data, transform=module.transform, collate_fn=module.collate, needs=module.needs)
-    run_dir = Path(cfg.paths.output_dir) / name
-    loggers: list[Logger] = [
-        instantiate(c, save_dir=str(run_dir)) for c in (cfg.get("logger") or {}).values() if c is not None
-    ]
-    for logger in loggers:
-        logger.log_hyperparams(OmegaConf.to_container(rcfg, resolve=True))
+    run_dir = run.output_dir / name
+    loggers = run.start_loggers(part=name, hyperparams=OmegaConf.to_container(rcfg, resolve=True))
     saver = SaveEncoder(rcfg.output)
     callbacks = [instantiate(c) for c in (cfg.zoo.get("callbacks") or {}).values() if c is not None]
     # The recipe's trainer keys (max_steps...) on top of conf/trainer, which does not list them all.
@@ -77,12 +75,8 @@ def pretrain(cfg: DictConfig, name: str) -> dict[str, float]:
     trainer: pl.Trainer = instantiate(
         cfg.trainer, **overrides, default_root_dir=str(run_dir), callbacks=[*callbacks, saver], logger=loggers or False
     )
-    try:
-        trainer.fit(module, datamodule=datamodule)
-    finally:
-        for logger in loggers:  # one wandb run per recipe, also when several run in one process
-            if isinstance(logger, WandbLogger):
-                logger.experiment.finish()
+    trainer.fit(module, datamodule=datamodule)  # a failure: the run closes (and marks failed) these loggers
+    run.close_loggers()  # one wandb run per recipe, also when several run in one process
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     metrics["global_step"] = float(trainer.global_step)
     print(f"zoo {name}: saved {saver.saved} after {trainer.global_step} steps; " + _fmt(metrics))
