@@ -1,7 +1,8 @@
 """fusion: V+L models on several frozen vision encoders at once.
 
-One package per step of the data path, in the order data flows (each may import only packages listed
-before it, never one after it; ``tests/test_layers.py`` checks this and that there are no cycles):
+One package per step of the data path (files -> task -> encoders or cache -> fuser -> transformer -> head ->
+metric -> logger), listed in dependency order: each may import only packages listed before it, never one
+after it (``tests/test_layers.py`` checks this and that there are no cycles):
 
 1. :mod:`fusion.io`, :mod:`fusion.options`: atomic file writes and config value checks (no fusion imports).
 2. :mod:`fusion.metrics`: the official metrics (accuracy by type, VQA, GQA, binary groups, ranking).
