@@ -69,7 +69,8 @@ def synthesize(folder: Path, pattern: str, n: int) -> Path:
 
 
 def child(path: Path, how: str, pattern: str, n: int, batch: int, repeats: int) -> dict[str, float]:
-    from fusion.data.cache.store import INDEX, FeatureCache
+    from fusion.data.cache.files import INDEX
+    from fusion.data.cache.store import FeatureCache
 
     rng = np.random.default_rng(0)
     queries = [[pattern.format(i=int(i)) for i in rng.integers(0, n, batch)] for _ in range(repeats)]
