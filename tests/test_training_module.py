@@ -11,6 +11,7 @@ from fusion.encoders.vision import HFVisionEncoder, TimmEncoder
 from fusion.fusers import ResamplerFuser
 from fusion.model.heads import ClassifierHead
 from fusion.model.transformer import FusionModel
+from fusion.monitoring.callbacks import AttentionStatsCallback, FuserWeightsCallback
 from fusion.tasks.shapes import ShapesTask
 from fusion.training.module import FusionLitModule, annotated_count
 
@@ -142,19 +143,25 @@ def test_encoder_prefix_tokens_reach_the_fuser(parts, tmp_path):
     assert hf.num_tokens == 1 + 4 + 16 and hf.num_prefix_tokens == 5
 
 
-@pytest.mark.filterwarnings("ignore:You are trying to `self.log()`")
 def test_mixing_fuser_statistics_and_encoder_drop(parts):
     batch = _batch(parts)
     module = _module(parts, fuser=ResamplerFuser, drop_encoders=["b"]).eval()
-    assert module.attn_stats["val"].group_names == ["a", "b", "fused", "text", "cls"]
-    module._eval_step(batch, "val")
-    weights = module.fuser_stats["val"].compute()
+    attention, fuser = AttentionStatsCallback(), FuserWeightsCallback()
+    for callback in (attention, fuser):
+        callback.on_validation_epoch_start(None, module)
+    assert attention.metrics["val"].group_names == ["a", "b", "fused", "text", "cls"]
+    outputs = module.validation_step(batch, 0)  # the step output feeds the statistics callbacks
+    for callback in (attention, fuser):
+        callback.on_validation_batch_end(None, module, outputs, batch, 0)
+    weights = fuser.metrics["val"].compute()
     torch.testing.assert_close(weights, torch.tensor([1.0, 0.0]))
-    stats = module.attn_stats["val"].compute()
+    stats = attention.metrics["val"].compute()
     assert torch.all(stats[..., :2] == 0) and torch.all(stats[..., 2] > 0)  # visual mass is all "fused"
     noisy = dict(batch, images=dict(batch["images"], b=torch.randn(2, 3, 32, 32) * 5))
     torch.testing.assert_close(module(batch)[0], module(noisy)[0], atol=1e-6, rtol=0)
-    assert _module(parts).fuser_stats is None  # token_concat: the attention statistics tell
+    fuser.on_validation_epoch_start(None, _module(parts))
+    assert "val" not in fuser.metrics  # token_concat: the attention statistics tell
+    assert {type(c) for c in module.configure_callbacks()} == {AttentionStatsCallback, FuserWeightsCallback}
 
 
 def test_checkpoint_carries_the_answer_vocabulary_and_refuses_another(parts):

@@ -30,7 +30,7 @@ from fusion.model.heads import ClassifierHead
 from fusion.model.transformer import FusionModel, FusionOutput
 from fusion.retrieval.dual_encoder import DualEncoder, contrastive_loss, hard_negatives, same_image
 from fusion.tasks.base import VLTask
-from fusion.training.module import FusionLitModule
+from fusion.training.module import FusionLitModule, StepOutput
 
 TOP = 10  # candidates per query in the prediction file
 
@@ -257,7 +257,7 @@ class RetrievalLitModule(FusionLitModule):
     def on_test_epoch_start(self) -> None:
         self._start_eval("test")
 
-    def _eval_step(self, batch: Mapping[str, Any], stage: str) -> None:
+    def _eval_step(self, batch: Mapping[str, Any], stage: str) -> StepOutput | None:
         gallery = self._galleries[stage]
         keys: list[str] = batch["image_keys"]
         unique = list(dict.fromkeys(keys))
@@ -274,15 +274,13 @@ class RetrievalLitModule(FusionLitModule):
         states = self.text(batch["input_ids"], batch["attention_mask"])
         mask = batch["attention_mask"].bool()
         gallery.add_texts(list(batch["question_ids"]), keys, states, mask, self.first_stage.embed_text(states, mask))
-        if self.attention_stats or self.fuser_stats is not None:
-            # The statistics describe the matching pairs of the split, as for the other tasks.
-            image_idx = torch.tensor([unique.index(k) for k in keys], device=rows.device)
-            text_idx = torch.arange(len(keys), device=rows.device)
-            _, out = self.itm_logits(features, image_idx, states, mask, text_idx, self.attention_stats)
-            if self.attention_stats:
-                self.attn_stats[stage].update(out.attentions, out.key_groups, out.text_query_mask)
-            if self.fuser_stats is not None:
-                self.fuser_stats[stage].update(out.encoder_weights)
+        if not (self.attention_stats or self.fusion.reports_encoder_weights):
+            return None
+        # The statistics callbacks describe the matching pairs of the split, as for the other tasks.
+        image_idx = torch.tensor([unique.index(k) for k in keys], device=rows.device)
+        text_idx = torch.arange(len(keys), device=rows.device)
+        _, out = self.itm_logits(features, image_idx, states, mask, text_idx, self.attention_stats)
+        return {"fusion": out}
 
     def _end_eval(self, stage: str) -> None:
         gallery = self._galleries.pop(stage, None)
@@ -323,7 +321,3 @@ class RetrievalLitModule(FusionLitModule):
                 [[gallery.caption_ids[j] for j in row] for row in result.i2t_top.tolist()],
                 self.predictions_path,
             )
-        if self.attention_stats:
-            self._end_attention_stats(stage)
-        if self.fuser_stats is not None:
-            self._end_fuser_stats(stage)

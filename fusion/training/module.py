@@ -10,7 +10,6 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.loggers import WandbLogger
 from torch import nn
 from torchmetrics import MeanMetric, Metric
 
@@ -20,8 +19,7 @@ from fusion.encoders.vision import VisionEncoder
 from fusion.model.dropout import EncoderDropout
 from fusion.model.heads import ClassifierHead
 from fusion.model.transformer import FusionModel, FusionOutput
-from fusion.monitoring.attention_stats import AttentionOverEncoders, save_stats, scalar_metrics, stats_rows
-from fusion.monitoring.fuser_weights import FuserWeights, fuser_scalars, save_fuser_weights
+from fusion.monitoring.callbacks import AttentionStatsCallback, FuserWeightsCallback
 from fusion.options import number
 from fusion.tasks.base import VLTask
 from fusion.training.optim import OptimizerFactory, SchedulerFactory, configure, cosine_with_warmup
@@ -32,6 +30,8 @@ ENCODER_PREFIX = "encoders."
 # Lightning's warning at the start of fit about modules in eval mode (fusion.run.commands filters it while fitting):
 # the frozen encoders always are; FusionLitModule.report_eval_modes says so in one line instead.
 EVAL_MODE_WARNING = r"Found \d+ module\(s\) in eval mode at the start of training"
+# What an evaluation step returns: {"fusion": FusionOutput}, read by fusion.monitoring.callbacks.
+StepOutput = dict[str, FusionOutput]
 
 
 def _all_frozen(module: nn.Module) -> bool:
@@ -117,21 +117,8 @@ class FusionLitModule(pl.LightningModule):
         # out); a split without labels has no loss.
         self.eval_loss = nn.ModuleDict({stage: MeanMetric(nan_strategy="ignore") for stage in ("val", "test")})
         self.train_acc = MeanMetric()
+        # Whether the evaluation steps return the attention probabilities (for AttentionStatsCallback).
         self.attention_stats = attention_stats
-        self.attn_stats = nn.ModuleDict(
-            {
-                stage: AttentionOverEncoders(
-                    self.encoder_names, self.fusion.depth, self.fusion.num_heads, mixed=self.fusion.mixes_encoders
-                )
-                for stage in ("val", "test")
-            }
-        )
-        # The fuser's own share of each encoder (fusers that mix encoders); cheap, so always collected.
-        self.fuser_stats = (
-            nn.ModuleDict({stage: FuserWeights(self.encoder_names) for stage in ("val", "test")})
-            if self.fusion.reports_encoder_weights
-            else None
-        )
         self.output_dir = Path(output_dir) if output_dir else None
         self._fingerprints: dict[str, dict] | None = None
         # Set by eval.py: where the task's official prediction file goes.
@@ -194,20 +181,25 @@ class FusionLitModule(pl.LightningModule):
         loss_mean.update(self.task.loss(logits, batch).detach().float(), weight=annotated_count(batch))
         return logits, out
 
-    def _eval_step(self, batch: Mapping[str, Any], stage: str) -> None:
+    def _eval_step(self, batch: Mapping[str, Any], stage: str) -> StepOutput:
         logits, out = self.score_batch(batch, self.metrics[stage], self.eval_loss[stage], self.attention_stats)
         if self.predictions_path is not None:
             self._prediction_rows.extend(self.task.prediction_rows(logits, batch))
-        if self.attention_stats:
-            self.attn_stats[stage].update(out.attentions, out.key_groups, out.text_query_mask)
-        if self.fuser_stats is not None:
-            self.fuser_stats[stage].update(out.encoder_weights)
+        return {"fusion": out}
 
-    def validation_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
-        self._eval_step(batch, "val")
+    def validation_step(self, batch: Mapping[str, Any], batch_idx: int) -> StepOutput:
+        """Scores the batch; the fusion output goes to the statistics callbacks (fusion.monitoring.callbacks)."""
+        return self._eval_step(batch, "val")
 
-    def test_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
-        self._eval_step(batch, "test")
+    def test_step(self, batch: Mapping[str, Any], batch_idx: int) -> StepOutput:
+        return self._eval_step(batch, "test")
+
+    def configure_callbacks(self) -> list[pl.Callback]:
+        """The statistics callbacks the trainer lacks (eval.py's trainer has no callbacks group), so that the
+        attention and fuser statistics are published whichever entry point runs the module."""
+        present = getattr(self._trainer, "callbacks", []) if self._trainer is not None else []
+        wanted = (AttentionStatsCallback(), FuserWeightsCallback())
+        return [cb for cb in wanted if not any(isinstance(c, type(cb)) for c in present)]
 
     def on_validation_epoch_end(self) -> None:
         self._end_eval("val")
@@ -226,10 +218,6 @@ class FusionLitModule(pl.LightningModule):
             self._log_task_metrics(stage)
         self.metrics[stage].reset()
         self.eval_loss[stage].reset()
-        if self.attention_stats:
-            self._end_attention_stats(stage)
-        if self.fuser_stats is not None:
-            self._end_fuser_stats(stage)
 
     def _scored(self, stage: str) -> bool:
         """Whether the split evaluated in ``stage`` has labels; an unlabelled one gets predictions, no metrics
@@ -251,48 +239,6 @@ class FusionLitModule(pl.LightningModule):
         loss = self.eval_loss[stage].compute()  # synced: the same on every rank
         if not torch.isnan(loss):
             self.log(f"{stage}/loss", loss)
-
-    def _end_attention_stats(self, stage: str) -> None:
-        stats = self.attn_stats[stage].compute()
-        self.attn_stats[stage].reset()
-        if self.trainer.sanity_checking:
-            return
-        groups = self.attn_stats[stage].group_names
-        prefix = "attn" if stage == "val" else f"{stage}/attn"
-        self.log_dict(scalar_metrics(stats, groups, prefix=prefix))
-        if self.trainer.is_global_zero:
-            self._publish_stats(stats, groups, stage, prefix)
-
-    def _end_fuser_stats(self, stage: str) -> None:
-        weights = self.fuser_stats[stage].compute()
-        self.fuser_stats[stage].reset()
-        if self.trainer.sanity_checking:
-            return
-        prefix = "fuser" if stage == "val" else f"{stage}/fuser"
-        self.log_dict(fuser_scalars(weights, self.encoder_names, prefix=prefix))
-        if self.trainer.is_global_zero and self.output_dir is not None:
-            extra = {"split": stage, "epoch": self.current_epoch, "drop_encoders": list(self.hparams.drop_encoders)}
-            paths = save_fuser_weights(weights.cpu(), self.encoder_names, self.output_dir / "attention" / stage, extra)
-            for logger in self.loggers:
-                if isinstance(logger, WandbLogger):
-                    rows = [[n, float(w)] for n, w in zip(self.encoder_names, weights.tolist(), strict=True)]
-                    logger.log_table(key=f"{prefix}/table", columns=["encoder", "weight"], data=rows)
-                    logger.log_image(key=f"{prefix}/fuser_weights", images=[str(paths["fuser_weights.png"])])
-
-    def _publish_stats(self, stats: torch.Tensor, groups: list[str], stage: str, prefix: str) -> None:
-        """Statistics files into the run folder, and a table and heatmaps into wandb."""
-        if self.output_dir is None:
-            return
-        extra = {"split": stage, "epoch": self.current_epoch, "drop_encoders": list(self.hparams.drop_encoders)}
-        paths = save_stats(stats.cpu(), groups, self.output_dir / "attention" / stage, extra=extra)
-        rows = stats_rows(stats.cpu(), groups)
-        for logger in self.loggers:
-            if isinstance(logger, WandbLogger):
-                columns = list(rows[0])
-                logger.log_table(key=f"{prefix}/table", columns=columns, data=[[r[c] for c in columns] for r in rows])
-                for file_name, path in paths.items():
-                    if file_name.endswith(".png"):  # one key per figure: their sizes differ
-                        logger.log_image(key=f"{prefix}/{Path(file_name).stem}", images=[str(path)])
 
     # ---- training start ------------------------------------------------------------------------
     def on_train_start(self) -> None:
