@@ -1,16 +1,18 @@
-"""The answer vocabulary of VQA-style tasks: the top-K training answers, cached as JSON beside the data cache."""
+"""The answer vocabulary of VQA-style tasks: the top-K training answers, cached as JSON beside the data cache,
+and :class:`VocabTask`, the base of the tasks answered over it (VQA, GQA)."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import logging
+from abc import abstractmethod
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from fusion.io import write_text
-from fusion.tasks.base import resolve_root
+from fusion.tasks.base import FileTask, resolve_root
 from fusion.tasks.formats import DataFormatError, field, read_json
 
 log = logging.getLogger(__name__)
@@ -62,3 +64,67 @@ def load_or_build_vocab(
         except OSError as err:
             log.warning("could not cache the answer vocabulary at %s (%s); it is rebuilt next time", path, err)
     return ranked
+
+
+class VocabTask(FileTask):
+    """A file task answered over the ``top_k`` most frequent answers of its training split (all: None).
+
+    The vocabulary is built on first use from :meth:`_vocab_source` and :meth:`_count_training_answers`, cached
+    under ``cache_dir`` (or read from a pinned ``vocab_file``); ``answer_types`` are the types the metrics are
+    split by. Subclasses may react to a loaded vocabulary in :meth:`_on_vocab` (precomputed answer forms).
+    """
+
+    def __init__(
+        self,
+        root: str | Path,
+        train_split: str,
+        val_split: str,
+        test_split: str,
+        *,
+        top_k: int | None,
+        vocab_file: str | Path | None,
+        cache_dir: str | Path | None,
+        answer_types: Sequence[str],
+    ) -> None:
+        if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
+            raise ValueError(f"top_k must be a positive integer or null (all answers), got {top_k!r}")
+        super().__init__(root, train_split, val_split, test_split)
+        self.top_k = top_k
+        self.vocab_file = Path(vocab_file).expanduser() if vocab_file else None
+        self.cache_dir = cache_dir
+        self._answer_types = list(answer_types)
+        self._vocab: list[str] | None = None
+        self._label: dict[str, int] = {}
+
+    @abstractmethod
+    def _vocab_source(self) -> Path:
+        """The training annotation file the vocabulary is counted from (its stat pins the cached vocabulary)."""
+
+    @abstractmethod
+    def _count_training_answers(self) -> Counter[str]:
+        """How often each answer occurs in the training split, in the form predictions are compared in."""
+
+    def _on_vocab(self, ranked: list[tuple[str, int]]) -> None:
+        """Called once the vocabulary (answers with their counts, most frequent first) is loaded."""
+
+    def _load_vocab(self) -> list[str]:
+        if self._vocab is None:
+            source = self._vocab_source()
+            path = self.vocab_file or vocab_cache_path(self.cache_dir, self.name, source, self.top_k)
+            ranked = load_or_build_vocab(path, self._count_training_answers, self.top_k, source)
+            self._vocab = [a for a, _ in ranked]
+            self._label = {a: i for i, a in enumerate(self._vocab)}
+            self._on_vocab(ranked)
+        return self._vocab
+
+    @property
+    def answers(self) -> list[str]:
+        return list(self._load_vocab())
+
+    @property
+    def num_classes(self) -> int:
+        return len(self._load_vocab())  # without copying the vocabulary (target() asks per sample)
+
+    @property
+    def answer_types(self) -> list[str]:
+        return list(self._answer_types)

@@ -220,6 +220,21 @@ class FileTask(VLTask):
         return list(self._examples[split])
 
 
+class FixedLabelTask(FileTask):
+    """A file task that classifies into a fixed set of ``labels`` (binary, entailment, match / no match) and
+    splits its metrics by no answer type unless it says otherwise."""
+
+    labels: tuple[str, ...] = ()
+
+    @property
+    def answers(self) -> list[str]:
+        return list(self.labels)
+
+    @property
+    def answer_types(self) -> list[str]:
+        return []
+
+
 def check_examples(task: VLTask, split: str, examples: list[Example]) -> None:
     """Refuse a split that has no example, an id twice or an empty question text, naming the file and line or id.
 

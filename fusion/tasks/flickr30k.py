@@ -37,7 +37,7 @@ from torchmetrics import Metric
 
 from fusion.io import write_text
 from fusion.metrics.ranking import RetrievalRecall
-from fusion.tasks.base import Example, FileTask
+from fusion.tasks.base import Example, FixedLabelTask
 
 ANSWERS: tuple[str, ...] = ("no_match", "match")
 KARPATHY_SPLITS: tuple[str, ...] = ("train", "val", "test", "restval")
@@ -52,7 +52,7 @@ def image_key(filename: str) -> str:
     return f"flickr30k/{Path(filename).stem}"
 
 
-class Flickr30kTask(FileTask):
+class Flickr30kTask(FixedLabelTask):
     """Image-text retrieval over the Karpathy split of Flickr30k; each example is a matching pair.
 
     ``restval_in_train`` adds the images marked ``restval`` to the training split (Flickr30k's
@@ -60,6 +60,7 @@ class Flickr30kTask(FileTask):
     """
 
     name = "flickr30k"
+    labels = ANSWERS
     metric_name = "rsum"
     prediction_file = "predictions.json"
 
@@ -79,14 +80,6 @@ class Flickr30kTask(FileTask):
         self.images_dir = self.root / Path(images_dir).expanduser()
         self.restval_in_train = bool(restval_in_train)
         self._images: list[tuple[str, str, tuple[str, ...]]] | None = None  # (filename, split, captions)
-
-    @property
-    def answers(self) -> list[str]:
-        return list(ANSWERS)
-
-    @property
-    def answer_types(self) -> list[str]:
-        return []
 
     def prepare_data(self) -> None:
         """Nothing to download or generate: check that the split file and the image folder are there."""

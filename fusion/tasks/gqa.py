@@ -38,8 +38,8 @@ from torchmetrics import Metric
 
 from fusion.metrics.gqa import GQAMetric
 from fusion.metrics.gqa_official import GQAQuestion, question_record
-from fusion.tasks.answer_vocab import load_or_build_vocab, vocab_cache_path
-from fusion.tasks.base import Example, FileTask
+from fusion.tasks.answer_vocab import VocabTask
+from fusion.tasks.base import Example
 from fusion.tasks.formats import DataFormatError, check_pattern, field, read_json
 
 log = logging.getLogger(__name__)
@@ -51,7 +51,7 @@ CHOICES_FILES = ("{split}_choices.json", "challenge_all_choices.json")
 Row = tuple[str, str, str, str | None, str, bool]
 
 
-class GQATask(FileTask):
+class GQATask(VocabTask):
     """GQA questions below ``root``: ``<split>_balanced_questions.json`` and ``images/<imageId>.jpg``.
 
     A split whose file has no ``answer`` at all (the test / challenge / submission questions) is
@@ -80,28 +80,21 @@ class GQATask(FileTask):
         choices_files: Sequence[str] = CHOICES_FILES,
         consistency: bool = True,
     ) -> None:
-        if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
-            raise ValueError(f"top_k must be a positive integer or null (all answers), got {top_k!r}")
         check_pattern("questions_file", questions_file, split="x")
         check_pattern("image_file", image_file, split="x", image_id="x")
         if all_questions_file is not None:
             check_pattern("all_questions_file", all_questions_file, split="x")
         for pattern in choices_files:
             check_pattern("choices_files", pattern, split="x")
-        super().__init__(root, train_split, val_split, test_split)
+        super().__init__(root, train_split, val_split, test_split, top_k=top_k, vocab_file=vocab_file,
+                         cache_dir=cache_dir, answer_types=answer_types)
         self.questions_file = questions_file
         # Splits named outside the pattern (submission_all_questions.json, ...).
         self.split_files = dict(split_files or {})
         self.image_file = image_file
-        self.top_k = top_k
-        self.vocab_file = Path(vocab_file).expanduser() if vocab_file else None
-        self.cache_dir = cache_dir
-        self._answer_types = list(answer_types)
         self.all_questions_file = all_questions_file
         self.choices_files = list(choices_files)
         self.consistency = consistency
-        self._vocab: list[str] | None = None
-        self._label: dict[str, int] = {}
         self._rows: dict[str, list[Row]] = {}
         # Question ids of the labelled balanced questions loaded so far: the ones the metric scores.
         self._scored: set[str] = set()
@@ -167,29 +160,11 @@ class GQATask(FileTask):
             self._rows[split] = self._read(split, official=False)[0]
         return self._rows[split]
 
-    def _load_vocab(self) -> list[str]:
-        if self._vocab is None:
-            source = self.questions_path(self.train_split)
-            path = self.vocab_file or vocab_cache_path(self.cache_dir, self.name, source, self.top_k)
+    def _vocab_source(self) -> Path:
+        return self.questions_path(self.train_split)
 
-            def count() -> Counter[str]:
-                return Counter(row[3] for row in self._parse(self.train_split))
-
-            self._vocab = [a for a, _ in load_or_build_vocab(path, count, self.top_k, source)]
-            self._label = {a: i for i, a in enumerate(self._vocab)}
-        return self._vocab
-
-    @property
-    def answers(self) -> list[str]:
-        return list(self._load_vocab())
-
-    @property
-    def num_classes(self) -> int:
-        return len(self._load_vocab())
-
-    @property
-    def answer_types(self) -> list[str]:
-        return list(self._answer_types)
+    def _count_training_answers(self) -> Counter[str]:
+        return Counter(row[3] for row in self._parse(self.train_split))
 
     def read_split(self, split: str) -> list[Example]:
         """All questions of ``split`` in file order, then the entailed questions added for consistency."""

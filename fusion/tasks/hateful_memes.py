@@ -27,16 +27,17 @@ from torchmetrics import Metric
 
 from fusion.io import write_text
 from fusion.metrics.binary import auroc_with_accuracy
-from fusion.tasks.base import Example, FileTask
+from fusion.tasks.base import Example, FixedLabelTask
 from fusion.tasks.formats import all_or_none, line_of, read_json_lines
 
 ANSWERS: tuple[str, ...] = ("not_hateful", "hateful")
 
 
-class HatefulMemesTask(FileTask):
+class HatefulMemesTask(FixedLabelTask):
     """Binary classification of memes; the meme's text is the question."""
 
     name = "hateful_memes"
+    labels = ANSWERS
     metric_name = "auroc"
     prediction_file = "predictions.csv"
 
@@ -48,14 +49,6 @@ class HatefulMemesTask(FileTask):
         test_split: str = "test_seen",
     ) -> None:
         super().__init__(root, train_split, val_split, test_split)
-
-    @property
-    def answers(self) -> list[str]:
-        return list(ANSWERS)
-
-    @property
-    def answer_types(self) -> list[str]:
-        return []
 
     def split_file(self, split: str) -> Path:
         return self.root / f"{split}.jsonl"

@@ -38,7 +38,7 @@ from torchmetrics import Metric
 
 from fusion.io import write_text
 from fusion.metrics.binary import AccuracyConsistency, group_id
-from fusion.tasks.base import Example, FileTask
+from fusion.tasks.base import Example, FixedLabelTask
 from fusion.tasks.formats import line_of, read_json_lines
 
 ANSWERS: tuple[str, ...] = ("false", "true")
@@ -70,10 +70,11 @@ def sentence_of(question_id: str) -> str:
     return parts[1]
 
 
-class NLVRTask(FileTask):
+class NLVRTask(FixedLabelTask):
     """Binary classification of (statement, rendered image) pairs, six images per statement."""
 
     name = "nlvr"
+    labels = ANSWERS
     metric_name = "acc"
     prediction_file = "predictions.csv"
 
@@ -95,14 +96,6 @@ class NLVRTask(FileTask):
         self.val_from_train = float(val_from_train)
         self.val_seed = val_seed
         self._statements: dict[str, list[Statement]] = {}
-
-    @property
-    def answers(self) -> list[str]:
-        return list(ANSWERS)
-
-    @property
-    def answer_types(self) -> list[str]:
-        return []
 
     def split_file(self, split: str) -> Path:
         """``root/<split>/<split>.json`` (the official layout), else ``root/<split>.json`` if that exists."""

@@ -34,7 +34,7 @@ from torchmetrics import Metric
 
 from fusion.io import write_text
 from fusion.metrics.binary import AccuracyConsistency, group_id
-from fusion.tasks.base import Example, FileTask
+from fusion.tasks.base import Example, FixedLabelTask
 from fusion.tasks.formats import all_or_none, line_of, read_json_lines
 
 ANSWERS: tuple[str, ...] = ("False", "True")
@@ -56,10 +56,11 @@ def image_names(identifier: str) -> tuple[str, str]:
     return f"{stem}-img0.png", f"{stem}-img1.png"
 
 
-class NLVR2Task(FileTask):
+class NLVR2Task(FixedLabelTask):
     """Binary classification of (sentence, left image, right image) triples."""
 
     name = "nlvr2"
+    labels = ANSWERS
     metric_name = "acc"
     prediction_file = "predictions.csv"
     images_per_example = 2
@@ -76,14 +77,6 @@ class NLVR2Task(FileTask):
         # Relative to root unless absolute (the images are often unpacked elsewhere).
         self.images_dir = self.root / Path(images_dir).expanduser()
         self._image_paths: dict[str, Path] | None = None
-
-    @property
-    def answers(self) -> list[str]:
-        return list(ANSWERS)
-
-    @property
-    def answer_types(self) -> list[str]:
-        return []
 
     def split_file(self, split: str) -> Path:
         """``root/<split>.json``, else ``root/data/<split>.json`` (the official repository's layout)."""

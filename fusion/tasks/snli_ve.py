@@ -19,16 +19,17 @@ from typing import Any
 
 import torch
 
-from fusion.tasks.base import Example, FileTask
+from fusion.tasks.base import Example, FixedLabelTask
 from fusion.tasks.formats import line_of, read_json_lines
 
 LABELS: tuple[str, ...] = ("entailment", "neutral", "contradiction")
 
 
-class SNLIVETask(FileTask):
+class SNLIVETask(FixedLabelTask):
     """Three-way visual entailment over SNLI-VE's JSON-lines files; the hypothesis is the question."""
 
     name = "snli_ve"
+    labels = LABELS
     metric_name = "acc"
     prediction_file = "predictions.json"
 
@@ -43,10 +44,6 @@ class SNLIVETask(FileTask):
         super().__init__(root, train_split, val_split, test_split)
         # Relative to root unless absolute (Path's / keeps an absolute right-hand side as it is).
         self.images_dir = self.root / Path(images_dir).expanduser()
-
-    @property
-    def answers(self) -> list[str]:
-        return list(LABELS)
 
     @property
     def answer_types(self) -> list[str]:

@@ -2,7 +2,7 @@
 
 One loader serves both (OK-VQA uses the VQA file format); the file-name patterns are constructor
 arguments, so ``conf/task/okvqa.yaml`` only changes them. The answer vocabulary is the top-K
-normalised training answers, cached as JSON (see :func:`load_or_build_vocab`).
+normalised training answers, cached as JSON (see :class:`fusion.tasks.answer_vocab.VocabTask`).
 
 JSON reading (:mod:`fusion.tasks.formats`) and the vocabulary cache (:mod:`fusion.tasks.answer_vocab`) are
 shared with :mod:`fusion.tasks.gqa`.
@@ -22,8 +22,8 @@ import torch.nn.functional as F
 from torchmetrics import Metric
 
 from fusion.metrics.vqa import References, VQAAccuracy, clean, normalize_answer
-from fusion.tasks.answer_vocab import load_or_build_vocab, vocab_cache_path
-from fusion.tasks.base import Example, FileTask
+from fusion.tasks.answer_vocab import VocabTask
+from fusion.tasks.base import Example
 from fusion.tasks.formats import DataFormatError, check_pattern, field, read_json
 
 log = logging.getLogger(__name__)
@@ -45,7 +45,7 @@ class _Row:
     references: References | None = None  # the answers as the official evaluator compares them
 
 
-class VQATask(FileTask):
+class VQATask(VocabTask):
     """VQA-format data (VQAv2, OK-VQA) below ``root``; splits are the names in the file names.
 
     The vocabulary, the training targets, the label and the majority baseline all use the human answers
@@ -78,12 +78,11 @@ class VQATask(FileTask):
         cache_dir: str | Path | None = None,
         answer_types: Sequence[str] = ANSWER_TYPES,
     ) -> None:
-        if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
-            raise ValueError(f"top_k must be a positive integer or null (all answers), got {top_k!r}")
         check_pattern("questions_file", questions_file, split="x")
         check_pattern("annotations_file", annotations_file, split="x")
         check_pattern("image_file", image_file, split="x", image_split="x", image_id=1)
-        super().__init__(root, train_split, val_split, test_split)
+        super().__init__(root, train_split, val_split, test_split, top_k=top_k, vocab_file=vocab_file,
+                         cache_dir=cache_dir, answer_types=answer_types)
         self.name = name
         self.questions_file = questions_file
         self.annotations_file = annotations_file
@@ -91,13 +90,7 @@ class VQATask(FileTask):
         # Splits whose images live in another split's folder (test-dev2015 questions use test2015 images).
         self.image_splits = dict(image_splits or {})
         self.image_key_prefix = image_key_prefix
-        self.top_k = top_k
-        self.vocab_file = Path(vocab_file).expanduser() if vocab_file else None
-        self.cache_dir = cache_dir
-        self._answer_types = list(answer_types)
-        self._vocab: list[str] | None = None
         self._vocab_counts: list[int] = []
-        self._label: dict[str, int] = {}
         # Each vocabulary entry as the evaluator compares it: (cleaned, processed), and the entries by form.
         self._pred_forms: list[tuple[str, str]] = []
         self._by_clean: dict[str, list[int]] = {}
@@ -218,33 +211,17 @@ class VQATask(FileTask):
         # people give rank first and every entry is a string the evaluator can reward.
         return Counter(a for row in self._parse(self.train_split) if row.references for a in row.references.answers)
 
-    def _load_vocab(self) -> list[str]:
-        if self._vocab is None:
-            source = self.annotations_path(self.train_split)
-            path = self.vocab_file or vocab_cache_path(self.cache_dir, self.name, source, self.top_k)
-            ranked = load_or_build_vocab(path, self._count_training_answers, self.top_k, source)
-            self._vocab = [a for a, _ in ranked]
-            self._vocab_counts = [c for _, c in ranked]
-            self._label = {a: i for i, a in enumerate(self._vocab)}
-            # A prediction is cleaned, and processed too where the annotators disagree: both forms, once.
-            self._pred_forms = [(clean(a), self._normalize(a)) for a in self._vocab]
-            self._by_clean, self._by_normalized = {}, {}
-            for i, (cleaned, normalized) in enumerate(self._pred_forms):
-                self._by_clean.setdefault(cleaned, []).append(i)
-                self._by_normalized.setdefault(normalized, []).append(i)
-        return self._vocab
+    def _vocab_source(self) -> Path:
+        return self.annotations_path(self.train_split)
 
-    @property
-    def answers(self) -> list[str]:
-        return list(self._load_vocab())
-
-    @property
-    def num_classes(self) -> int:
-        return len(self._load_vocab())  # without copying the vocabulary (target() asks per sample)
-
-    @property
-    def answer_types(self) -> list[str]:
-        return list(self._answer_types)
+    def _on_vocab(self, ranked: list[tuple[str, int]]) -> None:
+        self._vocab_counts = [c for _, c in ranked]
+        # A prediction is cleaned, and processed too where the annotators disagree: both forms, once.
+        self._pred_forms = [(clean(a), self._normalize(a)) for a, _ in ranked]
+        self._by_clean, self._by_normalized = {}, {}
+        for i, (cleaned, normalized) in enumerate(self._pred_forms):
+            self._by_clean.setdefault(cleaned, []).append(i)
+            self._by_normalized.setdefault(normalized, []).append(i)
 
     # ---- examples --------------------------------------------------------------------------------
     def read_split(self, split: str) -> list[Example]:
