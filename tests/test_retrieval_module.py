@@ -150,3 +150,35 @@ def test_merged_galleries_hold_each_image_and_caption_once():
     assert merged.image_keys == ["k1", "k2", "k3"] and features["a"].flatten().tolist() == [1.0, 2.0, 3.0]
     assert merged.caption_ids == ["c1", "c2", "c3"] and states.flatten().tolist() == [1.0, 2.0, 3.0]
     assert [merged.image_keys[i] for i in merged.caption_image] == ["k1", "k2", "k3"]
+
+
+def test_retrieval_and_classification_are_siblings_on_one_base():
+    from fusion.training.module import FusionBase, FusionLitModule
+
+    assert issubclass(RetrievalLitModule, FusionBase) and not issubclass(RetrievalLitModule, FusionLitModule)
+
+
+def test_a_task_without_rankings_is_refused_as_the_module_is_built(parts):
+    text, task = parts
+
+    class NoRankings:
+        """The Flickr30k task without write_rankings (as a 2-answer classification task would be)."""
+
+        def __getattr__(self, name):
+            if name == "write_rankings":
+                raise AttributeError(name)
+            return getattr(task, name)
+
+    with pytest.raises(TypeError, match=r"has no write_rankings\(\): retrieval needs a ranking task"):
+        _module(text, NoRankings())
+
+
+def test_options_are_checked_once_by_the_base_and_stored_plain(parts):
+    from omegaconf import OmegaConf
+
+    text, task = parts
+    module = _module(text, task, lr="1e-4", ve_dropout=OmegaConf.create({"a": "0.2"}), embed_dim=16)
+    assert module.hparams.lr == 1e-4 and module.hparams.embed_dim == 16
+    assert module.hparams.ve_dropout == {"a": 0.2} and type(module.hparams.ve_dropout) is dict
+    with pytest.raises(ValueError, match=r"training.weight_decay=-1: expected a number >= 0"):
+        _module(text, task, weight_decay=-1)

@@ -15,9 +15,10 @@ once) and every process ranks the whole split.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 import torch.nn.functional as F
@@ -30,9 +31,20 @@ from fusion.model.heads import ClassifierHead
 from fusion.model.transformer import FusionModel, FusionOutput
 from fusion.retrieval.dual_encoder import DualEncoder, contrastive_loss, hard_negatives, same_image
 from fusion.tasks.base import VLTask
-from fusion.training.module import FusionLitModule, StepOutput
+from fusion.training.module import FusionBase, Stage, StepOutput
 
 TOP = 10  # candidates per query in the prediction file
+
+
+@runtime_checkable
+class RankingTask(Protocol):
+    """A retrieval task: writes its official prediction file from the rankings of both directions."""
+
+    def write_rankings(
+        self, caption_ids: Sequence[str], text_to_image: Sequence[Sequence[str]], image_keys: Sequence[str],
+        image_to_text: Sequence[Sequence[str]], path: Path,
+    ) -> None:
+        """Per caption its ranked image keys, per image its ranked caption ids -> the file at ``path``."""
 
 
 @dataclass
@@ -117,8 +129,9 @@ class Gallery:
         return features, torch.cat(self.image_embeds), states, masks, torch.cat(self.text_embeds)
 
 
-class RetrievalLitModule(FusionLitModule):
-    """:class:`~fusion.training.module.FusionLitModule` trained for image-text matching, evaluated by re-ranking.
+class RetrievalLitModule(FusionBase):
+    """The fusion model trained for image-text matching, evaluated by re-ranking (a sibling of the classification
+    :class:`~fusion.training.module.FusionLitModule` on their common :class:`~fusion.training.module.FusionBase`).
 
     ``embed_dim`` / ``temperature``: the first stage (:class:`~fusion.retrieval.dual_encoder.DualEncoder`);
     ``itc_weight`` / ``itm_weight``: the two losses; ``hardest_negatives``: the most similar wrong pair
@@ -144,18 +157,14 @@ class RetrievalLitModule(FusionLitModule):
         rerank_batch_size: int = 256,
         **kwargs: Any,
     ) -> None:
-        # Plain containers, not OmegaConf ones: Lightning records these arguments as hyperparameters from
-        # this frame too, and checkpoints must load with torch.load(weights_only=True).
-        if isinstance(kwargs.get("ve_dropout"), Mapping):
-            kwargs["ve_dropout"] = {str(k): float(v) for k, v in kwargs["ve_dropout"].items()}
-        if "drop_encoders" in kwargs:
-            kwargs["drop_encoders"] = [str(n) for n in kwargs["drop_encoders"]]
         super().__init__(encoders, text, task, fusion=fusion, head=head, **kwargs)
         if self.task.num_classes != 2:
             raise ValueError(
                 f"retrieval trains a 2-class matching head, but task {self.task.name!r} has "
                 f"{self.task.num_classes} answers; use a retrieval task (e.g. +experiment=flickr30k)"
             )
+        if not isinstance(task, RankingTask):
+            raise TypeError(f"task {task.name!r} has no write_rankings(): retrieval needs a ranking task (flickr30k)")
         if int(rerank_k) < 1 or int(rerank_batch_size) < 1:
             raise ValueError(
                 f"training.rerank_k ({rerank_k}) and training.rerank_batch_size ({rerank_batch_size}) must be >= 1"
@@ -240,7 +249,7 @@ class RetrievalLitModule(FusionLitModule):
         return loss
 
     # ---- evaluation ----------------------------------------------------------------------------
-    def _start_eval(self, stage: str) -> None:
+    def start_eval(self, stage: Stage) -> None:
         self._galleries[stage] = Gallery()
 
     def _gather(self, gallery: Gallery) -> Gallery:
@@ -251,13 +260,7 @@ class RetrievalLitModule(FusionLitModule):
         torch.distributed.all_gather_object(parts, gallery.to("cpu"))
         return Gallery.merge([p for p in parts if p is not None]).to(self.device)
 
-    def on_validation_epoch_start(self) -> None:
-        self._start_eval("val")
-
-    def on_test_epoch_start(self) -> None:
-        self._start_eval("test")
-
-    def _eval_step(self, batch: Mapping[str, Any], stage: str) -> StepOutput | None:
+    def eval_step(self, batch: Mapping[str, Any], stage: Stage) -> StepOutput | None:
         gallery = self._galleries[stage]
         keys: list[str] = batch["image_keys"]
         unique = list(dict.fromkeys(keys))
@@ -282,7 +285,7 @@ class RetrievalLitModule(FusionLitModule):
         _, out = self.itm_logits(features, image_idx, states, mask, text_idx, self.attention_stats)
         return {"fusion": out}
 
-    def _end_eval(self, stage: str) -> None:
+    def end_eval(self, stage: Stage) -> None:
         gallery = self._galleries.pop(stage, None)
         if gallery is None:
             return
@@ -311,10 +314,7 @@ class RetrievalLitModule(FusionLitModule):
             self.log(headline, values.pop(""), prog_bar=stage == "val" and not prefix)
             self.log_dict({f"{stage}/{prefix}{name}": value for name, value in values.items()})
         if self.predictions_path is not None and not self.trainer.sanity_checking and self.trainer.is_global_zero:
-            write = getattr(self.task, "write_rankings", None)
-            if write is None:
-                raise TypeError(f"task {self.task.name!r} has no write_rankings(): cannot write retrieval predictions")
-            write(
+            self.task.write_rankings(
                 gallery.caption_ids,
                 [[gallery.image_keys[j] for j in row] for row in result.t2i_top.tolist()],
                 gallery.image_keys,

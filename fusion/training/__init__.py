@@ -1,6 +1,7 @@
 """Training: the LightningModule, its optimiser groups, exact resume and preemption.
 
-Owns :mod:`.module` (:class:`~fusion.training.module.FusionLitModule`), :mod:`.resume` (RNG restore,
-checkpoint choice) and :mod:`.preempt` (SLURM signal and requeue). Imports data, the model and
-monitoring; never the run entry points, analysis or sweeps.
+Owns :mod:`.module` (:class:`~fusion.training.module.FusionBase` and the classification
+:class:`~fusion.training.module.FusionLitModule`), :mod:`.optim` (parameter groups, schedule),
+:mod:`.resume` (RNG restore, checkpoint choice) and :mod:`.preempt` (SLURM signal and requeue). Imports
+data, the model and monitoring; never the run entry points, analysis or sweeps.
 """

@@ -1,12 +1,20 @@
-"""The LightningModule: frozen encoders -> fusion -> head -> loss, metrics and attention statistics."""
+"""The LightningModules: frozen encoders -> fusion -> head -> loss and metrics.
+
+:class:`FusionBase` owns what every task's module shares (encoders, text encoder, fusion model, head,
+VE-dropout, the checked options, the optimiser, checkpoints, the evaluation epoch's hooks);
+:class:`FusionLitModule` is the classification module (VQA, NLI, ...); the retrieval module
+(:class:`fusion.retrieval.module.RetrievalLitModule`) is its sibling. Statistics go to the callbacks of
+:mod:`fusion.monitoring.callbacks` through the evaluation steps' outputs.
+"""
 
 from __future__ import annotations
 
 import logging
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import pytorch_lightning as pl
 import torch
@@ -32,6 +40,10 @@ ENCODER_PREFIX = "encoders."
 EVAL_MODE_WARNING = r"Found \d+ module\(s\) in eval mode at the start of training"
 # What an evaluation step returns: {"fusion": FusionOutput}, read by fusion.monitoring.callbacks.
 StepOutput = dict[str, FusionOutput]
+Stage = Literal["val", "test"]
+# Constructor arguments that are not hyperparameters: modules, the task, factories (partials do not load with
+# torch.load(weights_only=True); their config is in the run folder's config_resolved.yaml).
+NOT_HPARAMS = ["encoders", "text", "task", "fusion", "head", "optimizer", "scheduler"]
 
 
 def _all_frozen(module: nn.Module) -> bool:
@@ -47,8 +59,35 @@ def annotated_count(batch: Mapping[str, Any]) -> int:
     return int((targets.reshape(targets.shape[0], -1)[:, 0] >= 0).sum())
 
 
-class FusionLitModule(pl.LightningModule):
-    """Trains the fusion model and head on a task; the vision encoders stay frozen.
+def checked_options(
+    lr: Any, weight_decay: Any, warmup_ratio: Any, ve_dropout: Any, drop_encoders: Sequence[Any]
+) -> dict[str, Any]:
+    """The numeric options checked where the module is built, so that a bad value names its key (not torch's
+    AdamW); plain containers, not OmegaConf ones: checkpoints must load with torch.load(weights_only=True)."""
+    if isinstance(ve_dropout, Mapping):
+        ve_dropout = {
+            str(k): number(f"training.ve_dropout.{k}", v, low=0.0, high=1.0, high_open=True)
+            for k, v in ve_dropout.items()
+        }
+    else:
+        ve_dropout = number("training.ve_dropout", ve_dropout, low=0.0, high=1.0, high_open=True)
+    return {
+        "lr": number("training.lr", lr, low=0.0, low_open=True),
+        "weight_decay": number("training.weight_decay", weight_decay, low=0.0),
+        "warmup_ratio": number("training.warmup_ratio", warmup_ratio, low=0.0, high=1.0),
+        "ve_dropout": ve_dropout,
+        "drop_encoders": [str(n) for n in drop_encoders],
+    }
+
+
+
+class FusionBase(pl.LightningModule, ABC):
+    """What every fusion LightningModule shares; the vision encoders stay frozen.
+
+    Builds the fusion model on the encoders' and text encoder's sizes and the task's head; checks the numeric
+    options where they are built (a bad value names its key); owns VE-dropout, the optimiser and schedule
+    (``optimizer`` / ``scheduler`` partials from config, see :mod:`fusion.training.optim`), checkpoint hygiene
+    and the evaluation epoch's hooks, which call :meth:`start_eval`, :meth:`eval_step` and :meth:`end_eval`.
 
     Frozen encoder weights are not stored in checkpoints (they come from the encoder configs); a
     checkpoint carries each encoder's fingerprint instead, and loading it with different encoders
@@ -73,24 +112,13 @@ class FusionLitModule(pl.LightningModule):
         scheduler: SchedulerFactory | None = None,
     ) -> None:
         super().__init__()
-        # Checked here, where they are built, so that a bad value names its key (not torch's AdamW); plain
-        # containers, not OmegaConf ones: checkpoints must load with torch.load(weights_only=True).
-        lr = number("training.lr", lr, low=0.0, low_open=True)
-        weight_decay = number("training.weight_decay", weight_decay, low=0.0)
-        warmup_ratio = number("training.warmup_ratio", warmup_ratio, low=0.0, high=1.0)
-        if isinstance(ve_dropout, Mapping):
-            ve_dropout = {
-                str(k): number(f"training.ve_dropout.{k}", v, low=0.0, high=1.0, high_open=True)
-                for k, v in ve_dropout.items()
-            }
-        else:
-            ve_dropout = number("training.ve_dropout", ve_dropout, low=0.0, high=1.0, high_open=True)
-        drop_encoders = [str(n) for n in drop_encoders]
+        options = checked_options(lr, weight_decay, warmup_ratio, ve_dropout, drop_encoders)
+        lr, weight_decay, warmup_ratio, ve_dropout, drop_encoders = options.values()
         if not encoders:
             raise ValueError("the encoder list is empty: choose at least one, e.g. encoder=[clip_tiny]")
-        # The factories are not hyperparameters: partials do not load with weights_only=True (their config is
-        # in the run folder's config_resolved.yaml).
-        self.save_hyperparameters(ignore=["encoders", "text", "task", "fusion", "head", "optimizer", "scheduler"])
+        self.save_hyperparameters(ignore=NOT_HPARAMS)
+        # A subclass's **kwargs reach Lightning as given (from its own frame): the checked, plain values win.
+        self.hparams.update(options)
         # Without a config (tests, older run records): AdamW and the cosine schedule from lr / weight_decay /
         # warmup_ratio, which is what conf/training/default.yaml's nodes give.
         self.optimizer_factory: OptimizerFactory = optimizer or partial(
@@ -111,29 +139,14 @@ class FusionLitModule(pl.LightningModule):
         self.head = head(width=self.fusion.width, num_classes=task.num_classes)
         self.ve_dropout = EncoderDropout(self.encoder_names, p=ve_dropout, drop_encoders=list(drop_encoders))
         self.metrics = nn.ModuleDict({stage: task.metric() for stage in ("val", "test")})
-        # The evaluation loss, per annotated example over all ranks (score_batch). Not self.log(sync_dist=True):
-        # Lightning mean-syncs its integer batch-size count, which floors when ranks hold unequal shares
-        # (Lightning issue #21838). A batch without any annotated example weighs 0 (its loss may be NaN: left
-        # out); a split without labels has no loss.
-        self.eval_loss = nn.ModuleDict({stage: MeanMetric(nan_strategy="ignore") for stage in ("val", "test")})
-        self.train_acc = MeanMetric()
         # Whether the evaluation steps return the attention probabilities (for AttentionStatsCallback).
         self.attention_stats = attention_stats
         self.output_dir = Path(output_dir) if output_dir else None
         self._fingerprints: dict[str, dict] | None = None
         # Set by eval.py: where the task's official prediction file goes.
         self.predictions_path: Path | None = None
-        self._prediction_rows: list[dict[str, Any]] = []
 
-    # ---- forward -------------------------------------------------------------------------------
-    def forward(self, batch: Mapping[str, Any], output_attentions: bool = False) -> tuple[torch.Tensor, FusionOutput]:
-        """Logits ``(B, num_classes)`` and the fusion output for one collated batch."""
-        features = self.encode_images(batch)
-        text_hidden = self.text(batch["input_ids"], batch["attention_mask"])
-        keep = self.ve_dropout(batch["input_ids"].shape[0])
-        out = self.fusion(features, keep, text_hidden, batch["attention_mask"].bool(), output_attentions)
-        return self.head(out.pooled), out
-
+    # ---- shared steps --------------------------------------------------------------------------
     def encode_images(self, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
         """Each encoder's features of the batch's images: (B, N_e, D_e), or (B, I, N_e, D_e) with I images.
 
@@ -153,46 +166,35 @@ class FusionLitModule(pl.LightningModule):
             return encoder(images.flatten(0, 1)).unflatten(0, images.shape[:2])
         return encoder(images)
 
-    def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> torch.Tensor:
-        logits, _ = self(batch)
-        loss = self.task.loss(logits, batch)
-        size = batch["labels"].shape[0]
-        self.log("train/loss", loss, prog_bar=True, batch_size=size)
-        # Every labelled example of the epoch, on every rank (unlabelled ones weigh nothing).
-        hits = (logits.argmax(-1) == batch["labels"]).float()
-        self.train_acc.update(hits, weight=(batch["labels"] >= 0).float())
-        self.log("train/acc", self.train_acc, prog_bar=True, on_step=False, on_epoch=True)
-        return loss
+    # ---- the evaluation epoch ------------------------------------------------------------------
+    def start_eval(self, stage: Stage) -> None:
+        """Called as a validation / test epoch starts (nothing by default)."""
 
-    # ---- evaluation ----------------------------------------------------------------------------
-    def score_batch(
-        self, batch: Mapping[str, Any], metric: Metric, loss_mean: MeanMetric, output_attentions: bool = False
-    ) -> tuple[torch.Tensor, FusionOutput]:
-        """Forward one batch, feed the task ``metric`` and the running mean loss ``loss_mean``; returns the logits
-        ``(B, num_classes)`` and the fusion output.
+    @abstractmethod
+    def eval_step(self, batch: Mapping[str, Any], stage: Stage) -> StepOutput | None:
+        """Score one evaluation batch; the returned fusion output feeds the statistics callbacks."""
 
-        The one scoring step of evaluation (``validation_step`` / ``test_step``) and of the analysis modes
-        (``fusion.analysis.common.evaluate``), so an analysis's unablated numbers are eval.py's. The task's loss
-        is a mean over the batch's annotated examples, so it is weighted by their count: the split's loss is
-        the mean over its annotated examples, however they fall into batches (a batch without any weighs 0).
-        """
-        logits, out = self(batch, output_attentions=output_attentions)
-        self.task.update_metric(metric, logits, batch)
-        loss_mean.update(self.task.loss(logits, batch).detach().float(), weight=annotated_count(batch))
-        return logits, out
+    @abstractmethod
+    def end_eval(self, stage: Stage) -> None:
+        """Log the epoch's metrics (and write the predictions eval.py asked for)."""
 
-    def _eval_step(self, batch: Mapping[str, Any], stage: str) -> StepOutput:
-        logits, out = self.score_batch(batch, self.metrics[stage], self.eval_loss[stage], self.attention_stats)
-        if self.predictions_path is not None:
-            self._prediction_rows.extend(self.task.prediction_rows(logits, batch))
-        return {"fusion": out}
+    def on_validation_epoch_start(self) -> None:
+        self.start_eval("val")
 
-    def validation_step(self, batch: Mapping[str, Any], batch_idx: int) -> StepOutput:
-        """Scores the batch; the fusion output goes to the statistics callbacks (fusion.monitoring.callbacks)."""
-        return self._eval_step(batch, "val")
+    def on_test_epoch_start(self) -> None:
+        self.start_eval("test")
 
-    def test_step(self, batch: Mapping[str, Any], batch_idx: int) -> StepOutput:
-        return self._eval_step(batch, "test")
+    def validation_step(self, batch: Mapping[str, Any], batch_idx: int) -> StepOutput | None:
+        return self.eval_step(batch, "val")
+
+    def test_step(self, batch: Mapping[str, Any], batch_idx: int) -> StepOutput | None:
+        return self.eval_step(batch, "test")
+
+    def on_validation_epoch_end(self) -> None:
+        self.end_eval("val")
+
+    def on_test_epoch_end(self) -> None:
+        self.end_eval("test")
 
     def configure_callbacks(self) -> list[pl.Callback]:
         """The statistics callbacks the trainer lacks (eval.py's trainer has no callbacks group), so that the
@@ -200,45 +202,6 @@ class FusionLitModule(pl.LightningModule):
         present = getattr(self._trainer, "callbacks", []) if self._trainer is not None else []
         wanted = (AttentionStatsCallback(), FuserWeightsCallback())
         return [cb for cb in wanted if not any(isinstance(c, type(cb)) for c in present)]
-
-    def on_validation_epoch_end(self) -> None:
-        self._end_eval("val")
-
-    def on_test_epoch_end(self) -> None:
-        self._end_eval("test")
-
-    def _end_eval(self, stage: str) -> None:
-        if self.predictions_path is not None and not self.trainer.sanity_checking:
-            # Under DDP each rank holds its share of the rows: all ranks gather, rank 0 writes.
-            rows = gather_prediction_rows(self.trainer, stage, self._prediction_rows)
-            if self.trainer.is_global_zero:
-                self.task.write_predictions(rows, self.predictions_path)
-        self._prediction_rows = []
-        if self._scored(stage):
-            self._log_task_metrics(stage)
-        self.metrics[stage].reset()
-        self.eval_loss[stage].reset()
-
-    def _scored(self, stage: str) -> bool:
-        """Whether the split evaluated in ``stage`` has labels; an unlabelled one gets predictions, no metrics
-        (its accuracy would read 0 and its loss would be of nothing)."""
-        datamodule = getattr(self.trainer, "datamodule", None)
-        split = getattr(datamodule, "val_split", self.task.val_split) if stage == "val" else self.task.test_split
-        if self.task.is_labelled(split):
-            return True
-        if not self.trainer.sanity_checking:
-            log.info("split %s has no labels: predictions only, no %s metrics", split, stage)
-        return False
-
-    def _log_task_metrics(self, stage: str) -> None:
-        name = self.task.metric_name
-        values = {f"{stage}/{name}" + (f"_{k}" if k else ""): v for k, v in self.metrics[stage].compute().items()}
-        headline = f"{stage}/{name}"
-        self.log(headline, values.pop(headline), prog_bar=stage == "val")
-        self.log_dict(values)
-        loss = self.eval_loss[stage].compute()  # synced: the same on every rank
-        if not torch.isnan(loss):
-            self.log(f"{stage}/loss", loss)
 
     # ---- training start ------------------------------------------------------------------------
     def on_train_start(self) -> None:
@@ -341,3 +304,94 @@ class FusionLitModule(pl.LightningModule):
             f"task {at(current)}; evaluate with the training data's vocabulary (e.g. pin task.vocab_file=<the "
             "answer_vocab_*.json of the training run>)"
         )
+
+class FusionLitModule(FusionBase):
+    """Classification (VQA, NLI, memes...): the head on the fused [CLS] gives the task's answer logits;
+    the task's loss and official metric, its prediction file when eval.py asks for one."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # The evaluation loss, per annotated example over all ranks (score_batch). Not self.log(sync_dist=True):
+        # Lightning mean-syncs its integer batch-size count, which floors when ranks hold unequal shares
+        # (Lightning issue #21838). A batch without any annotated example weighs 0 (its loss may be NaN: left
+        # out); a split without labels has no loss.
+        self.eval_loss = nn.ModuleDict({stage: MeanMetric(nan_strategy="ignore") for stage in ("val", "test")})
+        self.train_acc = MeanMetric()
+        self._prediction_rows: list[dict[str, Any]] = []
+
+    # ---- forward -------------------------------------------------------------------------------
+    def forward(self, batch: Mapping[str, Any], output_attentions: bool = False) -> tuple[torch.Tensor, FusionOutput]:
+        """Logits ``(B, num_classes)`` and the fusion output for one collated batch."""
+        features = self.encode_images(batch)
+        text_hidden = self.text(batch["input_ids"], batch["attention_mask"])
+        keep = self.ve_dropout(batch["input_ids"].shape[0])
+        out = self.fusion(features, keep, text_hidden, batch["attention_mask"].bool(), output_attentions)
+        return self.head(out.pooled), out
+
+    def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> torch.Tensor:
+        logits, _ = self(batch)
+        loss = self.task.loss(logits, batch)
+        size = batch["labels"].shape[0]
+        self.log("train/loss", loss, prog_bar=True, batch_size=size)
+        # Every labelled example of the epoch, on every rank (unlabelled ones weigh nothing).
+        hits = (logits.argmax(-1) == batch["labels"]).float()
+        self.train_acc.update(hits, weight=(batch["labels"] >= 0).float())
+        self.log("train/acc", self.train_acc, prog_bar=True, on_step=False, on_epoch=True)
+        return loss
+
+    # ---- evaluation ----------------------------------------------------------------------------
+    def score_batch(
+        self, batch: Mapping[str, Any], metric: Metric, loss_mean: MeanMetric, output_attentions: bool = False
+    ) -> tuple[torch.Tensor, FusionOutput]:
+        """Forward one batch, feed the task ``metric`` and the running mean loss ``loss_mean``; returns the logits
+        ``(B, num_classes)`` and the fusion output.
+
+        The one scoring step of evaluation (``validation_step`` / ``test_step``) and of the analysis modes
+        (``fusion.analysis.common.evaluate``), so an analysis's unablated numbers are eval.py's. The task's loss
+        is a mean over the batch's annotated examples, so it is weighted by their count: the split's loss is
+        the mean over its annotated examples, however they fall into batches (a batch without any weighs 0).
+        """
+        logits, out = self(batch, output_attentions=output_attentions)
+        self.task.update_metric(metric, logits, batch)
+        loss_mean.update(self.task.loss(logits, batch).detach().float(), weight=annotated_count(batch))
+        return logits, out
+
+    def eval_step(self, batch: Mapping[str, Any], stage: Stage) -> StepOutput:
+        logits, out = self.score_batch(batch, self.metrics[stage], self.eval_loss[stage], self.attention_stats)
+        if self.predictions_path is not None:
+            self._prediction_rows.extend(self.task.prediction_rows(logits, batch))
+        return {"fusion": out}
+
+    def end_eval(self, stage: Stage) -> None:
+        if self.predictions_path is not None and not self.trainer.sanity_checking:
+            # Under DDP each rank holds its share of the rows: all ranks gather, rank 0 writes.
+            rows = gather_prediction_rows(self.trainer, stage, self._prediction_rows)
+            if self.trainer.is_global_zero:
+                self.task.write_predictions(rows, self.predictions_path)
+        self._prediction_rows = []
+        if self._scored(stage):
+            self._log_task_metrics(stage)
+        self.metrics[stage].reset()
+        self.eval_loss[stage].reset()
+
+    def _scored(self, stage: str) -> bool:
+        """Whether the split evaluated in ``stage`` has labels; an unlabelled one gets predictions, no metrics
+        (its accuracy would read 0 and its loss would be of nothing)."""
+        datamodule = getattr(self.trainer, "datamodule", None)
+        split = getattr(datamodule, "val_split", self.task.val_split) if stage == "val" else self.task.test_split
+        if self.task.is_labelled(split):
+            return True
+        if not self.trainer.sanity_checking:
+            log.info("split %s has no labels: predictions only, no %s metrics", split, stage)
+        return False
+
+    def _log_task_metrics(self, stage: str) -> None:
+        name = self.task.metric_name
+        values = {f"{stage}/{name}" + (f"_{k}" if k else ""): v for k, v in self.metrics[stage].compute().items()}
+        headline = f"{stage}/{name}"
+        self.log(headline, values.pop(headline), prog_bar=stage == "val")
+        self.log_dict(values)
+        loss = self.eval_loss[stage].compute()  # synced: the same on every rank
+        if not torch.isnan(loss):
+            self.log(f"{stage}/loss", loss)
+
