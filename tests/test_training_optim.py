@@ -110,3 +110,27 @@ def compose_training(overrides):
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         return compose("train", overrides=["+experiment=shapes", *overrides]).training
+
+
+def test_an_optimizer_state_saved_under_the_substring_rule_is_regrouped_by_name():
+    from fusion.training.optim import _legacy_groups, regroup_legacy_optimizer_state
+
+    model = _fusion()
+    named = dict(model.named_parameters())
+    old_names = _legacy_groups(model)
+    assert "text_type" in old_names[0]  # the old rule decayed it; today it is not
+    old = torch.optim.AdamW([{"params": [named[n] for n in names]} for names in old_names], lr=1e-3)
+    old.param_groups[1]["weight_decay"] = 0.0
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    old.step()
+    checkpoint = {"optimizer_states": [old.state_dict()]}
+    regroup_legacy_optimizer_state(checkpoint, model)
+    new = configure(model, partial(torch.optim.AdamW, lr=1e-3), None, 10, torch.device("cpu"))["optimizer"]
+    new.load_state_dict(checkpoint["optimizer_states"][0])  # the group sizes now fit
+    for name in ("text_type", "cls_token", "blocks.0.attn.qkv.weight"):
+        torch.testing.assert_close(new.state[named[name]]["exp_avg"], old.state[named[name]]["exp_avg"])
+    assert [g["weight_decay"] for g in new.param_groups] == [old.param_groups[0]["weight_decay"], 0.0]
+    today = {"groups_rule": "no_weight_decay", "optimizer_states": [new.state_dict()]}
+    regroup_legacy_optimizer_state(today, model)  # a checkpoint of today's groups is left as it is
+    assert today["optimizer_states"][0]["param_groups"] == new.state_dict()["param_groups"]

@@ -30,7 +30,14 @@ from fusion.model.transformer import FusionModel, FusionOutput
 from fusion.monitoring.callbacks import AttentionStatsCallback, FuserWeightsCallback
 from fusion.options import number
 from fusion.tasks.base import VLTask
-from fusion.training.optim import OptimizerFactory, SchedulerFactory, configure, cosine_with_warmup
+from fusion.training.optim import (
+    GROUPS_RULE,
+    OptimizerFactory,
+    SchedulerFactory,
+    configure,
+    cosine_with_warmup,
+    regroup_legacy_optimizer_state,
+)
 
 log = logging.getLogger(__name__)
 
@@ -254,6 +261,7 @@ class FusionBase(pl.LightningModule, ABC):
         for key in [k for k in state if k.startswith(ENCODER_PREFIX)]:
             del state[key]
         checkpoint["encoder_fingerprints"] = self.encoder_fingerprints()
+        checkpoint["groups_rule"] = GROUPS_RULE  # the optimiser state's groups follow no_weight_decay()
         # The head's classes are indices into this list: a task that derives its vocabulary from data
         # (VQA, GQA) must give the same list when the checkpoint is evaluated.
         checkpoint["task_answers"] = list(self.task.answers)
@@ -278,6 +286,8 @@ class FusionBase(pl.LightningModule, ABC):
         state = checkpoint["state_dict"]
         for key, value in self.encoders.state_dict(prefix=ENCODER_PREFIX).items():
             state.setdefault(key, value)
+        # A run saved before the no_weight_decay() groups resumes with its optimiser moments, regrouped.
+        regroup_legacy_optimizer_state(checkpoint, self)
 
     def _check_answers(self, saved: list[str] | None, saved_task: str | None = None) -> None:
         """Refuse a checkpoint whose answer vocabulary differs from the task's (its predictions would be

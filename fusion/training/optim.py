@@ -21,7 +21,10 @@ from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 from transformers import get_cosine_schedule_with_warmup
 
-__all__ = ["configure", "cosine_with_warmup", "no_weight_decay_names", "param_groups"]
+__all__ = [
+    "GROUPS_RULE", "configure", "cosine_with_warmup", "no_weight_decay_names", "param_groups",
+    "regroup_legacy_optimizer_state",
+]
 
 OptimizerFactory = Callable[..., Optimizer]
 SchedulerFactory = Callable[..., LRScheduler]
@@ -106,3 +109,39 @@ def configure(
         return {"optimizer": opt}
     schedule = scheduler(opt, total_steps=total_steps)
     return {"optimizer": opt, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+
+# Before #16 the groups were chosen by substring ("embed" or "token" in the name, or ndim < 2); a checkpoint
+# saved then holds its optimiser state in that order, which regroup_legacy_optimizer_state maps onto today's.
+GROUPS_RULE = "no_weight_decay"
+
+
+def _legacy_groups(module: nn.Module) -> list[list[str]]:
+    trainable = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+    skip = [n for n, p in trainable if p.ndim < 2 or "embed" in n or "token" in n]
+    return [[n for n, _ in trainable if n not in set(skip)], skip]
+
+
+def _group_names(module: nn.Module) -> list[list[str]]:
+    skip = no_weight_decay_names(module)
+    trainable = [n for n, p in module.named_parameters() if p.requires_grad]
+    return [[n for n in trainable if n not in skip], [n for n in trainable if n in skip]]
+
+
+def regroup_legacy_optimizer_state(checkpoint: dict[str, Any], module: nn.Module) -> None:
+    """Map the optimiser state of a checkpoint saved before the ``no_weight_decay()`` groups (no ``groups_rule``
+    key) onto today's groups, in place, so that such a run resumes: each parameter keeps its moments and moves
+    to the group its name now belongs to. A state of another shape is left for torch to refuse."""
+    if checkpoint.get("groups_rule") == GROUPS_RULE:
+        return
+    old, new = _legacy_groups(module), _group_names(module)
+    new_index = {name: i for i, name in enumerate(new[0] + new[1])}
+    for state in checkpoint.get("optimizer_states", []):
+        groups = state["param_groups"]
+        if [len(g["params"]) for g in groups] != [len(names) for names in old]:
+            continue
+        name_of = {i: n for g, names in zip(groups, old, strict=True) for i, n in zip(g["params"], names, strict=True)}
+        state["state"] = {new_index[name_of[i]]: s for i, s in state["state"].items()}
+        state["param_groups"] = [
+            {**g, "params": [new_index[n] for n in names]} for g, names in zip(groups, new, strict=True)
+        ]
