@@ -100,7 +100,7 @@ def compose_cfg(args: argparse.Namespace, cache_dir: Path):
 def synthesize(args: argparse.Namespace, n: int, cache_dir: Path) -> float:
     """Write a complete cache of ``n`` random rows per encoder, as the builder would publish it; MiB on disk."""
     from fusion.data.cache import cache_fingerprint, cache_path, images_of
-    from fusion.data.cache.store import keys_digest
+    from fusion.data.cache.files import keys_digest
     from fusion.data.cache.writer import PartialCache
     from fusion.run.commands import build_encoders
 
@@ -232,7 +232,7 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
     start = time.perf_counter()
     batches = 0
     if args.mode == "train":
-        model = instantiate(cfg.model, encoders=encoders, text=text, task=task, fusion=instantiate(cfg.fusion))
+        model = instantiate(cfg.training, encoders=encoders, text=text, task=task, fusion=instantiate(cfg.fusion))
         trainer = pl.Trainer(
             accelerator="cpu", devices=1, max_epochs=1, max_steps=args.steps or -1, limit_val_batches=0,
             num_sanity_val_steps=0, logger=False, enable_checkpointing=False, enable_progress_bar=False,
