@@ -9,9 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch.utils.data import TensorDataset
 
-from fusion.data.samplers import ResumableSampler
 from fusion.run.record import RECORD
 from fusion.training.resume import CheckpointError, check_compatible, load_checkpoint, resume_path
 
@@ -85,21 +83,6 @@ def test_resume_from_another_model_config_names_the_keys(uninterrupted):
     assert proc.returncode != 0
     assert "was written by a model of another configuration" in proc.stderr
     assert "shape differs: " in proc.stderr and "checkpoint (" in proc.stderr and "vs model (" in proc.stderr
-
-
-def test_sampler_order_depends_on_seed_and_epoch_only_and_skips_once():
-    data = TensorDataset(torch.arange(20))
-    torch.manual_seed(0)
-    a = list(ResumableSampler(data, seed=3, epoch=1))
-    torch.manual_seed(1)
-    assert list(ResumableSampler(data, seed=3, epoch=1)) == a  # the global RNG plays no part
-    assert sorted(a) == list(range(20)) and a != list(ResumableSampler(data, seed=3, epoch=2))
-    assert a != list(ResumableSampler(data, seed=4, epoch=1))
-    partway = ResumableSampler(data, seed=3, epoch=1, skip=8)
-    assert list(partway) == a[8:] and len(partway) == 20
-    assert list(partway) == a  # the skip applies to the first pass only
-    with pytest.raises(ValueError, match="skip"):
-        ResumableSampler(data, skip=-1)
 
 
 def _save(path: Path, step: int, **extra) -> None:

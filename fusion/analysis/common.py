@@ -41,7 +41,7 @@ from fusion.model.transformer import FusionOutput
 from fusion.run.commands import build
 from fusion.run.context import open_run
 from fusion.tasks.base import VLTask
-from fusion.training.module import FusionLitModule
+from fusion.training.module import FusionBase
 from fusion.training.resume import load_checkpoint
 
 log = logging.getLogger(__name__)
@@ -55,7 +55,7 @@ class AnalysisContext:
 
     cfg: DictConfig
     mode: str
-    model: FusionLitModule
+    model: FusionBase
     datamodule: FusionDataModule
     split: str
     out_dir: Path
@@ -118,7 +118,7 @@ def resolve_device(cfg: DictConfig) -> torch.device:
     return device
 
 
-def load_weights(model: FusionLitModule, ckpt_path: str | Path) -> None:
+def load_weights(model: FusionBase, ckpt_path: str | Path) -> None:
     """Load a training checkpoint into ``model`` the way Lightning does (``on_load_checkpoint``, then the state)."""
     checkpoint = torch.load(str(ckpt_path), map_location="cpu", weights_only=True)
     model.on_load_checkpoint(checkpoint)
@@ -167,7 +167,7 @@ def open_analysis(cfg: DictConfig, mode: str) -> Iterator[AnalysisContext]:
 
 
 @contextlib.contextmanager
-def keep_only(model: FusionLitModule, kept: Sequence[str]) -> Iterator[None]:
+def keep_only(model: FusionBase, kept: Sequence[str]) -> Iterator[None]:
     """Evaluate with only the encoders ``kept``: VE-dropout's ``drop_encoders`` names the others for every sample."""
     dropped = [n for n in model.encoder_names if n not in kept]
     saved = model.ve_dropout
@@ -195,7 +195,7 @@ class _RandomKeep(nn.Module):
 
 
 @contextlib.contextmanager
-def random_subsets(model: FusionLitModule, seed: int = 0) -> Iterator[_RandomKeep]:
+def random_subsets(model: FusionBase, seed: int = 0) -> Iterator[_RandomKeep]:
     """Each sample sees a random non-empty subset of the encoders; the yielded module's ``last`` says which."""
     saved = model.ve_dropout
     model.ve_dropout = _RandomKeep(len(model.encoder_names), torch.Generator().manual_seed(seed), model.device)
@@ -213,7 +213,7 @@ def subsets(names: Sequence[str]) -> list[tuple[str, ...]]:
 # ---- input ablations --------------------------------------------------------------------------------
 
 
-def with_features(model: FusionLitModule, batch: Batch, replace: Mapping[str, torch.Tensor]) -> Batch:
+def with_features(model: FusionBase, batch: Batch, replace: Mapping[str, torch.Tensor]) -> Batch:
     """``batch`` with the features of the encoders in ``replace`` set to the given token (D_e,) at every position.
 
     The model reads ``batch["features"]`` before running an encoder (the feature-cache path of

@@ -21,7 +21,7 @@ from fusion.encoders.vision import VisionEncoder
 from fusion.io import write_json
 from fusion.run.context import open_run
 from fusion.tasks.base import VLTask
-from fusion.training.module import EVAL_MODE_WARNING, FusionLitModule
+from fusion.training.module import EVAL_MODE_WARNING, FusionBase
 from fusion.training.preempt import Requeued, RequeueOnSignal, slurm_job_id
 from fusion.training.resume import check_compatible, checkpoint_step, load_checkpoint, resume_path
 
@@ -67,7 +67,7 @@ def cache_settings(cfg: DictConfig, always: bool = False) -> CacheSettings | Non
     return settings
 
 
-def build(cfg: DictConfig) -> tuple[FusionDataModule, FusionLitModule]:
+def build(cfg: DictConfig) -> tuple[FusionDataModule, FusionBase]:
     """Data module and model, sharing the encoders (and their preprocessing) and the text tokenizer."""
     encoders = build_encoders(cfg)
     text = instantiate(cfg.text)

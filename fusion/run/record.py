@@ -64,6 +64,10 @@ RENAMED_MODULES = {
     "fusion.launch_check": "fusion.sweeps.launch_check",
 }
 RENAMED_KEYS = {"model": "training"}
+STATISTICS_CALLBACKS = {
+    "attention_stats": {"_target_": "fusion.monitoring.callbacks.AttentionStatsCallback"},
+    "fuser_weights": {"_target_": "fusion.monitoring.callbacks.FuserWeightsCallback"},
+}
 
 
 def _renamed_target(value: str) -> str:
@@ -99,6 +103,17 @@ def _with_optimizer_nodes(training: Any) -> Any:
     return out if "optimizer" in out else {**out, **nodes}
 
 
+def _with_statistics_callbacks(callbacks: Mapping[str, Any]) -> dict[str, Any]:
+    """``callbacks`` with the statistics callbacks where conf/callbacks/default.yaml lists them (before
+    ``lr_monitor``; the order of a mapping's keys counts in a comparison)."""
+    out: dict[str, Any] = {}
+    for key, value in callbacks.items():
+        if key == "lr_monitor":
+            out.update({k: v for k, v in STATISTICS_CALLBACKS.items() if k not in callbacks})
+        out[key] = value
+    return {**out, **{k: v for k, v in STATISTICS_CALLBACKS.items() if k not in out}}
+
+
 def upgrade_record(recorded: Any, top: bool = True) -> Any:
     """``recorded`` (a plain config) in today's names: renamed top-level groups, moved ``_target_`` modules,
     and the optimiser and scheduler nodes a record from before they existed stood for."""
@@ -111,6 +126,10 @@ def upgrade_record(recorded: Any, top: bool = True) -> Any:
         }
         if top and "training" in upgraded:
             upgraded["training"] = _with_optimizer_nodes(upgraded["training"])
+        if top and "model" in recorded and isinstance(upgraded.get("callbacks"), Mapping):
+            # Before the statistics moved into callbacks (#16), the module wrote them itself: a record of
+            # that time stood for today's two statistics callbacks.
+            upgraded["callbacks"] = _with_statistics_callbacks(upgraded["callbacks"])
         return upgraded
     if isinstance(recorded, list):
         return [upgrade_record(v, top=False) for v in recorded]
