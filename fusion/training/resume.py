@@ -148,14 +148,14 @@ def checkpoint_step(path: Path) -> int:
 
 def run_checkpoints(run_dir: Path) -> list[Path]:
     """Every checkpoint a run folder holds: ``checkpoints/*.ckpt`` (last.ckpt, last_step.ckpt, the requeue's
-    last_requeue.ckpt, the best epoch_XXX.ckpt) and Lightning's hpc_ckpt_*.ckpt."""
+    last_requeue.ckpt, the best epoch_NNN.ckpt) and Lightning's hpc_ckpt_*.ckpt."""
     return sorted([*run_dir.glob(HPC_PATTERN), *(run_dir / "checkpoints").glob("*.ckpt")])
 
 
 def resume_path(ckpt_path: str | None, run_dir: Path) -> Path | None:
     """``ckpt_path`` if given (it must be a readable checkpoint); else the run folder's readable checkpoint
     with the most steps (a requeued job's own), of any kind: with last.ckpt unreadable, the best
-    epoch_XXX.ckpt still saves the run from starting over."""
+    epoch_NNN.ckpt still saves the run from starting over."""
     if ckpt_path is not None:
         path = Path(str(ckpt_path)).expanduser()
         load_checkpoint(path)
@@ -166,7 +166,7 @@ def resume_path(ckpt_path: str | None, run_dir: Path) -> Path | None:
         return None
     # On a tie the requeue checkpoint wins: it holds the exact mid-epoch loop state, while the last.ckpt
     # Lightning writes as training stops for the requeue (same step, written later) marks the epoch as done.
-    # Then last*.ckpt over a best epoch_XXX.ckpt of the same step (the same state; last is what a user expects).
+    # Then last*.ckpt over a best epoch_NNN.ckpt of the same step (the same state; last is what a user expects).
     return max(
         found, key=lambda p: (steps[p], p.name == "last_requeue.ckpt", p.name.startswith("last"), p.stat().st_mtime)
     )
