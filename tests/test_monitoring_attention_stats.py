@@ -1,4 +1,5 @@
-"""Attention-over-encoder statistics: exact masses, accumulation, validation, files on disk."""
+"""Attention-over-encoder statistics (multimodal transformer and LM head): exact masses, accumulation,
+validation, files on disk."""
 
 from __future__ import annotations
 
@@ -14,11 +15,15 @@ import torch.multiprocessing as mp
 from PIL import Image
 
 from fusion.monitoring.attention_stats import (
+    ANSWER,
     CLS,
+    LM_QUERY_KINDS,
     MIXED,
+    PAD,
     QUERY_KINDS,
     TEXT,
     AttentionOverEncoders,
+    LMAttentionOverEncoders,
     load_stats,
     save_stats,
     scalar_metrics,
@@ -296,6 +301,7 @@ def test_save_and_load_round_trip(tmp_path) -> None:
     torch.testing.assert_close(loaded, stats)
     payload = json.loads(paths["attention.json"].read_text())
     assert payload["epoch"] == 1 and payload["num_layers"] == 3 and payload["num_heads"] == 3
+    assert "queries" not in payload  # the default query kinds: the file is as before the LM head
     torch.testing.assert_close(load_stats(out_dir)[0], stats)
 
     with paths["attention.csv"].open() as f:
@@ -319,3 +325,189 @@ def test_failed_save_leaves_nothing_behind(tmp_path) -> None:
     with pytest.raises(ValueError, match="overwrite"):
         save_stats(stats, ["a", "text", "cls"], tmp_path, extra={"cls": 1})
     assert list(tmp_path.iterdir()) == []
+
+
+# ---- the LM head: per-sample groups, left padding, prompt and first-answer queries -------------------------
+
+LM_GROUP_ROWS = [
+    [CLS, 0, 1, TEXT, TEXT, ANSWER, ANSWER],  # no padding
+    [PAD, PAD, CLS, 0, TEXT, ANSWER, ANSWER],  # left-padded, encoder 1 dropped
+    [PAD, CLS, 0, 1, TEXT, TEXT, TEXT],  # no answer tokens
+]
+
+
+def lm_hand_batch() -> tuple[list[torch.Tensor], torch.Tensor]:
+    """L=2, H=1, B=3, S=7 over ``LM_GROUP_ROWS``. Layer 0: the rows below; layer 1: every query attends to
+    itself only. Rows not counted (BOS, visual, padding, answer tokens after the first) leak their mass: to
+    e1 in sample 0, to a padded key in samples 1 and 2 (allowed for queries that are not counted)."""
+    groups = torch.tensor(LM_GROUP_ROWS)
+    layer0 = torch.zeros(3, 1, 7, 7)
+    layer0[0, ..., 2] = 1.0
+    layer0[1:, ..., 0] = 1.0
+    rows = {
+        # (sample, query): probabilities over the 7 keys
+        (0, 3): [0.1, 0.3, 0.2, 0.4, 0.0, 0.0, 0.0],  # prompt
+        (0, 4): [0.2, 0.2, 0.2, 0.2, 0.2, 0.0, 0.0],  # prompt
+        (0, 5): [0.1, 0.1, 0.3, 0.1, 0.1, 0.3, 0.0],  # first answer
+        (1, 4): [0.0, 0.0, 0.5, 0.25, 0.25, 0.0, 0.0],  # prompt
+        (1, 5): [0.0, 0.0, 0.2, 0.4, 0.2, 0.2, 0.0],  # first answer
+        (2, 4): [0.0, 0.4, 0.2, 0.2, 0.2, 0.0, 0.0],  # prompt
+        (2, 5): [0.0, 0.1, 0.1, 0.1, 0.2, 0.5, 0.0],  # prompt
+        (2, 6): [0.0, 0.1, 0.3, 0.3, 0.1, 0.1, 0.1],  # prompt
+    }
+    for (b, q), row in rows.items():
+        layer0[b, 0, q] = torch.tensor(row)
+    layer1 = torch.eye(7).expand(3, 1, 7, 7).clone()
+    return [layer0, layer1], groups
+
+
+# Groups e0, e1, prompt, answer, bos. Prompt: per-sample means [.25, .2, .4, 0, .15], [.25, 0, .25, 0, .5],
+# [.2, .2, .4, 0, .2], averaged over the 3 samples; answer: [.1, .3, .2, .3, .1] and [.4, 0, .2, .2, .2] over
+# the 2 samples with answer tokens.
+LM_PROMPT_0 = [0.7 / 3, 0.4 / 3, 0.35, 0.0, 0.85 / 3]
+LM_ANSWER_0 = [0.25, 0.15, 0.2, 0.25, 0.15]
+
+
+def test_lm_hand_computed_masses() -> None:
+    metric = LMAttentionOverEncoders(["e0", "e1"], num_layers=2, num_heads=1)
+    assert metric.group_names == ["e0", "e1", "prompt", "answer", "bos"]
+    assert metric.query_kinds == LM_QUERY_KINDS == ("prompt", "answer")
+    metric.update(*lm_hand_batch())
+    stats = metric.compute()
+    assert stats.shape == (2, 2, 1, 5) and stats.dtype == torch.float32
+    assert int(metric.prompt_count) == 3 and int(metric.answer_count) == 2
+    torch.testing.assert_close(stats[0, 0, 0], torch.tensor(LM_PROMPT_0))
+    torch.testing.assert_close(stats[1, 0, 0], torch.tensor(LM_ANSWER_0))
+    # Layer 1: a query on itself; the first answer token is an "answer" key to itself.
+    torch.testing.assert_close(stats[:, 1, 0], torch.tensor([[0.0, 0, 1, 0, 0], [0, 0, 0, 1, 0]]))
+    torch.testing.assert_close(stats.sum(-1), torch.ones(2, 2, 1))
+
+
+def test_lm_mixed_tokens_count_as_the_fused_group() -> None:
+    attentions, groups = lm_hand_batch()
+    groups = torch.where(groups == 1, MIXED, groups)
+    with pytest.raises(ValueError, match=r"except MIXED \(-3\).*got \[-3\]; MIXED \(-3\) tokens need mixed=True"):
+        LMAttentionOverEncoders(["e0", "e1"], num_layers=2, num_heads=1).update(attentions, groups)
+    metric = LMAttentionOverEncoders(["e0", "e1"], num_layers=2, num_heads=1, mixed=True)
+    assert metric.group_names == ["e0", "e1", "fused", "prompt", "answer", "bos"]
+    metric.update(attentions, groups)
+    stats = metric.compute()
+    # e1's masses of the hand batch move to "fused"; e1 stays at 0.
+    p, a = LM_PROMPT_0, LM_ANSWER_0
+    torch.testing.assert_close(stats[0, 0, 0], torch.tensor([p[0], 0.0, p[1], *p[2:]]))
+    torch.testing.assert_close(stats[1, 0, 0], torch.tensor([a[0], 0.0, a[1], *a[2:]]))
+
+
+def test_lm_samples_without_answer_count_for_the_prompt_only() -> None:
+    attentions, groups = lm_hand_batch()
+    no_answer = LMAttentionOverEncoders(["e0", "e1"], num_layers=2, num_heads=1)
+    no_answer.update([a[2:] for a in attentions], groups[2:])
+    assert int(no_answer.prompt_count) == 1 and int(no_answer.answer_count) == 0
+    stats = no_answer.compute()
+    torch.testing.assert_close(stats[0, 0, 0], torch.tensor([0.2, 0.2, 0.4, 0.0, 0.2]))
+    assert torch.equal(stats[1], torch.zeros(2, 1, 5))  # no sample: zeros
+    # Batches accumulate like one batch.
+    split = LMAttentionOverEncoders(["e0", "e1"], num_layers=2, num_heads=1)
+    split.update([a[:2] for a in attentions], groups[:2])
+    split.merge_state(no_answer)  # the sum DDP reduces with
+    joint = LMAttentionOverEncoders(["e0", "e1"], num_layers=2, num_heads=1)
+    joint.update(attentions, groups)
+    torch.testing.assert_close(split.compute(), joint.compute())
+
+
+def test_lm_bf16_input_and_uncounted_padding_rows() -> None:
+    attentions, groups = lm_hand_batch()
+    ref = LMAttentionOverEncoders(["e0", "e1"], num_layers=2, num_heads=1)
+    ref.update(attentions, groups)
+    low = LMAttentionOverEncoders(["e0", "e1"], num_layers=2, num_heads=1)
+    low.update([a.to(torch.bfloat16) for a in attentions], groups)
+    torch.testing.assert_close(low.compute(), ref.compute(), atol=1e-2, rtol=0)
+
+
+def test_lm_mass_on_padding_is_an_error() -> None:
+    attentions, groups = lm_hand_batch()
+    attentions[1][1, 0, 4] = torch.tensor([1e-3, 0.0, 0.0, 0.0, 1 - 1e-3, 0.0, 0.0])  # a prompt query, layer 1
+    metric = LMAttentionOverEncoders(["e0", "e1"], num_layers=2, num_heads=1)
+    with pytest.raises(ValueError, match="layer 1: a prompt or answer query gives padded keys .* up to 0.001"):
+        metric.update(attentions, groups)
+    assert int(metric.prompt_count) == 0 and torch.equal(metric.prompt_sum, torch.zeros(2, 1, 5, dtype=torch.float64))
+    attentions[1][1, 0, 4] = torch.tensor([1e-7, 0.0, 0.0, 0.0, 1 - 1e-7, 0.0, 0.0])  # within rounding
+    metric.update(attentions, groups)
+    assert int(metric.prompt_count) == 3
+
+
+def test_lm_validation_errors_and_reserved_names() -> None:
+    attentions, groups = lm_hand_batch()
+    metric = LMAttentionOverEncoders(["e0", "e1"], num_layers=2, num_heads=1)
+    with pytest.raises(ValueError, match="2 layers, got 1"):
+        metric.update(attentions[:1], groups)
+    with pytest.raises(ValueError, match="expected 1 heads, got 2"):
+        metric.update([a.repeat(1, 2, 1, 1) for a in attentions], groups)
+    with pytest.raises(ValueError, match=r"groups of shape \(3, 7\) for B=3, S=7, got \(7,\)"):
+        metric.update(attentions, groups[0])
+    for bad in (2, PAD - 1):
+        with pytest.raises(ValueError, match=rf"in \[-5, 1\].*got \[{bad}\]"):
+            metric.update(attentions, torch.where(groups == 1, bad, groups))
+    assert int(metric.prompt_count) == 0
+    for reserved in ("prompt", "answer", "bos", "text", "cls", "fused"):
+        with pytest.raises(ValueError, match=repr(reserved)):
+            LMAttentionOverEncoders(["a", reserved], num_layers=1, num_heads=1)
+
+
+def test_lm_query_kinds_through_scalars_rows_and_files(tmp_path) -> None:
+    metric = LMAttentionOverEncoders(["e0", "e1"], num_layers=2, num_heads=1)
+    metric.update(*lm_hand_batch())
+    stats, groups, queries = metric.compute(), metric.group_names, metric.query_kinds
+
+    scalars = scalar_metrics(stats, groups, prefix="attn", query_kinds=queries)
+    assert len(scalars) == 2 * 2 * 5
+    assert scalars["attn/prompt/layer0/bos"] == pytest.approx(0.85 / 3)
+    assert scalars["attn/answer/layer0/answer"] == pytest.approx(0.25)
+    assert scalars["attn/answer/layer1/answer"] == pytest.approx(1.0)
+    rows = stats_rows(stats, groups, query_kinds=queries)
+    assert rows[0] == {"query": "prompt", "layer": 0, "head": 0, "group": "e0", "mass": pytest.approx(0.7 / 3)}
+    assert rows[-1] == {"query": "answer", "layer": 1, "head": 0, "group": "bos", "mass": 0.0}
+    with pytest.raises(ValueError, match=r"query kinds \['prompt'\]"):
+        scalar_metrics(stats, groups, query_kinds=("prompt",))
+    with pytest.raises(ValueError, match="unique"):
+        stats_rows(stats, groups, query_kinds=("prompt", "prompt"))
+    with pytest.raises(ValueError, match=r"\['groups'\] would overwrite"):
+        stats_rows(stats, groups, query_kinds=("prompt", "groups"))
+
+    paths = save_stats(stats, groups, tmp_path, extra={"epoch": 0}, query_kinds=queries)
+    assert set(paths) == {"attention.json", "attention.csv"} | {
+        f"attention_{q}_{k}.png" for q in ("prompt", "answer") for k in ("layers", "heads")
+    }
+    payload = json.loads(paths["attention.json"].read_text())
+    assert list(payload)[:6] == ["groups", "queries", "num_layers", "num_heads", "prompt", "answer"]
+    assert payload["queries"] == ["prompt", "answer"] and payload["epoch"] == 0
+    loaded, loaded_groups = load_stats(tmp_path, query_kinds=LM_QUERY_KINDS)
+    torch.testing.assert_close(loaded, stats)
+    assert loaded_groups == groups
+    with pytest.raises(ValueError, match=r"holds the query kinds \['prompt', 'answer'\], not \['cls', 'text'\]"):
+        load_stats(tmp_path)
+    with paths["attention.csv"].open() as f:
+        csv_rows = list(csv.DictReader(f))
+    assert [r["query"] for r in csv_rows] == ["prompt"] * 10 + ["answer"] * 10
+    for name in paths:
+        if name.endswith(".png"):
+            with Image.open(paths[name]) as image:
+                image.verify()
+
+
+def test_a_file_without_query_kinds_holds_cls_and_text(tmp_path) -> None:
+    # attention.json as written before the LM head: no "queries".
+    stats = torch.arange(2 * 1 * 2 * 3, dtype=torch.float32).reshape(2, 1, 2, 3) / 10
+    payload = {"groups": ["a", "text", "cls"], "num_layers": 1, "num_heads": 2, "cls": stats[0].tolist(),
+               "text": stats[1].tolist(), "split": "val", "epoch": 4}
+    (tmp_path / "attention.json").write_text(json.dumps(payload, indent=1) + "\n")
+    loaded, groups = load_stats(tmp_path)
+    torch.testing.assert_close(loaded, stats)
+    assert groups == ["a", "text", "cls"]
+    torch.testing.assert_close(load_stats(tmp_path, query_kinds=("cls", "text"))[0], stats)
+    with pytest.raises(ValueError, match=r"holds the query kinds \['cls', 'text'\], not \['prompt', 'answer'\]"):
+        load_stats(tmp_path, query_kinds=LM_QUERY_KINDS)
+    # "queries" is the file's own key whatever the query kinds.
+    with pytest.raises(ValueError, match="overwrite"):
+        save_stats(stats, ["a", "text", "cls"], tmp_path / "new", extra={"queries": ["x"]})
+    assert not (tmp_path / "new").exists()

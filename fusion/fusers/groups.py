@@ -21,4 +21,7 @@ RESERVED_NAMES = (MIXED_NAME, TEXT_NAME, CLS_NAME)  # no encoder may be called o
 ANSWER_GROUP = -4
 PAD_GROUP = -5
 ANSWER_NAME = "answer"
-LM_RESERVED_NAMES = (*RESERVED_NAMES, ANSWER_NAME)  # with the LM head, no encoder may be called these either
+PROMPT_NAME = "prompt"  # the LM's prompt tokens (TEXT_GROUP) in its statistics
+BOS_NAME = "bos"  # the LM's BOS token (CLS_GROUP) in its statistics
+# With the LM head, no encoder may be called these either.
+LM_RESERVED_NAMES = (*RESERVED_NAMES, ANSWER_NAME, PROMPT_NAME, BOS_NAME)

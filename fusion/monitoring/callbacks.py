@@ -1,11 +1,15 @@
 """Lightning callbacks that publish the evaluation statistics, fed by the evaluation steps' outputs.
 
-The LightningModule's ``validation_step`` / ``test_step`` return ``{"fusion": FusionOutput}`` (with the
-attention probabilities when ``training.attention_stats`` asks for them); these callbacks accumulate over the
-epoch, log the scalars, and on rank 0 write the files under ``<output_dir>/attention/<stage>/`` and the
-wandb table and figures. What they read from the module (no import of fusion.training, a layer above):
-``encoder_names``, ``fusion`` (a :class:`~fusion.model.transformer.FusionModel`), ``attention_stats``,
-``output_dir`` and ``hparams.drop_encoders``.
+The LightningModule's ``validation_step`` / ``test_step`` return ``{"fusion": FusionOutput}`` (the
+multimodal transformer, with the attention probabilities when ``training.attention_stats`` asks for them)
+or, with the LM head, ``{"lm": LMHeadOutput, "fused": FusedTokens}`` (``"lm"`` absent or without
+attentions when none were read out); these callbacks accumulate over the epoch, log the scalars, and on
+rank 0 write the files under ``<output_dir>/attention/<stage>/`` and the wandb table and figures. What they
+read from the module (no import of fusion.training, a layer above): ``encoder_names``, ``attention_stats``,
+``output_dir``, ``hparams.drop_encoders``; ``lm_attention_shape`` (``(num_layers, num_heads)`` of the LM
+head; its presence selects the LM's statistic); ``mixes_encoders`` and ``reports_encoder_weights``, from
+the module itself where it has them, else from its ``fusion`` (a
+:class:`~fusion.model.transformer.FusionModel`, which also gives the multimodal transformer's depth and heads).
 """
 
 from __future__ import annotations
@@ -21,8 +25,15 @@ import torch
 from pytorch_lightning.loggers import Logger, WandbLogger
 from torchmetrics import Metric
 
+from fusion.fusers.base import FusedTokens
 from fusion.model.transformer import FusionOutput
-from fusion.monitoring.attention_stats import AttentionOverEncoders, save_stats, scalar_metrics, stats_rows
+from fusion.monitoring.attention_stats import (
+    AttentionOverEncoders,
+    LMAttentionOverEncoders,
+    save_stats,
+    scalar_metrics,
+    stats_rows,
+)
 from fusion.monitoring.fuser_weights import FuserWeights, fuser_scalars, save_fuser_weights
 
 __all__ = ["AttentionStatsCallback", "EvalStatistics", "FuserWeightsCallback", "Target"]
@@ -32,6 +43,13 @@ Stage = Literal["val", "test"]
 
 def _wandb(loggers: Sequence[Logger]) -> list[WandbLogger]:
     return [logger for logger in loggers if isinstance(logger, WandbLogger)]
+
+
+def _model_flag(pl_module: pl.LightningModule, name: str) -> bool:
+    """``pl_module.<name>`` where the module has it (the LM head's), else ``pl_module.fusion.<name>``."""
+    if hasattr(pl_module, name):
+        return bool(getattr(pl_module, name))
+    return bool(getattr(pl_module.fusion, name))
 
 
 @dataclass
@@ -64,8 +82,8 @@ class EvalStatistics(pl.Callback, ABC):
         """The accumulator for one epoch, or None when the module has nothing of this kind to report."""
 
     @abstractmethod
-    def update(self, metric: Metric, out: FusionOutput) -> None:
-        """Feed one batch's fusion output."""
+    def update(self, metric: Metric, outputs: Mapping[str, Any]) -> None:
+        """Feed one batch's step outputs (``{"fusion": ...}`` or ``{"lm": ..., "fused": ...}``)."""
 
     @abstractmethod
     def scalars(self, value: torch.Tensor, metric: Metric, prefix: str) -> dict[str, float]:
@@ -85,9 +103,8 @@ class EvalStatistics(pl.Callback, ABC):
 
     def _update(self, stage: Stage, outputs: Any) -> None:
         metric = self.metrics.get(stage)
-        out = outputs.get("fusion") if isinstance(outputs, Mapping) else None
-        if metric is not None and isinstance(out, FusionOutput):
-            self.update(metric, out)
+        if metric is not None and isinstance(outputs, Mapping):
+            self.update(metric, outputs)
 
     def _end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: Stage) -> None:
         metric = self.metrics.pop(stage, None)
@@ -132,27 +149,40 @@ class EvalStatistics(pl.Callback, ABC):
 
 class AttentionStatsCallback(EvalStatistics):
     """Attention-over-encoder statistics (``training.attention_stats``): ``attn/...`` scalars, ``attention.json``,
-    ``attention.csv`` and heatmaps, a wandb table and one image per heatmap."""
+    ``attention.csv`` and heatmaps, a wandb table and one image per heatmap. The multimodal transformer's
+    query kinds are ``cls`` and ``text`` (:class:`AttentionOverEncoders`), the LM head's ``prompt`` and
+    ``answer`` (:class:`LMAttentionOverEncoders`, when the module has ``lm_attention_shape``)."""
 
     key = "attn"
 
     def make_metric(self, pl_module: pl.LightningModule) -> Metric | None:
         if not getattr(pl_module, "attention_stats", False):
             return None
+        mixed = _model_flag(pl_module, "mixes_encoders")
+        lm_shape = getattr(pl_module, "lm_attention_shape", None)
+        if lm_shape is not None:
+            num_layers, num_heads = lm_shape
+            return LMAttentionOverEncoders(pl_module.encoder_names, num_layers, num_heads, mixed)
         fusion = pl_module.fusion
-        return AttentionOverEncoders(pl_module.encoder_names, fusion.depth, fusion.num_heads, fusion.mixes_encoders)
+        return AttentionOverEncoders(pl_module.encoder_names, fusion.depth, fusion.num_heads, mixed)
 
-    def update(self, metric: Metric, out: FusionOutput) -> None:
-        if out.attentions is not None:
+    def update(self, metric: Metric, outputs: Mapping[str, Any]) -> None:
+        if isinstance(metric, LMAttentionOverEncoders):
+            lm = outputs.get("lm")  # an LMHeadOutput
+            if lm is not None and lm.attentions is not None:
+                metric.update(lm.attentions, lm.inputs.groups)
+            return
+        out = outputs.get("fusion")
+        if isinstance(out, FusionOutput) and out.attentions is not None:
             metric.update(out.attentions, out.key_groups, out.text_query_mask)
 
     def scalars(self, value: torch.Tensor, metric: Metric, prefix: str) -> dict[str, float]:
-        return scalar_metrics(value, metric.group_names, prefix=prefix)
+        return scalar_metrics(value, metric.group_names, prefix=prefix, query_kinds=metric.query_kinds)
 
     def publish(self, value: torch.Tensor, metric: Metric, where: Target) -> None:
-        groups = metric.group_names
-        paths = save_stats(value, groups, where.folder, extra=where.extra)
-        rows = stats_rows(value, groups)
+        groups, queries = metric.group_names, metric.query_kinds
+        paths = save_stats(value, groups, where.folder, extra=where.extra, query_kinds=queries)
+        rows = stats_rows(value, groups, query_kinds=queries)
         columns = list(rows[0])
         for logger in where.loggers:
             table = [[r[c] for c in columns] for r in rows]
@@ -169,11 +199,18 @@ class FuserWeightsCallback(EvalStatistics):
     key = "fuser"
 
     def make_metric(self, pl_module: pl.LightningModule) -> Metric | None:
-        return FuserWeights(pl_module.encoder_names) if pl_module.fusion.reports_encoder_weights else None
+        return FuserWeights(pl_module.encoder_names) if _model_flag(pl_module, "reports_encoder_weights") else None
 
-    def update(self, metric: Metric, out: FusionOutput) -> None:
-        if out.encoder_weights is not None:
-            metric.update(out.encoder_weights)
+    def update(self, metric: Metric, outputs: Mapping[str, Any]) -> None:
+        fusion, fused = outputs.get("fusion"), outputs.get("fused")
+        if isinstance(fusion, FusionOutput):
+            weights = fusion.encoder_weights
+        elif isinstance(fused, FusedTokens):
+            weights = fused.encoder_weights
+        else:
+            return
+        if weights is not None:
+            metric.update(weights)
 
     def scalars(self, value: torch.Tensor, metric: Metric, prefix: str) -> dict[str, float]:
         return fuser_scalars(value, metric.encoder_names, prefix=prefix)
