@@ -69,7 +69,8 @@ class VLCollator:
     Batch: ``images[name]`` (B, 3, H_e, W_e), or (B, I, 3, H_e, W_e) with I images per example;
     ``input_ids`` / ``attention_mask`` (B, L); ``labels`` (B,);
     ``targets`` (B,) or (B, C) (what the task's loss trains towards); ``answer_types`` (B,);
-    ``question_ids`` and ``image_keys`` lists of str (of I-tuples of str with I images per example).
+    ``question_ids``, ``questions`` (the raw text: the LM head's prompts) and ``image_keys`` lists of str
+    (of I-tuples of str with I images per example).
     With feature caches, ``features[name]`` (B, T_e, D_e) or (B, I, T_e, D_e) in the cache's dtype, read
     from the cache file once per batch (into shared memory in a worker), for each cached encoder (which
     then has no ``images`` entry).
@@ -94,6 +95,7 @@ class VLCollator:
             "targets": _stack_targets([s["target"] for s in samples]),
             "answer_types": torch.tensor([s["answer_type"] for s in samples], dtype=torch.long),
             "question_ids": [s["question_id"] for s in samples],
+            "questions": [s["question"] for s in samples],
             "image_keys": [s["image_key"] for s in samples],
         }
         if self.caches:

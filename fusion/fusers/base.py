@@ -42,6 +42,8 @@ class Fuser(nn.Module, ABC):
     """
 
     reports_encoder_weights: ClassVar[bool] = False
+    # Whether forward reads ``text`` (the LM head skips the text encoder for fusers that do not).
+    uses_text: ClassVar[bool] = False
     token_encoder: torch.Tensor
 
     def __init__(

@@ -23,6 +23,7 @@ class GatedFuser(Fuser):
     """
 
     reports_encoder_weights = True
+    uses_text = True
 
     def __init__(
         self,

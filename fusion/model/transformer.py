@@ -119,11 +119,7 @@ class FusionModel(nn.Module):
         bool; ``text_hidden`` (B, L, D_t); ``text_mask`` (B, L) bool, True at real tokens."""
         B, L = text_mask.shape
         text_mask = text_mask.bool()
-        text = self.text_proj(text_hidden) + self.text_type
-        if self.num_images == 1:
-            visual = self.fuser(features, keep, text, text_mask)
-        else:
-            visual = self._fuse_images(features, keep, text, text_mask)
+        visual, text = self.visual_tokens(features, keep, text_hidden, text_mask)
         x = torch.cat([self.cls_token.expand(B, -1, -1), text, visual.tokens], dim=1)
         ones = torch.ones(B, 1, dtype=torch.bool, device=x.device)
         key_mask = torch.cat([ones, text_mask, visual.visible], dim=1)
@@ -142,6 +138,22 @@ class FusionModel(nn.Module):
                 attentions.append(probs)
         x = self.norm(x)
         return FusionOutput(x[:, 0], x, attentions, key_groups, key_mask, text_query_mask, visual.encoder_weights)
+
+    def visual_tokens(
+        self,
+        features: Mapping[str, torch.Tensor],
+        keep: torch.Tensor,
+        text_hidden: torch.Tensor,
+        text_mask: torch.Tensor,
+    ) -> tuple[FusedTokens, torch.Tensor]:
+        """The fuser's visual tokens (with the image-index embedding when ``num_images`` > 1) and the projected
+        text ``(B, L, width)`` the fuser was conditioned on; the part of :meth:`forward` before the transformer,
+        which is all the LM head (:mod:`fusion.model.lm`) reads. Shapes as in :meth:`forward`."""
+        text_mask = text_mask.bool()
+        text = self.text_proj(text_hidden) + self.text_type
+        if self.num_images == 1:
+            return self.fuser(features, keep, text, text_mask), text
+        return self._fuse_images(features, keep, text, text_mask), text
 
     def _fuse_images(
         self, features: Mapping[str, torch.Tensor], keep: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor

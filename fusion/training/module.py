@@ -143,7 +143,7 @@ class FusionBase(pl.LightningModule, ABC):
             text_dim=text.hidden_size,
             num_images=task.images_per_example,
         )
-        self.head = head(width=self.fusion.width, num_classes=task.num_classes)
+        self.head = self.build_head(head)
         self.ve_dropout = EncoderDropout(self.encoder_names, p=ve_dropout, drop_encoders=list(drop_encoders))
         self.metrics = nn.ModuleDict({stage: task.metric() for stage in ("val", "test")})
         # Whether the evaluation steps return the attention probabilities (for AttentionStatsCallback).
@@ -152,6 +152,10 @@ class FusionBase(pl.LightningModule, ABC):
         self._fingerprints: dict[str, dict] | None = None
         # Set by eval.py: where the task's official prediction file goes.
         self.predictions_path: Path | None = None
+
+    def build_head(self, head: Callable[..., nn.Module]) -> nn.Module:
+        """The head from its config partial: a classifier over the task's answers on the fused width."""
+        return head(width=self.fusion.width, num_classes=self.task.num_classes)
 
     # ---- shared steps --------------------------------------------------------------------------
     def encode_images(self, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
@@ -315,9 +319,10 @@ class FusionBase(pl.LightningModule, ABC):
             "answer_vocab_*.json of the training run>)"
         )
 
-class FusionLitModule(FusionBase):
-    """Classification (VQA, NLI, memes...): the head on the fused [CLS] gives the task's answer logits;
-    the task's loss and official metric, its prediction file when eval.py asks for one."""
+class TaskModule(FusionBase):
+    """A module that answers the task's questions, scored by the task's official metric: the classifier
+    (:class:`FusionLitModule`) and the LM head (:class:`fusion.training.lm_module.LMLitModule`). Owns the
+    evaluation loss, the prediction rows eval.py asks for, and the end of an evaluation epoch."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -326,8 +331,50 @@ class FusionLitModule(FusionBase):
         # (Lightning issue #21838). A batch without any annotated example weighs 0 (its loss may be NaN: left
         # out); a split without labels has no loss.
         self.eval_loss = nn.ModuleDict({stage: MeanMetric(nan_strategy="ignore") for stage in ("val", "test")})
-        self.train_acc = MeanMetric()
         self._prediction_rows: list[dict[str, Any]] = []
+
+    def end_eval(self, stage: Stage) -> None:
+        """Write the gathered prediction rows (eval.py), log the task's metrics and loss, reset them."""
+        if self.predictions_path is not None and not self.trainer.sanity_checking:
+            # Under DDP each rank holds its share of the rows: all ranks gather, rank 0 writes.
+            rows = gather_prediction_rows(self.trainer, stage, self._prediction_rows)
+            if self.trainer.is_global_zero:
+                self.task.write_predictions(rows, self.predictions_path)
+        self._prediction_rows = []
+        if self._scored(stage):
+            self._log_task_metrics(stage)
+        self.metrics[stage].reset()
+        self.eval_loss[stage].reset()
+
+    def _scored(self, stage: str) -> bool:
+        """Whether the split evaluated in ``stage`` has labels; an unlabelled one gets predictions, no metrics
+        (its accuracy would read 0 and its loss would be of nothing)."""
+        datamodule = getattr(self.trainer, "datamodule", None)
+        split = getattr(datamodule, "val_split", self.task.val_split) if stage == "val" else self.task.test_split
+        if self.task.is_labelled(split):
+            return True
+        if not self.trainer.sanity_checking:
+            log.info("split %s has no labels: predictions only, no %s metrics", split, stage)
+        return False
+
+    def _log_task_metrics(self, stage: str) -> None:
+        name = self.task.metric_name
+        values = {f"{stage}/{name}" + (f"_{k}" if k else ""): v for k, v in self.metrics[stage].compute().items()}
+        headline = f"{stage}/{name}"
+        self.log(headline, values.pop(headline), prog_bar=stage == "val")
+        self.log_dict(values)
+        loss = self.eval_loss[stage].compute()  # synced: the same on every rank
+        if not torch.isnan(loss):
+            self.log(f"{stage}/loss", loss)
+
+
+class FusionLitModule(TaskModule):
+    """Classification (VQA, NLI, memes...): the head on the fused [CLS] gives the task's answer logits;
+    the task's loss and official metric, its prediction file when eval.py asks for one."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.train_acc = MeanMetric()
 
     # ---- forward -------------------------------------------------------------------------------
     def forward(self, batch: Mapping[str, Any], output_attentions: bool = False) -> tuple[torch.Tensor, FusionOutput]:
@@ -371,37 +418,3 @@ class FusionLitModule(FusionBase):
         if self.predictions_path is not None:
             self._prediction_rows.extend(self.task.prediction_rows(logits, batch))
         return {"fusion": out}
-
-    def end_eval(self, stage: Stage) -> None:
-        if self.predictions_path is not None and not self.trainer.sanity_checking:
-            # Under DDP each rank holds its share of the rows: all ranks gather, rank 0 writes.
-            rows = gather_prediction_rows(self.trainer, stage, self._prediction_rows)
-            if self.trainer.is_global_zero:
-                self.task.write_predictions(rows, self.predictions_path)
-        self._prediction_rows = []
-        if self._scored(stage):
-            self._log_task_metrics(stage)
-        self.metrics[stage].reset()
-        self.eval_loss[stage].reset()
-
-    def _scored(self, stage: str) -> bool:
-        """Whether the split evaluated in ``stage`` has labels; an unlabelled one gets predictions, no metrics
-        (its accuracy would read 0 and its loss would be of nothing)."""
-        datamodule = getattr(self.trainer, "datamodule", None)
-        split = getattr(datamodule, "val_split", self.task.val_split) if stage == "val" else self.task.test_split
-        if self.task.is_labelled(split):
-            return True
-        if not self.trainer.sanity_checking:
-            log.info("split %s has no labels: predictions only, no %s metrics", split, stage)
-        return False
-
-    def _log_task_metrics(self, stage: str) -> None:
-        name = self.task.metric_name
-        values = {f"{stage}/{name}" + (f"_{k}" if k else ""): v for k, v in self.metrics[stage].compute().items()}
-        headline = f"{stage}/{name}"
-        self.log(headline, values.pop(headline), prog_bar=stage == "val")
-        self.log_dict(values)
-        loss = self.eval_loss[stage].compute()  # synced: the same on every rank
-        if not torch.isnan(loss):
-            self.log(f"{stage}/loss", loss)
-
