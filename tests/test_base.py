@@ -7,8 +7,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import torch
 
-from fusion.tasks.base import FileTask
+from fusion.tasks.base import FileTask, VLTask
 from fusion.tasks.flickr30k import Flickr30kTask
 from fusion.tasks.gqa import GQATask
 from fusion.tasks.hateful_memes import HatefulMemesTask
@@ -192,3 +193,46 @@ def test_check_split_names_the_split_of_a_file_error(tmp_path):
     with pytest.raises(ValueError, match=rf"^split 'dev_seen' of task 'hateful_memes': {path} line 1: label 7 is not "
                        r"one of 0, 1$"):
         task.check_split("dev_seen")
+
+
+OPEN_ENDED = {"vqa", "gqa", "shapes"}
+
+
+@pytest.mark.parametrize("make", MAKERS, ids=lambda m: m.__name__)
+def test_generated_answers_are_scored_by_open_ended_tasks_and_refused_where_the_default_is_not_the_official_path(
+    tmp_path, make
+):
+    """The default text scoring (exact match against the vocabulary, rows {"question_id", "answer"}) serves a task
+    that keeps the default logits path; a task with its own metric or prediction format refuses it."""
+    task, _, _ = make(tmp_path / "data", "good")
+    assert task.open_ended == (make.__name__ in OPEN_ENDED)
+    cls = type(task)
+
+    def own(name: str) -> bool:
+        return getattr(cls, name) is not getattr(VLTask, name)
+
+    # Every open-ended task scores generated answers as its official metric and file do: by default or its own.
+    refuses_metric = not own("update_metric_text") and (own("metric") or own("update_metric"))
+    refuses_rows = not own("prediction_rows_text") and own("prediction_rows")
+    assert not (task.open_ended and (refuses_metric or refuses_rows))
+    if refuses_metric:
+        with pytest.raises(NotImplementedError, match="but not update_metric_text"):
+            task.update_metric_text(task.metric(), [], {})
+    if refuses_rows:
+        with pytest.raises(NotImplementedError, match="overrides prediction_rows but not prediction_rows_text"):
+            task.prediction_rows_text([], {})
+    expected = {"hateful_memes": (True, True), "nlvr": (True, True), "nlvr2": (True, True), "snli_ve": (False, True),
+                "flickr30k": (True, False)}.get(make.__name__, (False, False))
+    assert (refuses_metric, refuses_rows) == expected
+
+
+def test_the_default_text_path_scores_a_closed_task_by_exact_match(tmp_path):
+    task, split, _ = snli_ve(tmp_path / "data", "good")  # every pair "entailment"
+    examples = task.examples(split)
+    batch = {"question_ids": [e.question_id for e in examples], "labels": torch.tensor([e.label for e in examples]),
+             "answer_types": torch.zeros(len(examples), dtype=torch.long)}
+    metric = task.metric()
+    task.update_metric_text(metric, ["entailment", "Entailment", "contradiction"], batch)
+    assert float(metric.compute()[""]) == pytest.approx(1 / 3)
+    with pytest.raises(NotImplementedError, match=r"'snli_ve' \(SNLIVETask\) overrides prediction_rows"):
+        task.prediction_rows_text(["entailment"] * 3, batch)

@@ -210,6 +210,64 @@ def test_metric_predictions_and_majority(data, tmp_path):
     assert task.loss(logits, batch).item() > 0
 
 
+def _scores(metric) -> dict[str, float]:
+    return {k: float(v) for k, v in metric.compute().items()}
+
+
+def test_generated_answers_score_as_the_index_path_and_outside_the_vocabulary(data, tmp_path):
+    task = _task(data, tmp_path, top_k=3)  # vocabulary: no, blue, red
+    assert task.open_ended
+    val = task.examples("val")  # n11 red: query red, verify yes, choose red; n12 blue: blue, no, blue
+    answers = ["red", "no", "blue", "blue", "no", "red"]
+    logits, batch = _batch(task, val, answers)
+    from_logits, from_text = task.metric(), task.metric()
+    task.update_metric(from_logits, logits, batch)
+    task.update_metric_text(from_text, answers, batch)
+    assert from_text.predictions() == from_logits.predictions()
+    assert _scores(from_text) == _scores(from_logits)
+    assert task.prediction_rows_text(answers, batch) == task.prediction_rows(logits, batch)
+    # "yes" is outside the vocabulary but is valn111's answer: right. "Red" and "neither" are wrong (exact strings).
+    texts = ["red", "yes", "Red", "blue", "no", "neither"]
+    metric = task.metric()
+    task.update_metric_text(metric, texts, batch)
+    out = _scores(metric)
+    assert out[""] == pytest.approx(4 / 6)
+    assert (out["query"], out["verify"], out["choose"]) == (1.0, 1.0, 0.0)
+    assert task.prediction_rows_text(texts, batch) == [
+        {"questionId": e.question_id, "prediction": t} for e, t in zip(val, texts, strict=True)
+    ]
+
+
+def test_generated_answers_get_every_official_measure(data, tmp_path):
+    write_official_files(data)
+    task = _task(data, tmp_path)
+    val = task.examples("val")
+    texts = {"valn110": "red", "valn111": "yes", "valn112": "purple", "valn120": "blue", "valn121": "no",
+             "valn122": "Blue", "valx1": "no", "valx2": "maybe", "valx3": "no"}
+    assert [e.question_id for e in val] == list(texts)
+    batch = {"question_ids": list(texts)}
+    metric = task.metric()
+    task.update_metric_text(metric, list(texts.values()), batch)
+    out = _scores(metric)
+    # Right: valn110, valn111, valn120, valn121; "purple" and "Blue" (choose, answers red and blue) wrong.
+    assert out[""] == pytest.approx(4 / 6)
+    # Valid / plausible: the same four; the choose questions are "twoCommon": only color/material/shape count.
+    assert out["validity"] == pytest.approx(4 / 6) and out["plausibility"] == pytest.approx(4 / 6)
+    # Consistency: valn110 (valx1 "no", valn111 "yes": both right) 1, valn111 (valx1) 1, valn120 (valx2 "maybe"
+    # wrong, valx3 right) 0.5, valn121 0.5 -> 0.75.
+    assert out["consistency"] == pytest.approx(0.75)
+    # Distribution: group color gold {red, blue} = predicted: 0; group choice gold {red: 1, blue: 1}, predicted
+    # {purple: 1, Blue: 1}: 1 + 1 = 2 over 2 questions. (0 * 2 + 2 * 2) / 4 / 100.
+    assert out["distribution"] == pytest.approx(0.01)
+    rows = task.prediction_rows_text(list(texts.values()), batch)
+    all_questions = json.loads((data / "val_all_questions.json").read_text())
+    official = official_eval(all_questions, json.loads((data / "val_choices.json").read_text()), rows)
+    assert out[""] == pytest.approx(official["accuracy"] / 100)
+    for name in ("consistency", "validity", "plausibility"):
+        assert out[name] == pytest.approx(official[name] / 100)
+    assert out["distribution"] == pytest.approx(official["distribution"])
+
+
 def test_a_file_without_answers_is_unlabelled(data, tmp_path):
     task = _task(data, tmp_path)
     examples = task.examples("submission")
@@ -222,6 +280,11 @@ def test_a_file_without_answers_is_unlabelled(data, tmp_path):
     assert metric.predictions() == {}
     assert task.prediction_rows(logits, batch) == [
         {"questionId": "s1", "prediction": "red"}, {"questionId": "s2", "prediction": "no"}
+    ]
+    task.update_metric_text(metric, ["crimson", ""], batch)
+    assert metric.predictions() == {}
+    assert task.prediction_rows_text(["crimson", ""], batch) == [
+        {"questionId": "s1", "prediction": "crimson"}, {"questionId": "s2", "prediction": ""}
     ]
     assert task.majority_accuracy("submission") is None
 

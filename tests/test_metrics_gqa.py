@@ -64,17 +64,67 @@ def test_metric_scores_everything_it_was_given(caplog) -> None:
     assert lines == ["GQA binary not computed: no binary question (structural type not 'query')"]
 
 
+# Predicted strings a generating head may give: "Red" (case), "shape" (outside ANSWERS), "" and non-ASCII.
+TEXTS = {"q1": "Red", "q2": "yes", "q3": "blue", "q4": "shape", "u1": "", "e1": "no", "e2": "vert clair é"}
+
+
+def test_answer_strings_score_as_their_indices_and_outside_the_vocabulary_too() -> None:
+    by_index, by_text = GQAMetric(ANSWERS, _lookup), GQAMetric(ANSWERS, _lookup)
+    _update(by_index, list(PREDICTIONS))
+    by_text.update_text(list(PREDICTIONS), list(PREDICTIONS.values()))
+    assert by_text.predictions() == by_index.predictions() == PREDICTIONS
+    assert {k: float(v) for k, v in by_text.compute().items()} == {k: float(v) for k, v in by_index.compute().items()}
+    # Indices and strings in one metric, and merged from another process's metric.
+    mixed, other = GQAMetric(ANSWERS, _lookup), GQAMetric(ANSWERS, _lookup)
+    _update(mixed, ["q1", "q2"])
+    mixed.update_text(["q3", "q4", "u1"], [TEXTS["q3"], TEXTS["q4"], TEXTS["u1"]])
+    other.update_text(["e1", "e2"], [TEXTS["e1"], TEXTS["e2"]])
+    mixed.merge_state(other)
+    expected = {**TEXTS, "q1": PREDICTIONS["q1"], "q2": PREDICTIONS["q2"]}
+    assert mixed.predictions() == expected
+
+    metric = GQAMetric(ANSWERS, _lookup)
+    metric.update_text(list(TEXTS), list(TEXTS.values()))
+    assert metric.predictions() == TEXTS
+    out = {k: float(v) for k, v in metric.compute().items()}
+    # q1 "Red" != "red" (exact strings), q2 yes right, q3 blue right, q4 "shape" wrong -> 2/4.
+    assert out[""] == 0.5 and out["open"] == 0.5 and out["binary"] == 0.5
+    # Validity and plausibility: "Red" is in neither list of q1; q4 "shape" is valid and plausible by the Common rule.
+    assert out["validity"] == 0.75 and out["plausibility"] == 0.75
+    # Consistency: q2 right (e1 "no" right: 1.0), q3 right (e2 "vert clair é" != "green": 0.0) -> 0.5.
+    assert out["consistency"] == 0.5
+    # Distribution: color gold {red: 1, blue: 1}, predicted {Red: 1, blue: 1}: (0-1)^2/1 + 0 = 1 over 2 questions;
+    # yesno: 0 over 1. (1 * 2 + 0 * 1) / 3 / 100.
+    assert out["distribution"] == pytest.approx(2 / 3 / 100)
+    # A later update counts (torchmetrics drops its cached compute()); a question predicted again: the later wins,
+    # as in the official script's reading of the prediction file. q1 "red" is right now -> 3/4.
+    metric.update_text(["q1"], ["red"])
+    assert float(metric.compute()[""]) == 0.75
+    with pytest.raises(ValueError, match="2 question ids for 1 predictions"):
+        metric.update_text(["q1", "q2"], ["red"])
+    with pytest.raises(ValueError, match="index 6 is not an index into the 6 answers"):
+        metric.update(["q1"], torch.tensor([6]))
+
+
 def _ddp_worker(rank: int, port: int, queue) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=2)
     try:
         metric = GQAMetric(ANSWERS, _lookup)
-        # Uneven shares, one rank without any update at all in the second metric.
-        _update(metric, ["q1", "q2", "q3", "q4", "u1"] if rank == 0 else ["e1", "e2"])
+        # Uneven shares, one rank without any update at all in the second metric; rank 1 adds strings (a generating
+        # head's answers) beside rank 0's indices.
+        if rank == 0:
+            _update(metric, ["q1", "q2", "q3", "q4", "u1"])
+        else:
+            metric.update_text(["e1", "e2"], [PREDICTIONS["e1"], PREDICTIONS["e2"]])
         lonely = GQAMetric(ANSWERS, _lookup)
         if rank == 1:
             _update(lonely, list(PREDICTIONS))
-        out = [{k: float(v) for k, v in m.compute().items()} for m in (metric, lonely)]
+        # Answer strings outside the vocabulary, of uneven lengths (empty, non-ASCII) on both ranks.
+        texts = GQAMetric(ANSWERS, _lookup)
+        share = ["q1", "q2", "u1"] if rank == 0 else ["q3", "q4", "e1", "e2"]
+        texts.update_text(share, [TEXTS[q] for q in share])
+        out = [{k: float(v) for k, v in m.compute().items()} for m in (metric, lonely, texts)]
         if rank == 0:
             queue.put(out)
     finally:
@@ -88,8 +138,10 @@ def test_ddp_gathers_every_question_once() -> None:
     queue = mp.get_context("spawn").Queue()
     mp.start_processes(_ddp_worker, args=(port, queue), nprocs=2, start_method="spawn")
     expected = official_scores(_questions(), PREDICTIONS).as_metrics()
-    for out in queue.get(timeout=60):
+    *indices, texts = queue.get(timeout=60)
+    for out in indices:
         assert out == pytest.approx(expected)
+    assert texts == pytest.approx(official_scores(_questions(), TEXTS).as_metrics())
 
 
 # ---- the task: which files give which measures ---------------------------------------------------------------
@@ -197,6 +249,34 @@ def test_random_splits_score_as_the_hand_computation(tmp_path, seed) -> None:
     metric.update(ids, torch.tensor([task.answers.index(predictions[q]) for q in ids]))
     ours = {k: float(v) for k, v in metric.compute().items()}
     official = official_eval(questions, choices, [{"questionId": q, "prediction": p} for q, p in predictions.items()])
+    expected = {"": official["accuracy"] / 100, "distribution": official["distribution"]}
+    for name in ("binary", "open", "consistency", "validity", "plausibility"):
+        if official[name] is not None:
+            expected[name] = official[name] / 100
+    for family, prefix in (("structural", ""), ("semantic", "semantic_"), ("steps", "steps_"), ("words", "words_")):
+        expected.update({f"{prefix}{k}": v / 100 for k, v in official[family].items()})
+    assert ours == pytest.approx(expected, abs=1e-12)
+
+
+@pytest.mark.parametrize("seed", range(2))
+def test_random_generated_answers_score_as_the_hand_computation(tmp_path, seed) -> None:
+    """Answer strings through the task's text path, a third of them outside the vocabulary (case, spaces,
+    words never seen), equal test_gqa.official_eval on the same prediction rows."""
+    root = write_gqa(tmp_path / "gqa")
+    questions, choices, predictions = _random_split(root, seed)
+    rng = random.Random(seed)
+    odd = ["Yes", "red ", "purple", "", "a cup", "ñ"]
+    predictions = {q: rng.choice(odd) if rng.random() < 1 / 3 else p for q, p in predictions.items()}
+    task = _task(root, tmp_path)
+    ids = [e.question_id for e in task.examples("val")]
+    metric = task.metric()
+    for start in range(0, len(ids), 7):
+        chunk = ids[start:start + 7]
+        task.update_metric_text(metric, [predictions[q] for q in chunk], {"question_ids": chunk})
+    rows = task.prediction_rows_text([predictions[q] for q in ids], {"question_ids": ids})
+    assert rows == [{"questionId": q, "prediction": predictions[q]} for q in ids]
+    ours = {k: float(v) for k, v in metric.compute().items()}
+    official = official_eval(questions, choices, rows)
     expected = {"": official["accuracy"] / 100, "distribution": official["distribution"]}
     for name in ("binary", "open", "consistency", "validity", "plausibility"):
         if official[name] is not None:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from entrypoints import FAST, run, train_one_epoch
 from PIL import Image
 
@@ -135,6 +136,48 @@ def test_answers_are_fixed_and_cover_every_type(task: ShapesTask) -> None:
             assert row["answer"] in allowed[row["answer_type"]]
             assert task.answers[example.label] == row["answer"]
             assert row["question"] == row["question"].lower()
+
+
+def _text_batch(task: ShapesTask, examples) -> dict:
+    return {
+        "question_ids": [e.question_id for e in examples],
+        "labels": torch.tensor([e.label for e in examples]),
+        "answer_types": torch.tensor([task.answer_types.index(e.answer_type) for e in examples]),
+    }
+
+
+def test_generated_answers_are_right_only_as_the_exact_vocabulary_answer(task: ShapesTask) -> None:
+    assert task.open_ended
+    val = task.examples("val")
+
+    def first(answer_type: str, skip: int = 0):
+        return [e for e in val if e.answer_type == answer_type][skip]
+
+    examples = [first("color"), first("count"), first("color", 1), first("position"), first("shape")]
+    answers = [task.answers[e.label] for e in examples]
+    texts = [answers[0], "magenta", " " + answers[2], answers[3].upper(), answers[4]]
+    batch = _text_batch(task, examples)
+    metric = task.metric()
+    task.update_metric_text(metric, texts, batch)
+    out = {k: float(v) for k, v in metric.compute().items()}
+    # Right: the first colour and the shape, exactly the answer; a word outside the vocabulary, a leading space and
+    # upper case are wrong (exact string equality, as the classifier's argmax is an exact vocabulary entry).
+    assert out == pytest.approx({"": 2 / 5, "color": 0.5, "shape": 1.0, "count": 0.0, "position": 0.0})
+    # The same as the logits path picking the same entries (a wrong string as some other entry).
+    picks = [e.label if t == a else (e.label + 1) % task.num_classes
+             for e, t, a in zip(examples, texts, answers, strict=True)]
+    from_logits = task.metric()
+    task.update_metric(from_logits, torch.nn.functional.one_hot(torch.tensor(picks), task.num_classes).float(), batch)
+    assert {k: float(v) for k, v in from_logits.compute().items()} == out
+    assert task.prediction_rows_text(texts, batch) == [
+        {"question_id": e.question_id, "answer": t} for e, t in zip(examples, texts, strict=True)
+    ]
+    # Never right without a label: an unknown string does not match the -1 of an unlabelled example.
+    metric = task.metric()
+    task.update_metric_text(metric, ["magenta"], {**_text_batch(task, examples[:1]), "labels": torch.tensor([-1])})
+    assert int(metric.correct.sum()) == 0 and int(metric.total.sum()) == 1
+    with pytest.raises(TypeError, match="must be strings"):
+        task.update_metric_text(task.metric(), [3], _text_batch(task, examples[:1]))
 
 
 def test_images_show_what_the_questions_say(task: ShapesTask) -> None:

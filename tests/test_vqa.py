@@ -163,6 +163,74 @@ def test_metric_predictions_and_majority(data, tmp_path):
     assert task.majority_accuracy("val2014") == pytest.approx(1 / 6)
 
 
+def _scores(metric) -> dict[str, float]:
+    return {k: v.item() for k, v in metric.compute().items()}
+
+
+def test_generated_vocabulary_answers_score_and_write_as_the_logits_path(data, tmp_path):
+    task = _task(data, tmp_path)
+    assert task.open_ended
+    examples = task.examples("val2014")
+    answers = ["red", "no", "2", "blue", "yes", "1"]
+    logits, batch = _batch(task, examples, answers)
+    from_logits, from_text = task.metric(), task.metric()
+    task.update_metric(from_logits, logits, batch)
+    task.update_metric_text(from_text, answers, batch)
+    # red 1.0, no 0, "2" 0.6 (image 11); blue 1.0, yes 0 (9 "no"), "1" 1.0 (image 12): 3.6 / 6.
+    assert _scores(from_text) == _scores(from_logits) == pytest.approx(
+        {"": 3.6 / 6, "other": 1.0, "yes_no": 0.0, "number": 0.8}
+    )
+    assert task.prediction_rows_text(answers, batch) == task.prediction_rows(logits, batch)
+    with pytest.raises(ValueError, match="5 predicted answers for a batch of 6"):
+        task.update_metric_text(task.metric(), answers[:5], batch)
+
+
+def test_a_generated_answer_outside_the_vocabulary_is_scored_by_the_official_accuracy(tmp_path):
+    root = tmp_path / "vqa"
+    (root / "train2014").mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(root / "train2014" / "COCO_train2014_000000000001.jpg")
+    _write_split(root, "train2014", [("what color?", ["blue"] * 10, "other")], image_id=1)
+    (root / "val2014").mkdir()
+    _write_split(root, "val2014", [
+        ("what color?", ["light blue"] * 3 + ["blue"] * 5 + ["navy"] * 2, "other"),  # mixed: predictions processed
+        ("what color?", ["Light Blue"] * 10, "other"),  # unanimous: predictions only cleaned
+    ], image_id=1)
+    task = VQATask(root, cache_dir=tmp_path / "cache", image_splits={"val2014": "train2014"})
+    assert task.answers == ["blue"]
+    examples = task.examples("val2014")
+    _, batch = _batch(task, examples, ["blue", "blue"])
+    metric = task.metric()
+    # "Light-Blue." -> "-" becomes a space, the period goes, lower case: "light blue", 3 of 10 annotators;
+    # leave-one-out: (3 x 2/3 + 7 x 1) / 10 = 0.9. Against ten "Light Blue" only newline/tab/strip apply:
+    # "light blue" != "Light Blue" -> 0.
+    texts = ["Light-Blue.", "light blue"]
+    task.update_metric_text(metric, texts, batch)
+    assert _scores(metric) == pytest.approx({"": 0.45, "other": 0.45})
+    # The rows hold the raw strings: the evaluator processes them itself.
+    assert task.prediction_rows_text(texts, batch) == [
+        {"question_id": 900000, "answer": "Light-Blue."}, {"question_id": 900001, "answer": "light blue"}
+    ]
+    # "blue" (5 of 10 -> 1.0) as text and as logits alike; " Light Blue\n" cleaned to "Light Blue" -> 1.0.
+    logits, first = _batch(task, examples[:1], ["blue"])
+    from_logits, from_text = task.metric(), task.metric()
+    task.update_metric(from_logits, logits, first)
+    task.update_metric_text(from_text, ["blue"], first)
+    assert _scores(from_text) == _scores(from_logits) == {"": 1.0, "other": 1.0}
+    metric = task.metric()
+    task.update_metric_text(metric, ["blue", " Light Blue\n"], batch)
+    assert _scores(metric) == {"": 1.0, "other": 1.0}
+
+
+def test_generated_answers_on_an_unlabelled_split_are_written_not_scored(data, tmp_path):
+    task = _task(data, tmp_path)
+    (example,) = task.examples("test-dev2015")
+    _, batch = _batch(task, [example], ["red"])
+    metric = task.metric()
+    task.update_metric_text(metric, ["Crimson!"], batch)
+    assert metric.count.sum() == 0
+    assert task.prediction_rows_text(["Crimson!"], batch) == [{"question_id": 21000, "answer": "Crimson!"}]
+
+
 def _write_split(root: Path, split: str, rows: list[tuple[str, list, str]], image_id: int) -> None:
     """One VQAv2-format split: (question, answers, answer type) about one image; answers are strings (each
     with its own answer_id, as in the official files) or ready answer dicts."""
@@ -330,6 +398,7 @@ def test_okvqa_is_the_vqa_loader_with_its_file_names(tmp_path):
     assert (task.name, task.train_split, task.val_split) == ("okvqa", "train2014", "val2014")
     assert task.test_split == "val2014"
     assert task.answer_types == ["other"] and task.top_k == 2000
+    assert task.open_ended  # the LM head generates OK-VQA's answers, scored by the official VQA accuracy
     val = task.examples("val2014")
     assert len(val) == 6 and val[0].image_key == "coco/val2014/11" and val[0].image_path.is_file()
     assert {e.answer_type for e in val} == {"other"}

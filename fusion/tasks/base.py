@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -51,6 +51,10 @@ class VLTask(ABC):
     Subclasses say where their examples are (``examples(split)`` for any split name the data has; the
     splits used for training, validation and testing are attributes set from config) and may override
     the training target, the loss, the metric and the prediction file.
+
+    An open-ended task (:attr:`open_ended`) can also be scored from generated answer strings, one per example
+    (:meth:`update_metric_text`, :meth:`prediction_rows_text`): the same metric object and the same official
+    prediction file as from logits, so a generating head and a classifier are scored alike.
     """
 
     name: str = "task"
@@ -62,6 +66,9 @@ class VLTask(ABC):
     prediction_file: str = "predictions.json"
     # Images per example; every encoder sees each of them and the model tells them apart (image index).
     images_per_example: int = 1
+    open_ended: bool = False
+    """True where the LM head generates the answer rather than ranking the answer list: the task is scored from
+    the generated strings (:meth:`update_metric_text`, :meth:`prediction_rows_text`)."""
 
     @property
     @abstractmethod
@@ -167,6 +174,46 @@ class VLTask(ABC):
             for qid, i in zip(batch["question_ids"], logits.argmax(-1).tolist(), strict=True)
         ]
 
+    def update_metric_text(self, metric: Metric, predictions: Sequence[str], batch: Mapping[str, Any]) -> None:
+        """Feed one batch's generated answers (one string per example) to ``metric`` (made by :meth:`metric`),
+        as :meth:`update_metric` feeds the argmax answers.
+
+        Here: a prediction that equals a vocabulary entry (``self.answers``) character for character (exact,
+        case-sensitive string equality, no stripping or normalisation: the caller passes the decoded answer)
+        counts as that entry, scored against the label as the logits path scores it; any other string is wrong
+        (it never equals a label, -1 included). Tasks whose official metric compares strings otherwise override
+        this (VQA: the official answer processing; GQA: the string itself).
+        """
+        self._check_text_default("update_metric_text", "metric", "update_metric")
+        index: dict[str, int] = {}
+        for i, answer in enumerate(self.answers):
+            index.setdefault(answer, i)
+        labels = batch["labels"]
+        preds = torch.tensor([index.get(p, _NO_ANSWER) for p in text_predictions(predictions, labels.shape[0])],
+                             dtype=torch.long, device=labels.device)
+        metric.update(preds, labels, batch["answer_types"])
+
+    def prediction_rows_text(self, predictions: Sequence[str], batch: Mapping[str, Any]) -> list[dict[str, Any]]:
+        """One row per example of the official prediction file, from one generated answer string per example (as
+        :meth:`prediction_rows` from logits). Here: ``{"question_id": ..., "answer": <the string as given>}``."""
+        self._check_text_default("prediction_rows_text", "prediction_rows")
+        qids = batch["question_ids"]
+        return [
+            {"question_id": qid, "answer": text}
+            for qid, text in zip(qids, text_predictions(predictions, len(qids)), strict=True)
+        ]
+
+    def _check_text_default(self, method: str, *logits_methods: str) -> None:
+        """Refuse the default text scoring for a task that changed the logits path it mirrors (its own metric or
+        prediction format): the default would score or write something else than the task's official one."""
+        changed = [m for m in logits_methods if getattr(type(self), m) is not getattr(VLTask, m)]
+        if changed:
+            raise NotImplementedError(
+                f"task {self.name!r} ({type(self).__name__}) overrides {', '.join(changed)} but not {method}: "
+                "generated answers cannot be scored or written as the task's official metric and prediction file "
+                "do; override it (open-ended tasks) or score the answer list from logits"
+            )
+
     def write_predictions(self, rows: list[dict[str, Any]], path: Path) -> None:
         """Write the rows in the task's official format (a JSON list by default), atomically."""
         write_text(path, json.dumps(rows, indent=1))
@@ -186,6 +233,21 @@ class VLTask(ABC):
             return None
         majority = int(torch.bincount(torch.tensor(train), minlength=self.num_classes).argmax())
         return sum(t == majority for t in target) / len(target)
+
+
+# The class index of a generated answer outside the vocabulary: never a label (unlabelled examples have -1).
+_NO_ANSWER = -2
+
+
+def text_predictions(predictions: Sequence[str], n: int) -> list[str]:
+    """Generated answers as a list, checked: one string per example of a batch of ``n`` examples."""
+    out = list(predictions)
+    if len(out) != n:
+        raise ValueError(f"{len(out)} predicted answers for a batch of {n} examples")
+    bad = next((p for p in out if not isinstance(p, str)), None)
+    if bad is not None:
+        raise TypeError(f"predicted answers must be strings, got {type(bad).__name__} {bad!r}")
+    return out
 
 
 class FileTask(VLTask):

@@ -39,7 +39,7 @@ from torchmetrics import Metric
 from fusion.metrics.gqa import GQAMetric
 from fusion.metrics.gqa_official import GQAQuestion, question_record
 from fusion.tasks.answer_vocab import VocabTask
-from fusion.tasks.base import Example
+from fusion.tasks.base import Example, text_predictions
 from fusion.tasks.formats import DataFormatError, check_pattern, field, read_json
 
 log = logging.getLogger(__name__)
@@ -59,9 +59,13 @@ class GQATask(VocabTask):
     ``answer`` and ``types.structural``; an answer outside the vocabulary has label -1 and counts as wrong.
     Only questions with ``isBalanced`` true (or without the key) are scored, as by the official script; the
     others still train (a questions file of all questions).
+
+    Open-ended: a generated answer string is scored as it is, as the official script compares a prediction
+    (exact string equality, no normalisation), so a string outside the vocabulary scores where it is the answer.
     """
 
     name = "gqa"
+    open_ended = True
 
     def __init__(
         self,
@@ -309,12 +313,26 @@ class GQATask(VocabTask):
     def metric(self) -> Metric:
         return GQAMetric(self._load_vocab(), self.official_questions)
 
+    def _kept(self, question_ids: Sequence[str]) -> list[bool]:
+        """Which questions the metric needs: the scored ones and those their consistency looks at."""
+        return [q in self._scored or q in self._official for q in question_ids]
+
     def update_metric(self, metric: Metric, logits: torch.Tensor, batch: Mapping[str, Any]) -> None:
         """The predictions of the scored questions and of the questions their consistency looks at."""
-        keep = [q in self._scored or q in self._official for q in batch["question_ids"]]
+        keep = self._kept(batch["question_ids"])
         if any(keep):
             qids = [q for q, k in zip(batch["question_ids"], keep, strict=True) if k]
             metric.update(qids, logits.argmax(-1)[torch.tensor(keep, device=logits.device)])
+
+    def update_metric_text(self, metric: Metric, predictions: Sequence[str], batch: Mapping[str, Any]) -> None:
+        """The generated answers (one string per example) of the questions :meth:`update_metric` keeps, scored as
+        the strings they are (:meth:`GQAMetric.update_text <fusion.metrics.gqa.GQAMetric.update_text>`)."""
+        qids = batch["question_ids"]
+        texts = text_predictions(predictions, len(qids))
+        keep = self._kept(qids)
+        if any(keep):
+            metric.update_text([q for q, k in zip(qids, keep, strict=True) if k],
+                               [t for t, k in zip(texts, keep, strict=True) if k])
 
     def prediction_rows(self, logits: torch.Tensor, batch: Mapping[str, Any]) -> list[dict[str, Any]]:
         """The official submission format: ``{"questionId": str, "prediction": str}``."""
@@ -322,6 +340,15 @@ class GQATask(VocabTask):
         return [
             {"questionId": qid, "prediction": vocab[i]}
             for qid, i in zip(batch["question_ids"], logits.argmax(-1).tolist(), strict=True)
+        ]
+
+    def prediction_rows_text(self, predictions: Sequence[str], batch: Mapping[str, Any]) -> list[dict[str, Any]]:
+        """The official submission format, ``{"questionId": str, "prediction": str}``, with the generated string
+        as it is."""
+        qids = batch["question_ids"]
+        return [
+            {"questionId": qid, "prediction": text}
+            for qid, text in zip(qids, text_predictions(predictions, len(qids)), strict=True)
         ]
 
     def majority_accuracy(self, split: str) -> float | None:

@@ -178,9 +178,14 @@ def choose_questions(
 
 
 class ShapesTask(FileTask):
-    """Procedurally generated shapes VQA, seeded and generated on first use under ``root/shapes``."""
+    """Procedurally generated shapes VQA, seeded and generated on first use under ``root/shapes``.
+
+    Open-ended: a generated answer is right when it is exactly the answer (lower-case words and digits, as in
+    :func:`answer_vocabulary`; :meth:`~fusion.tasks.base.VLTask.update_metric_text`).
+    """
 
     name = "shapes"
+    open_ended = True
     splits = ("train", "val", "test")
 
     def __init__(

@@ -23,7 +23,7 @@ from torchmetrics import Metric
 
 from fusion.metrics.vqa import References, VQAAccuracy, clean, normalize_answer
 from fusion.tasks.answer_vocab import VocabTask
-from fusion.tasks.base import Example
+from fusion.tasks.base import Example, text_predictions
 from fusion.tasks.formats import DataFormatError, check_pattern, field, read_json
 
 log = logging.getLogger(__name__)
@@ -57,9 +57,13 @@ class VQATask(VocabTask):
     attention / ViLT). The metric is the official VQA accuracy, overall and per answer type.
     A split other than the train/val splits may
     lack its annotations file (VQAv2 test-dev): its examples have label -1 and no answers.
+
+    Open-ended: a generated answer string is scored by the same official accuracy, processed as the evaluator
+    processes a prediction, so a string outside the vocabulary scores where it matches the human answers.
     """
 
     name = "vqa"
+    open_ended = True
 
     def __init__(
         self,
@@ -324,6 +328,32 @@ class VQATask(VocabTask):
         return [
             {"question_id": int(qid), "answer": vocab[i]}
             for qid, i in zip(batch["question_ids"], logits.argmax(-1).tolist(), strict=True)
+        ]
+
+    def update_metric_text(self, metric: Metric, predictions: Sequence[str], batch: Mapping[str, Any]) -> None:
+        """Score each annotated question's generated answer with the official VQA accuracy
+        (:meth:`References.score <fusion.metrics.vqa.References.score>`: the raw string, cleaned and, where the
+        annotators disagree, processed as the evaluator processes a prediction). A vocabulary entry scores exactly
+        as :meth:`update_metric` scores it."""
+        qids = batch["question_ids"]
+        scores, types = [], []
+        for qid, text, answer_type in zip(
+            qids, text_predictions(predictions, len(qids)), batch["answer_types"].tolist(), strict=True
+        ):
+            references = self._references.get(qid)
+            if references is not None:
+                scores.append(references.score(text))
+                types.append(answer_type)
+        if scores:
+            metric.update(torch.tensor(scores, dtype=torch.float64), torch.tensor(types, dtype=torch.long))
+
+    def prediction_rows_text(self, predictions: Sequence[str], batch: Mapping[str, Any]) -> list[dict[str, Any]]:
+        """The official results format, ``{"question_id": int, "answer": str}``, with the generated string as it is
+        (the evaluator processes it when it scores)."""
+        qids = batch["question_ids"]
+        return [
+            {"question_id": int(qid), "answer": text}
+            for qid, text in zip(qids, text_predictions(predictions, len(qids)), strict=True)
         ]
 
     def majority_accuracy(self, split: str) -> float | None:
