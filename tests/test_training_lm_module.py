@@ -297,3 +297,26 @@ def test_shapes_lm_writes_attention_over_encoders_from_the_lm(trained_lm):
     (csv_file,) = (trained_lm.out / "csv").rglob("metrics.csv")
     columns = csv_file.read_text().splitlines()[0].split(",")
     assert {"test/attn/prompt/layer0/clip_tiny", "test/attn/answer/layer1/dino_tiny"} <= set(columns)
+
+
+def test_answer_words_are_what_the_lm_is_trained_on_and_ranks(parts, monkeypatch):
+    task = parts["task"]
+    with pytest.raises(ValueError, match="closed-set tasks"):
+        _module(parts, answer_words={"red": "crimson"})
+    monkeypatch.setattr(task, "open_ended", False)
+    module = _module(parts, answer_words={"red": "crimson", "square": "box"}).eval()
+    said = dict(zip(task.answers, module.answer_words, strict=True))
+    assert said["red"] == "crimson" and said["square"] == "box" and said["blue"] == "blue"
+    batch = _batch(parts)
+    assert module.answer_strings(batch) == [said[task.answers[i]] for i in batch["labels"].tolist()]
+    with torch.no_grad():
+        fused = module.fused_tokens(batch)
+        expected = module.head.rank_candidates(fused, module.prompts(batch), module.answer_words)
+        metric = task.metric()
+        module.answer(batch, fused, metric)
+    hits = (expected.argmax(-1) == batch["labels"]).float().mean()
+    assert float(metric.compute()[""]) == pytest.approx(float(hits))
+    with pytest.raises(ValueError, match=r"names \['purple-ish'\]"):
+        _module(parts, answer_words={"purple-ish": "x"})
+    with pytest.raises(ValueError, match="the same word"):
+        _module(parts, answer_words={"red": "blue"})

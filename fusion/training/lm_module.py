@@ -45,6 +45,8 @@ class LMLitModule(TaskModule):
     ``fusion`` config's fuser and width are used, its transformer is not (built with depth 0).
     ``max_new_tokens``: the generation budget of open-ended tasks. ``candidate_reduction``: how rank
     classification sums a candidate's token log-probabilities (``"sum"``, or ``"mean"`` per token).
+    ``answer_words``: what the LM says for a closed-set task's answers (e.g. ``{hateful: "yes", not_hateful:
+    "no"}``), the words it is trained on and ranks; answers not named are said as they are.
     """
 
     def __init__(
@@ -52,6 +54,7 @@ class LMLitModule(TaskModule):
         *args: Any,
         max_new_tokens: int = 10,
         candidate_reduction: Literal["sum", "mean"] = "sum",
+        answer_words: Mapping[str, str] | None = None,
         **kwargs: Any,
     ) -> None:
         # Only the fuser's tokens reach the LM: no transformer blocks to build (or to leave without gradients).
@@ -62,6 +65,7 @@ class LMLitModule(TaskModule):
         if candidate_reduction not in ("sum", "mean"):
             raise ValueError(f"training.candidate_reduction must be 'sum' or 'mean', got {candidate_reduction!r}")
         self.max_new_tokens, self.candidate_reduction = int(max_new_tokens), candidate_reduction
+        self.answer_words = self._checked_words(answer_words)
         reserved = sorted(set(self.encoder_names) & set(LM_RESERVED_NAMES))
         if reserved:
             raise ValueError(f"encoder name(s) {reserved} are reserved for token groups with the LM head; rename them")
@@ -78,6 +82,27 @@ class LMLitModule(TaskModule):
             unused += [self.fusion.text_proj, self.fusion.text_type]
         for part in unused:
             part.requires_grad_(False)
+
+    def _checked_words(self, words: Mapping[str, str] | None) -> list[str]:
+        """The word said for each of the task's answers (``answer_words`` checked: the task's answers as keys,
+        distinct words; closed-set tasks only: a generated word could not be mapped back)."""
+        answers = list(self.task.answers)
+        if not words:
+            return answers
+        if self.task.open_ended:
+            raise ValueError(
+                f"training.answer_words is for closed-set tasks; task {self.task.name!r} generates its answers"
+            )
+        unknown = sorted(set(words) - set(answers))
+        if unknown:
+            raise ValueError(
+                f"training.answer_words names {unknown}, not answers of task {self.task.name!r}: {answers}"
+            )
+        said = [str(words.get(a, a)) for a in answers]
+        if len(set(said)) != len(said):
+            pairs = dict(zip(answers, said, strict=True))
+            raise ValueError(f"training.answer_words gives two answers the same word: {pairs}")
+        return said
 
     def build_head(self, head: Callable[..., nn.Module]) -> nn.Module:
         """The LM head on the fuser's token width."""
@@ -119,8 +144,8 @@ class LMLitModule(TaskModule):
         return self.head.prompts([{"question": q} for q in batch["questions"]])
 
     def answer_strings(self, batch: Mapping[str, Any]) -> list[str | None]:
-        """Each example's target answer (the task's answer of its label), None where it has no label."""
-        answers = self.task.answers
+        """Each example's target answer (the word said for its label's answer), None where it has no label."""
+        answers = self.answer_words
         return [answers[i] if i >= 0 else None for i in batch["labels"].tolist()]
 
     def forward(
@@ -159,7 +184,7 @@ class LMLitModule(TaskModule):
             if self.predictions_path is not None:
                 self._prediction_rows.extend(self.task.prediction_rows_text(texts, batch))
             return
-        scores = self.head.rank_candidates(fused, prompts, self.task.answers, self.candidate_reduction)
+        scores = self.head.rank_candidates(fused, prompts, self.answer_words, self.candidate_reduction)
         self.task.update_metric(metric, scores, batch)
         if self.predictions_path is not None:
             self._prediction_rows.extend(self.task.prediction_rows(scores, batch))
