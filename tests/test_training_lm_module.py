@@ -320,3 +320,29 @@ def test_answer_words_are_what_the_lm_is_trained_on_and_ranks(parts, monkeypatch
         _module(parts, answer_words={"purple-ish": "x"})
     with pytest.raises(ValueError, match="the same word"):
         _module(parts, answer_words={"red": "blue"})
+
+
+@pytest.mark.slow
+def test_the_subset_sweep_and_its_study_run_with_the_lm_head_by_one_override(tmp_path):
+    """``+experiment=shapes_subsets training=lm_shapes`` (two subsets, one seed, tiny sizes), then the study."""
+    import json
+    import subprocess
+    import sys
+
+    from entrypoints import ROOT, run
+
+    logs = tmp_path / "logs"
+    small = [arg for arg in LM_FAST if arg not in ("+experiment=shapes_lm", "encoder=[clip_tiny,dino_tiny]")]
+    sweep_args = ["+experiment=shapes_subsets", "training=lm_shapes", "encoder=[clip_tiny],[clip_tiny,dino_tiny]"]
+    proc = run("train.py", [*sweep_args, f"paths.log_dir={logs}", "trainer.max_epochs=1", *small], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    (sweep,) = logs.glob("train/multiruns/*")
+    study = subprocess.run([sys.executable, "-m", "fusion.study", str(sweep)], cwd=ROOT, capture_output=True,
+                           text=True, timeout=600)
+    assert study.returncode == 0, study.stderr[-4000:]
+    jobs = (sweep / "jobs.csv").read_text().splitlines()
+    assert len(jobs) == 3 and all(",LMHead," in row for row in jobs[1:])
+    summary = json.loads((sweep / "summary.json").read_text())
+    assert summary["leaning"]["encoders"] == ["clip_tiny", "dino_tiny"]
+    for name in ("study.md", "agreement.csv", "leaning.csv", "effective_rank.csv", "retrain_vs_mask.png"):
+        assert (sweep / name).is_file(), name

@@ -114,8 +114,10 @@ def leaning(jobs: list[dict[str, Any]]) -> dict[str, Any]:
         "jobs": [{k: j[k] for k in ("job", "seed", "checkpoint", "checkpoint_kind")} for j in jobs],
         "tokens_per_image": first["attention"].get("tokens_per_image"),
         "measures": {
-            "attention_cls": "attention mass from the [CLS] query to the encoder's tokens (mean: layers, heads)",
-            "attention_text": "attention mass from the text queries to the encoder's tokens (mean: layers, heads)",
+            "attention_cls": "attention mass from the [CLS] query (LM head: the first answer token) to the encoder's "
+                             "tokens (mean: layers, heads)",
+            "attention_text": "attention mass from the text queries (LM head: the prompt's) to the encoder's tokens "
+                              "(mean: layers, heads)",
             "drop_when_removed": "metric of the full model minus the model without this encoder (VE-dropout)",
         },
         "by_type": by_type,
@@ -164,14 +166,17 @@ def _job_leaning(attention: dict[str, Any], ablation: dict[str, Any]) -> dict[st
     out: dict[str, dict[str, dict[str, Any]]] = {}
     for t in [ALL, *types]:
         part = attention if t == ALL else attention["by"][t]
+        # The query that gives the answer and the question's queries: [CLS] and text (classifier), or the
+        # first answer token and the prompt (LM head).
+        answer_query, text_query = ("cls", "text") if "cls" in part else ("answer", "prompt")
         key = metric if t == ALL else f"{metric}_{t}"
         out[t] = {}
         for e in encoders:
             without = subsets[subset_name([x for x in encoders if x != e])]
             g = groups.index(e)
             out[t][e] = {
-                "attention_cls": _mean_over_heads(part["cls"], g),
-                "attention_text": _mean_over_heads(part["text"], g),
+                "attention_cls": _mean_over_heads(part[answer_query], g),
+                "attention_text": _mean_over_heads(part[text_query], g),
                 "drop_when_removed": full[key] - without[key] if key in full and key in without else None,
             }
     return out
