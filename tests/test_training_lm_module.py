@@ -257,12 +257,13 @@ LM_FAST = [
 
 @pytest.fixture(scope="module")
 def trained_lm(tmp_path_factory):
-    """One epoch of ``train.py +experiment=shapes_lm`` (tiny sizes), then ``eval.py`` of its checkpoint on test
-    with the prediction file; shared by the end-to-end tests."""
+    """One epoch of ``train.py +experiment=shapes_lm`` (tiny sizes) in bf16 mixed precision (the precision of
+    trainer=gpu; CPU autocast here), then ``eval.py`` of its checkpoint on test with the prediction file; shared
+    by the end-to-end tests."""
     from entrypoints import train_then_eval
 
     tmp = tmp_path_factory.mktemp("shapes_lm")
-    return train_then_eval(LM_FAST, "test", tmp)
+    return train_then_eval([*LM_FAST, "trainer.precision=bf16-mixed"], "test", tmp)
 
 
 def test_shapes_lm_trains_and_evaluates_through_the_entry_points(trained_lm):
@@ -273,6 +274,7 @@ def test_shapes_lm_trains_and_evaluates_through_the_entry_points(trained_lm):
         assert key in metrics, key
     ckpt = torch.load(trained_lm.run / "checkpoints" / "last.ckpt", weights_only=True)
     assert "lm_fingerprint" in ckpt and ckpt["lm_regime"] == "full"
+    assert "bf16" in (trained_lm.run / "config_resolved.yaml").read_text()
     # The tiny LM was written under the data folder on first use and loaded by from_pretrained.
     assert (trained_lm.run.parent / "data" / "lm" / "tiny-llama-shapes" / "config.json").is_file()
     # eval.py reproduces the test metrics of the same checkpoint and writes the official prediction file.
