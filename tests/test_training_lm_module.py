@@ -61,6 +61,19 @@ def _batch(parts, n: int = 3):
     return next(iter(dm.val_dataloader()))
 
 
+def _train_steps(module: LMLitModule, batch: dict, steps: int) -> list[float]:
+    """``steps`` AdamW steps of ``module`` on one batch; the loss before each."""
+    optimizer = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=1e-2)
+    losses = []
+    for _ in range(steps):
+        loss = module.training_step(batch, 0)
+        losses.append(float(loss.detach()))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return losses
+
+
 def test_projector_regime_trains_the_projector_and_fuser_not_the_lm(parts):
     module = _module(parts).train()
     trainable = {n for n, p in module.named_parameters() if p.requires_grad}
@@ -72,14 +85,7 @@ def test_projector_regime_trains_the_projector_and_fuser_not_the_lm(parts):
     assert not any(n.startswith("fusion.blocks") for n, _ in module.named_parameters())
     batch = _batch(parts)
     lm_before = {k: v.clone() for k, v in module.head.lm.state_dict().items()}
-    optimizer = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=1e-2)
-    losses = []
-    for _ in range(8):
-        loss = module.training_step(batch, 0)
-        losses.append(float(loss.detach()))
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+    losses = _train_steps(module, batch, 8)
     assert losses[-1] < losses[0]
     for key, value in module.head.lm.state_dict().items():
         torch.testing.assert_close(value, lm_before[key], rtol=0, atol=0)
@@ -91,14 +97,7 @@ def test_lora_regime_trains_adapters_only(parts, arch):
     trainable = [n for n, p in module.named_parameters() if p.requires_grad and n.startswith("head.lm.")]
     assert trainable and all("lora_" in n for n in trainable)
     batch = _batch(parts)
-    optimizer = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=1e-2)
-    losses = []
-    for _ in range(6):
-        loss = module.training_step(batch, 0)
-        losses.append(float(loss.detach()))
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+    losses = _train_steps(module, batch, 6)
     assert losses[-1] < losses[0]
 
 
