@@ -48,12 +48,24 @@ class RankingTask(Protocol):
 
 
 @dataclass
+class MatchingPairs:
+    """The (image, caption) pairs a training step's matching loss trains on, indices into the batch: ``image_idx``
+    (P,), ``text_idx`` (P,), ``labels`` (P,) long, 1 for the batch's B positive pairs (first), 0 for the hard
+    negatives after them."""
+
+    image_idx: Tensor
+    text_idx: Tensor
+    labels: Tensor
+
+
+@dataclass
 class Gallery:
     """What one evaluation epoch collects; tensors stay on the model's device.
 
     Images: ``image_keys`` (I), ``features[name]`` list of (n, N_e, D_e), ``image_embeds`` list of (n, E).
     Captions: ``caption_ids`` (T), ``caption_image`` (T) index into ``image_keys``, ``text_states`` list of
-    (b, L_b, D_t), ``text_masks`` list of (b, L_b) bool, ``text_embeds`` list of (b, E).
+    (b, L_b, D_t), ``text_masks`` list of (b, L_b) bool, ``text_embeds`` list of (b, E); ``captions`` (T) the
+    raw caption strings (what the LM head's prompt reads), when ``add_texts`` was given them (else empty).
     """
 
     image_keys: list[str] = field(default_factory=list)
@@ -65,6 +77,7 @@ class Gallery:
     text_states: list[Tensor] = field(default_factory=list)
     text_masks: list[Tensor] = field(default_factory=list)
     text_embeds: list[Tensor] = field(default_factory=list)
+    captions: list[str] = field(default_factory=list)
 
     def add_images(self, keys: list[str], features: Mapping[str, Tensor], embeds: Tensor) -> None:
         for key in keys:
@@ -74,7 +87,16 @@ class Gallery:
             self.features.setdefault(name, []).append(f)
         self.image_embeds.append(embeds)
 
-    def add_texts(self, ids: list[str], image_keys: list[str], states: Tensor, mask: Tensor, embeds: Tensor) -> None:
+    def add_texts(
+        self, ids: list[str], image_keys: list[str], states: Tensor, mask: Tensor, embeds: Tensor,
+        texts: Sequence[str] | None = None,
+    ) -> None:
+        if texts is not None and len(texts) != len(ids):
+            raise ValueError(f"{len(texts)} caption texts for {len(ids)} captions")
+        if self.caption_ids and (texts is not None) != bool(self.captions):
+            raise ValueError("a gallery keeps the texts of all its captions or of none")
+        if texts is not None:
+            self.captions.extend(texts)
         self.caption_ids.extend(ids)
         self.caption_image.extend(self.image_index[k] for k in image_keys)
         self.text_states.append(states)
@@ -115,7 +137,7 @@ class Gallery:
                 at = torch.tensor(keep)
                 out.add_texts(
                     [part.caption_ids[t] for t in keep], [part.image_keys[part.caption_image[t]] for t in keep],
-                    states[at], masks[at], text_emb[at],
+                    states[at], masks[at], text_emb[at], [part.captions[t] for t in keep] if part.captions else None,
                 )
         return out
 
@@ -205,23 +227,44 @@ class RetrievalLitModule(FusionBase):
         with torch.autocast(device_type=out.pooled.device.type, enabled=False):
             return self.head(out.pooled.float()), out
 
-    def pair_scorer(self, features: Mapping[str, Tensor], text_states: Tensor, text_mask: Tensor) -> PairScorer:
-        """ITM log-odds (logit match - logit no match) of (text, image) index pairs, in fixed-size chunks."""
+    def pair_scorer(
+        self, features: Mapping[str, Tensor], text_states: Tensor, text_mask: Tensor, captions: Sequence[str] = ()
+    ) -> PairScorer:
+        """ITM log-odds (logit match - logit no match) of (text, image) index pairs, in fixed-size chunks.
+
+        ``captions``: the gallery's raw caption strings, for scorers that read the text itself (the LM head's,
+        :class:`~fusion.retrieval.lm_module.RetrievalLMLitModule`); the fusion model reads ``text_states``.
+        """
+
+        def score(t: Tensor, i: Tensor, length: int) -> Tensor:
+            logits, _ = self.itm_logits(features, i, text_states[:, :length], text_mask[:, :length], t)
+            return logits[:, 1] - logits[:, 0]
+
+        return self.chunked(score, text_mask)
+
+    def chunked(self, score: Callable[[Tensor, Tensor, int], Tensor], text_mask: Tensor) -> PairScorer:
+        """A scorer of (text, image) index pairs that calls ``score(t, i, length)`` on ``rerank_batch_size`` pairs
+        at a time, without gradients; ``length``: the chunk's longest caption (the text columns past it are
+        padding for every caption of the chunk, ``text_mask`` (T, L))."""
 
         @torch.no_grad()
-        def score(t_idx: Tensor, i_idx: Tensor) -> Tensor:
+        def scorer(t_idx: Tensor, i_idx: Tensor) -> Tensor:
             out = []
             for start in range(0, len(t_idx), self.rerank_batch_size):
                 t, i = t_idx[start : start + self.rerank_batch_size], i_idx[start : start + self.rerank_batch_size]
-                length = int(text_mask[t].sum(dim=1).max())  # drop columns that are padding for the whole chunk
-                logits, _ = self.itm_logits(features, i, text_states[:, :length], text_mask[:, :length], t)
-                out.append(logits[:, 1] - logits[:, 0])
-            return torch.cat(out) if out else torch.zeros(0, device=text_states.device)
+                out.append(score(t, i, int(text_mask[t].sum(dim=1).max())))
+            return torch.cat(out) if out else torch.zeros(0, device=text_mask.device)
 
-        return score
+        return scorer
 
     # ---- training ------------------------------------------------------------------------------
-    def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> Tensor:
+    def contrastive_step(
+        self, batch: Mapping[str, Any]
+    ) -> tuple[dict[str, Tensor], Tensor, Tensor, Tensor, MatchingPairs]:
+        """The first stage's part of a training step: the batch's frozen features, text states (B, L, D_t) and
+        mask (B, L), the contrastive loss (ITC), and the pairs the matching loss trains on (each positive pair,
+        one hard negative caption per image and one hard negative image per caption, mined from the first
+        stage's similarities)."""
         features = self.encode_images(batch)
         states = self.text(batch["input_ids"], batch["attention_mask"])
         mask = batch["attention_mask"].bool()
@@ -238,7 +281,12 @@ class RetrievalLitModule(FusionBase):
         image_idx = torch.cat([rows, neg_image[has_image], rows[has_text]])
         text_idx = torch.cat([rows, rows[has_image], neg_text[has_text]])
         labels = (torch.arange(len(image_idx), device=logits.device) < B).long()  # positives first
-        itm_out, _ = self.itm_logits(features, image_idx, states, mask, text_idx)
+        return features, states, mask, itc, MatchingPairs(image_idx, text_idx, labels)
+
+    def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> Tensor:
+        features, states, mask, itc, pairs = self.contrastive_step(batch)
+        B, labels = mask.shape[0], pairs.labels
+        itm_out, _ = self.itm_logits(features, pairs.image_idx, states, mask, pairs.text_idx)
         itm = F.cross_entropy(itm_out, labels)
 
         loss = self.itc_weight * itc + self.itm_weight * itm
@@ -276,12 +324,23 @@ class RetrievalLitModule(FusionBase):
             gallery.add_images([unique[j] for j in new], {n: f[at] for n, f in features.items()}, image_emb[at])
         states = self.text(batch["input_ids"], batch["attention_mask"])
         mask = batch["attention_mask"].bool()
-        gallery.add_texts(list(batch["question_ids"]), keys, states, mask, self.first_stage.embed_text(states, mask))
+        gallery.add_texts(
+            list(batch["question_ids"]), keys, states, mask, self.first_stage.embed_text(states, mask),
+            list(batch["questions"]),
+        )
         if not (self.attention_stats or self.fusion.reports_encoder_weights):
             return None
         # The statistics callbacks describe the matching pairs of the split, as for the other tasks.
         image_idx = torch.tensor([unique.index(k) for k in keys], device=rows.device)
-        text_idx = torch.arange(len(keys), device=rows.device)
+        return self.matching_statistics(batch, features, image_idx, states, mask)
+
+    def matching_statistics(
+        self, batch: Mapping[str, Any], features: Mapping[str, Tensor], image_idx: Tensor, states: Tensor,
+        mask: Tensor,
+    ) -> StepOutput:
+        """What the statistics callbacks read for an evaluation batch's matching pairs (caption b with image
+        ``image_idx[b]`` of ``features``): the fusion model's output, with attentions under ``attention_stats``."""
+        text_idx = torch.arange(len(image_idx), device=image_idx.device)
         _, out = self.itm_logits(features, image_idx, states, mask, text_idx, self.attention_stats)
         return {"fusion": out}
 
@@ -299,7 +358,8 @@ class RetrievalLitModule(FusionBase):
         # The eval steps' precision context (e.g. bf16 autocast): the stored states were made under it.
         plugin = self.trainer.precision_plugin
         with plugin.val_step_context() if stage == "val" else plugin.test_step_context():
-            result = rerank(first, positives, self.rerank_k, self.pair_scorer(features, states, masks), top=TOP)
+            scorer = self.pair_scorer(features, states, masks, gallery.captions)
+            result = rerank(first, positives, self.rerank_k, scorer, top=TOP)
         # The re-ranked recalls (headline), and the first stage's alone: what re-ranking adds.
         first_t2i, first_i2t = pessimistic_rank(first, positives), pessimistic_rank(first.T, positives.T)
         for metric, t2i, i2t, prefix in (
