@@ -17,17 +17,21 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from functools import partial
 from typing import Any, Literal
 
 import torch
 from torch import nn
+from torchmetrics import MeanMetric, Metric
 
 from fusion.fusers.base import FusedTokens
 from fusion.fusers.groups import LM_RESERVED_NAMES
-from fusion.model.lm import LMHead, LMHeadOutput, check_lm_fingerprint, template_fields
+from fusion.model import lm_parts
+from fusion.model.lm import LMHead, LMHeadOutput, LMInputs, check_lm_fingerprint, format_prompt, template_fields
 from fusion.model.transformer import FusionModel
-from fusion.training.module import Stage, TaskModule, annotated_count
+from fusion.monitoring.attention_stats import LMAttentionOverEncoders
+from fusion.training.module import ScoredBatch, Stage, TaskModule, annotated_count
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +39,20 @@ HEAD_PREFIX = "head."
 # The example fields a prompt template may use (the collated batch's raw text).
 PROMPT_FIELDS = ("question",)
 LMStepOutput = dict[str, Any]  # {"lm": LMHeadOutput | None, "fused": FusedTokens}, read by the statistics callbacks
+# The attribute names of a decoder layer's self-attention, and of that attention's output projection, across
+# the transformers architectures (Llama/Qwen2/Mistral: self_attn.o_proj; GPT-2: attn.c_proj; others dense/out_proj).
+ATTENTION_NAMES = ("self_attn", "attn", "attention", "self_attention")
+OUT_PROJ_NAMES = ("o_proj", "c_proj", "out_proj", "dense")
+
+
+@dataclass
+class LMLayer:
+    """One decoder layer of the LM: the layer, its self-attention and that attention's output projection (its
+    input holds the heads' outputs side by side, ``heads x head_dim``)."""
+
+    layer: nn.Module
+    attention: nn.Module
+    out_proj: nn.Module
 
 
 class LMLitModule(TaskModule):
@@ -174,27 +192,148 @@ class LMLitModule(TaskModule):
         return out.loss
 
     # ---- evaluation ----------------------------------------------------------------------------
-    def answer(self, batch: Mapping[str, Any], fused: FusedTokens, metric: Any) -> None:
-        """Answer every example and feed ``metric`` (and eval.py's prediction rows): generation for open-ended
-        tasks, rank classification over the task's answers otherwise."""
+    def predict(self, batch: Mapping[str, Any], fused: FusedTokens) -> tuple[list[str], torch.Tensor | None]:
+        """Each example's answer string (generated; or the task's answer whose word ranks first) and, for
+        closed-set tasks, the ``(B, C)`` rank-classification log-likelihoods of the task's answers (their
+        ``answer_words``; None where the answer is generated)."""
         prompts = self.prompts(batch)
         if self.task.open_ended:
-            texts = self.head.generate(fused, prompts, self.max_new_tokens)
+            return self.head.generate(fused, prompts, self.max_new_tokens), None
+        scores = self.head.rank_candidates(fused, prompts, self.answer_words, self.candidate_reduction)
+        answers = self.task.answers
+        return [answers[i] for i in scores.argmax(-1).tolist()], scores
+
+    def answer(
+        self, batch: Mapping[str, Any], fused: FusedTokens, metric: Any
+    ) -> tuple[list[str], torch.Tensor | None]:
+        """Answer every example and feed ``metric`` (and eval.py's prediction rows): generation for open-ended
+        tasks, rank classification over the task's answers otherwise. Returns :meth:`predict`'s answers and
+        scores."""
+        texts, scores = self.predict(batch, fused)
+        if scores is None:
             self.task.update_metric_text(metric, texts, batch)
             if self.predictions_path is not None:
                 self._prediction_rows.extend(self.task.prediction_rows_text(texts, batch))
-            return
-        scores = self.head.rank_candidates(fused, prompts, self.answer_words, self.candidate_reduction)
-        self.task.update_metric(metric, scores, batch)
-        if self.predictions_path is not None:
-            self._prediction_rows.extend(self.task.prediction_rows(scores, batch))
+        else:
+            self.task.update_metric(metric, scores, batch)
+            if self.predictions_path is not None:
+                self._prediction_rows.extend(self.task.prediction_rows(scores, batch))
+        return texts, scores
+
+    def score_answers(
+        self, batch: Mapping[str, Any], metric: Metric, loss_mean: MeanMetric, output_attentions: bool = False
+    ) -> ScoredBatch:
+        """The evaluation step: the teacher-forced pass over the labelled rows (its loss into ``loss_mean``,
+        weighted by the annotated examples), then every example answered into ``metric`` (:meth:`answer`)."""
+        out, fused = self(batch, output_attentions=output_attentions)
+        if out is not None and out.loss is not None:
+            loss_mean.update(out.loss.detach().float(), weight=annotated_count(batch))
+        texts, scores = self.answer(batch, fused, metric)
+        labelled = [i for i, a in enumerate(self.answer_strings(batch)) if a is not None]
+        rows = None if len(labelled) == len(texts) else torch.tensor(labelled, dtype=torch.long, device=self.device)
+        return ScoredBatch(texts, scores, out, rows, fused)
 
     def eval_step(self, batch: Mapping[str, Any], stage: Stage) -> LMStepOutput:
-        out, fused = self(batch, output_attentions=self.attention_stats)
-        if out is not None and out.loss is not None:
-            self.eval_loss[stage].update(out.loss.detach().float(), weight=annotated_count(batch))
-        self.answer(batch, fused, self.metrics[stage])
-        return {"lm": out, "fused": fused}
+        scored = self.score_answers(batch, self.metrics[stage], self.eval_loss[stage], self.attention_stats)
+        return {"lm": scored.out, "fused": scored.fused}
+
+    # ---- what the analysis modes read (fusion.analysis) --------------------------------------------
+    def attention_statistics(self) -> LMAttentionOverEncoders:
+        layers, heads = self.lm_attention_shape
+        return LMAttentionOverEncoders(self.encoder_names, layers, heads, mixed=self.mixes_encoders).to(self.device)
+
+    def update_attention_statistics(
+        self, stats: Metric, scored: ScoredBatch, rows: torch.Tensor | None = None
+    ) -> None:
+        """The teacher-forced pass's attention (its prompt queries and first answer query) over the labelled
+        rows; a batch without any adds nothing."""
+        out: LMHeadOutput | None = scored.out
+        if out is None:
+            return
+        if out.attentions is None:
+            raise ValueError("no attention read-out: score the batch with output_attentions=True")
+        attentions, groups = list(out.attentions), out.inputs.groups
+        if rows is not None:
+            keep = rows if scored.rows is None else rows[scored.rows]  # the out rows among the wanted batch rows
+            if not bool(keep.any()):
+                return
+            attentions, groups = [a[keep] for a in attentions], groups[keep]
+        stats.update(attentions, groups)
+
+    def prompt_pass(
+        self, batch: Mapping[str, Any], output_attentions: bool = False, output_hidden_states: bool = False
+    ) -> tuple[LMHeadOutput, FusedTokens]:
+        """The LM over every example's visual tokens and prompt, without an answer (what generation's first step
+        reads): ``hidden_states`` (embeddings, then each layer's output, the last one after the LM's final norm)
+        and ``attentions`` as asked; ``logits`` of the last position only."""
+        fused = self.fused_tokens(batch)
+        inputs = self.head.build_inputs(fused, self.prompts(batch))
+        out = self.head.run_lm(inputs, output_attentions, output_hidden_states, logits_to_keep=1)
+        return LMHeadOutput(out.logits, inputs, None, out.attentions, out.hidden_states), fused
+
+    def question_token_counts(self, questions: Sequence[str]) -> list[int]:
+        """How many of its prompt's LM tokens each question takes: the prompt's tokens whose characters overlap
+        the question's (at its first place in the template; 0 for a template without ``{question}``)."""
+        template = self.head.prompt_template
+        prompts = self.head.prompts([{"question": q} for q in questions])
+        encoded = self.head.tokenizer(prompts, add_special_tokens=False, return_offsets_mapping=True)
+        prefix = format_prompt(template.split("{question}", 1)[0], {}) if "{question}" in template else None
+        counts = []
+        for question, prompt, offsets in zip(questions, prompts, encoded["offset_mapping"], strict=True):
+            start = -1 if prefix is None or not question else prompt.find(question, len(prefix))
+            end = start + len(question)
+            counts.append(0 if start < 0 else sum(1 for a, b in offsets if a < end and b > start))
+        return counts
+
+    def answer_probability(
+        self, fused: FusedTokens, prompts: Sequence[str], answers: Sequence[str]
+    ) -> tuple[torch.Tensor, LMInputs, torch.Tensor]:
+        """``(B,)`` the probability of one answer per example, as the task's answers are scored: for open-ended
+        tasks that of its tokens (+ EOS) under teacher forcing, the exponentiated log-likelihood; for closed-set
+        tasks (``answers``: entries of ``task.answers``) its share of the softmax over rank classification's
+        log-likelihoods of every answer of the task (their ``answer_words``).
+        Also the pass's LM inputs (B rows; ``B * C`` for closed-set tasks, each example's C candidates in a row)
+        and ``example`` (rows,) long, the example of each row."""
+        B = len(prompts)
+        if self.task.open_ended:
+            out = self.head(fused, prompts, list(answers))
+            assert out.inputs.labels is not None
+            logp = lm_parts.sequence_logprob(out.logits, out.inputs.labels, "sum")
+            return logp.exp(), out.inputs, torch.arange(B, device=logp.device)
+        task_answers, candidates = list(self.task.answers), self.answer_words
+        unknown = [a for a in answers if a not in task_answers]
+        if unknown:
+            raise ValueError(f"answers {unknown[:5]} are not answers of task {self.task.name!r}")
+        C = len(candidates)
+        repeated = FusedTokens(
+            tokens=fused.tokens.repeat_interleave(C, 0), token_encoder=fused.token_encoder,
+            visible=fused.visible.repeat_interleave(C, 0),
+        )
+        out = self.head(repeated, [p for p in prompts for _ in range(C)], list(candidates) * B)
+        assert out.inputs.labels is not None
+        scores = lm_parts.sequence_logprob(out.logits, out.inputs.labels, self.candidate_reduction).view(B, C)
+        index = torch.tensor([task_answers.index(a) for a in answers], device=scores.device)
+        probs = scores.float().softmax(-1).gather(1, index[:, None]).squeeze(1)
+        return probs, out.inputs, torch.arange(B, device=scores.device).repeat_interleave(C)
+
+    def lm_layers(self) -> list[LMLayer]:
+        """The LM's decoder layers in order, each with its self-attention and output projection."""
+        lm = self.head.base_lm
+        count = int(lm.config.get_text_config().num_hidden_layers)
+        stack = next((m for m in lm.modules() if isinstance(m, nn.ModuleList) and len(m) == count), None)
+        if stack is None:
+            raise ValueError(f"cannot find the {count} decoder layers of {type(lm).__name__}")
+        layers = []
+        for i, layer in enumerate(stack):
+            attention = next((getattr(layer, n) for n in ATTENTION_NAMES if hasattr(layer, n)), None)
+            proj = next((getattr(attention, n) for n in OUT_PROJ_NAMES if hasattr(attention, n)), None)
+            if attention is None or proj is None:
+                raise ValueError(
+                    f"decoder layer {i} of {type(lm).__name__} ({type(layer).__name__}) has no self-attention "
+                    f"({'/'.join(ATTENTION_NAMES)}) with an output projection ({'/'.join(OUT_PROJ_NAMES)})"
+                )
+            layers.append(LMLayer(layer, attention, proj))
+        return layers
 
     # ---- checkpoints ---------------------------------------------------------------------------
     def frozen_head_keys(self) -> list[str]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any, Literal
@@ -27,6 +28,7 @@ from fusion.encoders.vision import VisionEncoder
 from fusion.model.dropout import EncoderDropout
 from fusion.model.heads import ClassifierHead
 from fusion.model.transformer import FusionModel, FusionOutput
+from fusion.monitoring.attention_stats import AttentionOverEncoders
 from fusion.monitoring.callbacks import AttentionStatsCallback, FuserWeightsCallback
 from fusion.options import number
 from fusion.tasks.base import VLTask
@@ -319,10 +321,57 @@ class FusionBase(pl.LightningModule, ABC):
             "answer_vocab_*.json of the training run>)"
         )
 
+
+@dataclass
+class ScoredBatch:
+    """One batch scored as evaluation scores it (:meth:`TaskModule.score_answers`): what the analysis modes read.
+
+    ``answers``: each example's answer as a string (the classifier's argmax entry of ``task.answers``; the LM
+    head's generated string, or its best-ranked entry of ``task.answers``). ``logits`` (B, C): the scores over
+    ``task.answers`` where the head ranks them (the classifier's logits, the LM head's rank-classification
+    log-likelihoods), None where the LM head generates. ``out``: the forward pass's output, with the attention
+    read-out when asked for (:class:`~fusion.model.transformer.FusionOutput`; the LM head's teacher-forced
+    :class:`~fusion.model.lm.LMHeadOutput`, None without a labelled example); ``rows`` (R,) long: the batch rows
+    ``out`` holds, in order (None: every row; the LM head's pass covers the labelled ones); ``fused``: the LM
+    head's visual tokens (None for the classifier).
+    """
+
+    answers: list[str]
+    logits: torch.Tensor | None
+    out: Any
+    rows: torch.Tensor | None = None
+    fused: Any = None
+
+
 class TaskModule(FusionBase):
     """A module that answers the task's questions, scored by the task's official metric: the classifier
     (:class:`FusionLitModule`) and the LM head (:class:`fusion.training.lm_module.LMLitModule`). Owns the
-    evaluation loss, the prediction rows eval.py asks for, and the end of an evaluation epoch."""
+    evaluation loss, the prediction rows eval.py asks for, and the end of an evaluation epoch.
+
+    What the analysis modes (:mod:`fusion.analysis`) call, so that they run on either head:
+    :meth:`score_answers` (one evaluation batch, the numbers eval.py gives), :meth:`attention_statistics` and
+    :meth:`update_attention_statistics` (the head's own attention-over-encoder statistic).
+    """
+
+    @abstractmethod
+    def score_answers(
+        self, batch: Mapping[str, Any], metric: Metric, loss_mean: MeanMetric, output_attentions: bool = False
+    ) -> ScoredBatch:
+        """Answer one batch as the evaluation step does, feeding the task ``metric`` and the mean loss
+        ``loss_mean`` (weighted by the batch's annotated examples)."""
+
+    @abstractmethod
+    def attention_statistics(self) -> Metric:
+        """A fresh attention-over-encoder statistic of this head (``group_names``, ``query_kinds``, ``compute()``
+        ``(Q, L, H, G)``): :class:`~fusion.monitoring.attention_stats.AttentionOverEncoders` over the fusion
+        transformer, :class:`~fusion.monitoring.attention_stats.LMAttentionOverEncoders` over the LM's layers."""
+
+    @abstractmethod
+    def update_attention_statistics(
+        self, stats: Metric, scored: ScoredBatch, rows: torch.Tensor | None = None
+    ) -> None:
+        """Add ``scored``'s attention read-out (``score_answers(..., output_attentions=True)``) to ``stats``;
+        ``rows`` (B,) bool: only those rows of the batch (None: all)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -412,6 +461,30 @@ class FusionLitModule(TaskModule):
         self.task.update_metric(metric, logits, batch)
         loss_mean.update(self.task.loss(logits, batch).detach().float(), weight=annotated_count(batch))
         return logits, out
+
+    def score_answers(
+        self, batch: Mapping[str, Any], metric: Metric, loss_mean: MeanMetric, output_attentions: bool = False
+    ) -> ScoredBatch:
+        """:meth:`score_batch`, with each example's answer (the argmax entry of ``task.answers``)."""
+        logits, out = self.score_batch(batch, metric, loss_mean, output_attentions=output_attentions)
+        answers = self.task.answers
+        return ScoredBatch([answers[i] for i in logits.argmax(-1).tolist()], logits, out)
+
+    def attention_statistics(self) -> AttentionOverEncoders:
+        fusion = self.fusion
+        stats = AttentionOverEncoders(self.encoder_names, fusion.depth, fusion.num_heads, mixed=fusion.mixes_encoders)
+        return stats.to(self.device)
+
+    def update_attention_statistics(
+        self, stats: Metric, scored: ScoredBatch, rows: torch.Tensor | None = None
+    ) -> None:
+        out: FusionOutput = scored.out
+        if out.attentions is None:
+            raise ValueError("no attention read-out: score the batch with output_attentions=True")
+        if rows is None:
+            stats.update(out.attentions, out.key_groups, out.text_query_mask)
+        else:
+            stats.update([a[rows] for a in out.attentions], out.key_groups, out.text_query_mask[rows])
 
     def eval_step(self, batch: Mapping[str, Any], stage: Stage) -> StepOutput:
         logits, out = self.score_batch(batch, self.metrics[stage], self.eval_loss[stage], self.attention_stats)
