@@ -32,6 +32,13 @@ Corruptions (``analysis.causal_trace.corrupt``):
   and the question unchanged).
 
 Pairs whose corruption lowers the score by less than ``min_effect`` are left out (nothing to recover).
+
+With the LM head (``training=lm``, :func:`lm_causal_trace`) the same pairs are traced through the LM's decoder
+layers: the score is the probability of the clean run's answer (its tokens + EOS under teacher forcing; for a
+closed-set task its share of the rank-classification softmax), positions are the LM's (``[BOS]``, visual
+tokens, ``prompt <i>``, ``answer <i>``; each row left-padded, so a position is found per row), heads are
+restored at the input of each attention's output projection, and the same three exactness checks hold. A text
+pair is traced only when the corrupted question gives the LM the same layout (as many LM tokens).
 """
 
 from __future__ import annotations
@@ -45,6 +52,7 @@ from omegaconf import DictConfig
 
 from fusion.analysis.common import AnalysisContext, Batch, new_report, open_analysis
 from fusion.analysis.pairs import Corrupter, make_pairs, select
+from fusion.fusers.groups import ANSWER_GROUP, MIXED_GROUP, PAD_GROUP
 from fusion.model.transformer import CLS_GROUP, TEXT_GROUP
 
 
@@ -158,6 +166,8 @@ def position_labels(key_groups: torch.Tensor, encoder_names: Sequence[str], num_
 
 def causal_trace(ctx: AnalysisContext) -> dict[str, Any]:
     """Trace every pair, write the report, return the results."""
+    if ctx.lm:
+        return lm_causal_trace(ctx)
     model, fusion = ctx.model, ctx.model.fusion
     max_pairs = int(ctx.settings.get("max_pairs", 64))
     min_effect = float(ctx.settings.get("min_effect", 0.02))
@@ -240,16 +250,268 @@ def causal_trace(ctx: AnalysisContext) -> dict[str, Any]:
                               "corrupted_score": float(s_corr[i])})
     finally:
         patcher.close()
+    return _finish(ctx, pairs, candidates, changed, min_effect, clean_sum, corrupt_sum,
+                   (layer_all, layer_none, layer_attn), exact, pos_sum, head_sum)
+
+
+def _finish(ctx: AnalysisContext, pairs: list[dict], candidates: int, changed: int, min_effect: float,
+            clean_sum: float, corrupt_sum: float, layer_sums: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+            exact: dict[str, bool], pos_sum: dict[str, torch.Tensor], head_sum: torch.Tensor) -> dict[str, Any]:
+    """Means over the traced pairs (refused without any), then the report."""
     n = len(pairs)
     if n == 0:
         raise ValueError(f"no pair found whose corruption lowers the clean answer's score by more than min_effect="
                          f"{min_effect}: {candidates} candidate pairs, the model's answer changed on {changed}; "
                          "lower analysis.causal_trace.min_effect (e.g. 0, or -1 for every pair) or check "
                          "analysis.causal_trace.corrupt / pairs / swaps")
+    layer_all, layer_none, layer_attn = layer_sums
     restored = {"all": (layer_all / n).tolist(), "none": (layer_none / n).tolist(), "attn": (layer_attn / n).tolist()}
     counts = {"candidate_pairs": candidates, "answer_changed": changed,
               "answer_changed_share": changed / candidates if candidates else 0.0}
     return _report(ctx, pairs, clean_sum / n, corrupt_sum / n, restored, exact, pos_sum, head_sum / n, counts)
+
+
+# ---- the LM head --------------------------------------------------------------------------------------
+
+BOS_LABEL = "[BOS]"
+
+
+class LMPatcher:
+    """Forward hooks on the LM's decoder layers (:meth:`LMLitModule.lm_layers
+    <fusion.training.lm_module.LMLitModule.lm_layers>`) that record the clean run's states and write them into
+    the corrupted run; what :class:`Patcher` does for the fusion transformer's blocks.
+
+    ``action``: ``("positions", l, cols)`` restores layer ``l``'s output at column ``cols[r]`` of each row ``r``
+    (``cols`` (rows,) long, -1: none of that row; None: every position of every row), ``("heads", l, [h, ...])``
+    those heads of layer ``l`` at every position (the output projection's input, heads side by side),
+    ``("attn", l, None)`` layer ``l``'s whole self-attention output. The LM's rows are left-padded per sample,
+    so one labelled position sits in another column in each row.
+    """
+
+    def __init__(self, ctx: AnalysisContext) -> None:
+        self.layers = ctx.model.lm_layers()
+        self.num_heads = ctx.model.lm_attention_shape[1]
+        n = len(self.layers)
+        self.clean_out: list[torch.Tensor | None] = [None] * n
+        self.clean_heads: list[torch.Tensor | None] = [None] * n
+        self.clean_attn: list[torch.Tensor | None] = [None] * n
+        self.recording = False
+        self.action: tuple[str, int, Any] | None = None
+        self.handles = []
+        for i, part in enumerate(self.layers):
+            self.handles.append(part.layer.register_forward_hook(self._layer_hook(i)))
+            self.handles.append(part.out_proj.register_forward_pre_hook(self._head_hook(i)))
+            self.handles.append(part.attention.register_forward_hook(self._attn_hook(i)))
+
+    def _armed(self, kind: str, layer: int) -> bool:
+        return self.action is not None and self.action[0] == kind and self.action[1] == layer
+
+    def _layer_hook(self, layer: int) -> Callable:
+        def hook(module: Any, args: Any, out: Any) -> Any:
+            x = out[0] if isinstance(out, tuple) else out
+            if self.recording:
+                self.clean_out[layer] = x.detach().clone()
+                return None
+            if not self._armed("positions", layer):
+                return None
+            clean, cols = self.clean_out[layer], self.action[2]
+            if cols is None:
+                x = clean.clone()
+            else:
+                x = x.clone()
+                rows = (cols >= 0).nonzero().flatten()
+                x[rows, cols[rows]] = clean[rows, cols[rows]]
+            return (x, *out[1:]) if isinstance(out, tuple) else x
+
+        return hook
+
+    def _head_hook(self, layer: int) -> Callable:
+        def hook(module: Any, args: tuple[Any, ...]) -> Any:
+            x = args[0]
+            if self.recording:
+                self.clean_heads[layer] = x.detach().clone()
+            elif self._armed("heads", layer):
+                x = x.clone()
+                dim = x.shape[-1] // self.num_heads
+                for head in self.action[2]:
+                    x[..., head * dim : (head + 1) * dim] = self.clean_heads[layer][..., head * dim : (head + 1) * dim]
+                return (x, *args[1:])
+            return None
+
+        return hook
+
+    def _attn_hook(self, layer: int) -> Callable:
+        def hook(module: Any, args: Any, out: Any) -> Any:
+            x = out[0] if isinstance(out, tuple) else out
+            if self.recording:
+                self.clean_attn[layer] = x.detach().clone()
+            elif self._armed("attn", layer):
+                x = self.clean_attn[layer].clone()
+                return (x, *out[1:]) if isinstance(out, tuple) else x
+            return None
+
+        return hook
+
+    def close(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
+def lm_position_labels(groups: torch.Tensor, encoder_names: Sequence[str], num_images: int = 1) -> dict[str, int]:
+    """One LM row's positions by label -> column: ``[BOS]``, each visual token ``<encoder>[<i>]`` (``fused[<i>]``;
+    ``img<k> `` before it with ``num_images`` > 1), ``prompt <i>``, ``answer <i>``; padding has none. ``groups``
+    (S,): the row's group ids (``LMInputs.groups``)."""
+    row = groups.tolist()
+    visual_total = sum(g >= 0 or g == MIXED_GROUP for g in row)
+    per_image = max(visual_total // num_images, 1)
+    labels: dict[str, int] = {}
+    counts: Counter = Counter()
+    visual = 0
+    for col, g in enumerate(row):
+        if g == PAD_GROUP:
+            continue
+        if g == CLS_GROUP:
+            label = BOS_LABEL
+        elif g in (TEXT_GROUP, ANSWER_GROUP):
+            kind = "prompt" if g == TEXT_GROUP else "answer"
+            label = f"{kind} {counts[kind]}"
+            counts[kind] += 1
+        else:
+            name, image = (encoder_names[g] if g >= 0 else "fused"), visual // per_image
+            visual += 1
+            label = f"img{image} " * (num_images > 1) + f"{name}[{counts[image, name]}]"
+            counts[image, name] += 1
+        labels[label] = col
+    return labels
+
+
+def _lm_order(labels: Sequence[str], encoder_names: Sequence[str]) -> list[str]:
+    """The LM's sequence order: [BOS], each encoder's (and fused) tokens image by image, prompt, answer."""
+    groups = [*encoder_names, "fused"]
+
+    def key(label: str) -> tuple[int, int, int]:
+        if label == BOS_LABEL:
+            return 0, 0, 0
+        kind, _, index = label.rpartition(" ")
+        if kind in ("prompt", "answer"):
+            return (1000 if kind == "prompt" else 1001), 0, int(index)
+        image, _, token = label.rpartition(" ")
+        name, number = token[:-1].split("[")
+        return 1 + (int(image[3:]) if image else 0), groups.index(name), int(number)
+
+    return sorted(labels, key=key)
+
+
+def lm_causal_trace(ctx: AnalysisContext) -> dict[str, Any]:
+    """Causal tracing inside the LM head: the same pairs, the LM's decoder layers patched.
+
+    Score = the probability of the clean run's answer (:meth:`LMLitModule.answer_probability
+    <fusion.training.lm_module.LMLitModule.answer_probability>`: its tokens + EOS under teacher forcing for
+    open-ended tasks, its share of the rank-classification softmax for closed-set ones). Positions are the LM's
+    (``[BOS]``, visual tokens, ``prompt <i>``, ``answer <i>``: the answer tokens are teacher-forced, the same in
+    both runs), patched per row at that row's column (left padding); a pair is kept only where the corrupted
+    input gives the LM the same layout (the question's LM token count unchanged)."""
+    model = ctx.model
+    max_pairs = int(ctx.settings.get("max_pairs", 64))
+    min_effect = float(ctx.settings.get("min_effect", 0.02))
+    layers, heads = model.lm_attention_shape
+    num_images = ctx.task.images_per_example
+    patcher = LMPatcher(ctx)
+    pos_sum: dict[str, torch.Tensor] = {}
+    head_sum = torch.zeros(layers, heads, dtype=torch.float64)
+    layer_all = torch.zeros(layers, dtype=torch.float64)
+    layer_none = torch.zeros(layers, dtype=torch.float64)
+    layer_attn = torch.zeros(layers, dtype=torch.float64)
+    exact = {"all": True, "none": True, "heads": True}
+    clean_sum = corrupt_sum = 0.0
+    pairs: list[dict[str, Any]] = []
+    questions = {e.question_id: e.question for e in ctx.task.examples(ctx.split)}
+    corrupter = Corrupter(ctx) if str(ctx.settings.get("corrupt", "text")) == "text" else None
+    candidates = changed = 0
+
+    def probability(batch: Batch, fused: Any, answers: list[str]) -> tuple[torch.Tensor, Any, torch.Tensor]:
+        return model.answer_probability(fused, model.prompts(batch), answers)
+
+    def per_example(values: torch.Tensor, example: torch.Tensor, size: int) -> torch.Tensor:
+        """(rows,) bool -> (size,) bool: any row of the example."""
+        counts = torch.zeros(size, device=values.device).index_add_(0, example, values.float())
+        return counts > 0
+
+    try:
+        for batch in ctx.batches():
+            if len(pairs) >= max_pairs:
+                break
+            clean, corrupted, rows = make_pairs(ctx, batch, corrupter)
+            answers: list[str] = []
+            if bool(rows.any()):
+                fused_clean, fused_corr = model.fused_tokens(clean), model.fused_tokens(corrupted)
+                answers, _ = model.predict(clean, fused_clean)
+                answers_corr, _ = model.predict(corrupted, fused_corr)
+                s_clean, inputs_clean, example = probability(clean, fused_clean, answers)
+                s_corr, inputs_corr, _ = probability(corrupted, fused_corr, answers)
+                size = len(answers)
+                # The same layout for the LM in both runs (positions line up): every row of the pair.
+                differs = (inputs_clean.groups != inputs_corr.groups).any(1)
+                rows &= ~per_example(differs, example, size)
+                candidates += int(rows.sum())
+                moved = torch.tensor([a != b for a, b in zip(answers, answers_corr, strict=True)], device=rows.device)
+                changed += int((rows & moved).sum())
+                rows &= (s_clean - s_corr) > min_effect
+            rows = rows.nonzero().flatten()[: max_pairs - len(pairs)]
+            if len(rows) == 0:
+                continue
+            clean, corrupted = select(clean, rows), select(corrupted, rows)
+            answer = [answers[i] for i in rows.tolist()]
+            fused_clean, fused_corr = model.fused_tokens(clean), model.fused_tokens(corrupted)
+            # Clean run on exactly these rows (the batch shape of the patched runs): recorded states.
+            patcher.recording = True
+            s_clean, inputs, example = probability(clean, fused_clean, answer)
+            patcher.recording = False
+            s_corr, inputs_corr, _ = probability(corrupted, fused_corr, answer)
+            assert torch.equal(inputs.groups, inputs_corr.groups)
+            size = len(answer)
+            columns = [lm_position_labels(g, ctx.encoder_names, num_images) for g in inputs.groups]
+            labels = list(dict.fromkeys(label for row in columns for label in row))
+            for layer in range(layers):
+                patcher.action = ("positions", layer, None)
+                restored, _, _ = probability(corrupted, fused_corr, answer)
+                exact["all"] &= bool(torch.equal(restored, s_clean))
+                layer_all[layer] += float(restored.sum())
+                none = torch.full((len(columns),), -1, dtype=torch.long, device=inputs.groups.device)
+                patcher.action = ("positions", layer, none)
+                restored, _, _ = probability(corrupted, fused_corr, answer)
+                exact["none"] &= bool(torch.equal(restored, s_corr))
+                layer_none[layer] += float(restored.sum())
+                for label in labels:
+                    cols = torch.tensor([row.get(label, -1) for row in columns], device=none.device)
+                    patcher.action = ("positions", layer, cols)
+                    s, _, _ = probability(corrupted, fused_corr, answer)
+                    real = per_example(cols >= 0, example, size).double()
+                    sums = pos_sum.setdefault(label, torch.zeros(4, layers, dtype=torch.float64))
+                    sums[:, layer] += (torch.stack([s, s_clean, s_corr, torch.ones_like(s)]).double() @ real).cpu()
+                for h in range(heads):
+                    patcher.action = ("heads", layer, [h])
+                    s, _, _ = probability(corrupted, fused_corr, answer)
+                    head_sum[layer, h] += float(s.sum())
+                patcher.action = ("attn", layer, None)
+                s_attn, _, _ = probability(corrupted, fused_corr, answer)
+                layer_attn[layer] += float(s_attn.sum())
+                patcher.action = ("heads", layer, range(heads))
+                s, _, _ = probability(corrupted, fused_corr, answer)
+                exact["heads"] &= bool(torch.equal(s, s_attn))
+                patcher.action = None
+            clean_sum += float(s_clean.sum())
+            corrupt_sum += float(s_corr.sum())
+            for i, qid in enumerate(clean["question_ids"]):
+                pair = {"question_id": qid, "question": questions[qid]}
+                if corrupter is not None:
+                    pair["corrupted_question"] = corrupter(qid)
+                pairs.append({**pair, "answer": answer[i], "clean_score": float(s_clean[i]),
+                              "corrupted_score": float(s_corr[i])})
+    finally:
+        patcher.close()
+    return _finish(ctx, pairs, candidates, changed, min_effect, clean_sum, corrupt_sum,
+                   (layer_all, layer_none, layer_attn), exact, pos_sum, head_sum)
 
 
 def _order(labels: Sequence[str], encoder_names: Sequence[str]) -> list[str]:
@@ -295,7 +557,7 @@ def _report(ctx: AnalysisContext, pairs: list[dict], clean: float, corrupted: fl
             exact: dict[str, bool], pos_sum: dict[str, torch.Tensor], heads: torch.Tensor,
             counts: dict[str, Any]) -> dict[str, Any]:
     layers = heads.shape[0]
-    labels = _order(list(pos_sum), ctx.encoder_names)
+    labels = (_lm_order if ctx.lm else _order)(list(pos_sum), ctx.encoder_names)
     sums = torch.stack([pos_sum[k] for k in labels], 2)  # (4, layers, positions): patched, clean, corrupted, n
     # Means and recovery over the pairs that have the position (a late text position exists in long questions
     # only); undefined (NaN) where no traced pair has it.

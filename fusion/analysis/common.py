@@ -2,11 +2,13 @@
 
 An analysis runs on the model :func:`fusion.run.commands.build` makes from the run's config, with the checkpoint's
 weights loaded through the module's own ``on_load_checkpoint`` (encoder fingerprints and answer vocabulary
-are checked as in ``eval.py``). The loop :func:`evaluate` feeds the split's batches through
-``FusionLitModule.forward`` (the attention read-out is the model's own ``output_attentions``) and scores
-them with ``FusionLitModule.score_batch``, the step ``_eval_step`` scores with; modes change what goes in
-(which encoders are kept, which features or tokens) through the batch or the VE-dropout module, never
-through a second copy of the model.
+are checked as in ``eval.py``): the classifier (``FusionLitModule``) or the LM head (``LMLitModule``,
+``training=lm``). The loop :func:`evaluate` scores the split's batches with the module's
+:meth:`~fusion.training.module.TaskModule.score_answers`, its evaluation step (the attention read-out is the
+model's own ``output_attentions``; the LM head generates or ranks its answers as eval.py does); modes change
+what goes in (which encoders are kept, which features or tokens, which question) through the batch or the
+VE-dropout module, never through a second copy of the model. With the LM head, a dropped encoder's visual
+tokens leave the LM's input (``FusedTokens.visible``).
 
 The model and every batch (cached features, images, token ids, labels: :func:`move_batch`) live on
 ``analysis.device`` (:func:`resolve_device`; default the trainer's accelerator when CUDA is there), and every
@@ -37,11 +39,10 @@ from torchmetrics import MeanMetric
 from fusion.analysis.report import Report
 from fusion.data.module import FusionDataModule
 from fusion.model.dropout import EncoderDropout
-from fusion.model.transformer import FusionOutput
 from fusion.run.commands import build
 from fusion.run.context import open_run
-from fusion.tasks.base import VLTask
-from fusion.training.module import FusionBase
+from fusion.tasks.base import Example, VLTask
+from fusion.training.module import FusionBase, ScoredBatch, TaskModule
 from fusion.training.resume import load_checkpoint
 
 log = logging.getLogger(__name__)
@@ -55,7 +56,7 @@ class AnalysisContext:
 
     cfg: DictConfig
     mode: str
-    model: FusionBase
+    model: TaskModule
     datamodule: FusionDataModule
     split: str
     out_dir: Path
@@ -70,6 +71,13 @@ class AnalysisContext:
     @property
     def encoder_names(self) -> list[str]:
         return list(self.model.encoder_names)
+
+    @property
+    def lm(self) -> bool:
+        """Whether the model answers with the LM head (``training=lm``) rather than the classifier."""
+        from fusion.training.lm_module import LMLitModule
+
+        return isinstance(self.model, LMLitModule)
 
     def batches(self, split: str | None = None, max_batches: int | None = None) -> Iterator[Batch]:
         """The batches of ``split`` (default: the analysed one), at most ``analysis.max_batches`` of them, on the
@@ -263,16 +271,17 @@ def metric_values(task: VLTask, computed: Mapping[str, torch.Tensor]) -> dict[st
 def evaluate(
     ctx: AnalysisContext,
     transform: Callable[[Batch], Batch] | None = None,
-    on_output: Callable[[Batch, torch.Tensor, FusionOutput], None] | None = None,
+    on_output: Callable[[Batch, ScoredBatch], None] | None = None,
     output_attentions: bool = False,
     split: str | None = None,
 ) -> dict[str, float]:
-    """The task metric and mean loss of the model on a split, scored by ``FusionLitModule.score_batch`` (the
+    """The task metric and mean loss of the model on a split, scored by the module's ``score_answers`` (the
     step ``eval.py`` evaluates with: unablated, the same numbers as its metrics.json).
 
-    ``transform`` changes each batch before the forward pass (an ablation); ``on_output(batch, logits
-    (B, C), out)`` sees every forward pass (statistics). Returns the metric values plus ``loss`` (mean over
-    annotated examples; NaN on a split without any) and ``n`` (examples).
+    ``transform`` changes each batch before the forward pass (an ablation); ``on_output(batch, scored)`` sees
+    every scored batch (:class:`~fusion.training.module.ScoredBatch`: each example's answer, the logits where
+    the head ranks the answers, the forward output for statistics). Returns the metric values plus ``loss``
+    (mean over annotated examples; NaN on a split without any) and ``n`` (examples).
     """
     model = ctx.model
     # Fresh states beside the logits, as the module's own val/test metrics.
@@ -282,14 +291,42 @@ def evaluate(
     for batch in ctx.batches(split):
         if transform is not None:
             batch = transform(batch)
-        logits, out = model.score_batch(batch, metric, loss_mean, output_attentions=output_attentions)
-        n += logits.shape[0]
+        scored = model.score_answers(batch, metric, loss_mean, output_attentions=output_attentions)
+        n += len(scored.answers)
         if on_output is not None:
-            on_output(batch, logits, out)
+            on_output(batch, scored)
     values = metric_values(ctx.task, metric.compute())
     values["loss"] = float(loss_mean.compute())
     values["n"] = float(n)
     return values
+
+
+def answer_index(task: VLTask) -> dict[str, int]:
+    """Answer string -> its (first) index in ``task.answers``."""
+    index: dict[str, int] = {}
+    for i, answer in enumerate(task.answers):
+        index.setdefault(answer, i)
+    return index
+
+
+def answer_score(task: VLTask, example: Example, answer: str, index: Mapping[str, int]) -> float | None:
+    """The task metric's score of the answer string ``answer`` for ``example`` (None if it is not scored): an
+    entry of ``task.answers`` (``index``: :func:`answer_index`) by
+    :meth:`~fusion.tasks.base.VLTask.answer_accuracy`, any other string (an LM head's generated answer) by the
+    task's metric fed that one example (``update_metric_text``, as evaluation scores generated answers)."""
+    if task.answer_accuracy(example, 0) is None:
+        return None
+    if answer in index:
+        return task.answer_accuracy(example, index[answer])
+    metric = task.metric()
+    types = task.answer_types
+    batch = {
+        "question_ids": [example.question_id],
+        "labels": torch.tensor([example.label]),
+        "answer_types": torch.tensor([types.index(example.answer_type) if example.answer_type in types else 0]),
+    }
+    task.update_metric_text(metric, [answer], batch)
+    return float(metric.compute()[""])
 
 
 def question_prior_accuracy(task: VLTask, split: str) -> float | None:

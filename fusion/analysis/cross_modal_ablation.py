@@ -12,6 +12,13 @@ at test time and measure how much the model's predictions suffer. Here, on the t
   relies on the words;
 - ``vision:all+text``: both at once.
 
+With the LM head (``training=lm``) the text the answer reads is the prompt: ``text`` replaces each question's
+text by a filler token (``analysis.cross_modal_ablation.text_filler``; default the LM tokenizer's unknown
+token, else its padding token), once per LM token the question takes in its prompt, so the prompt template
+(``Question: ... Answer:``) stays and the question's words are gone; a fuser that reads the text (gated) also
+gets the [MASK]ed word pieces. The loss is the LM's teacher-forced answer loss, the metric the module's own
+answers (generated, or ranked over the task's answers).
+
 Each condition is one pass over the split; the table gives the task metric and loss and their change
 against the unablated model (metric: ablated - unablated, negative = the model needs that input; loss:
 ablated - unablated, positive = the model needs it).
@@ -45,19 +52,47 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         return cross_modal_ablation(ctx)
 
 
+def text_filler(ctx: AnalysisContext) -> str:
+    """The LM token a question's tokens become (``analysis.cross_modal_ablation.text_filler``, else the LM
+    tokenizer's unknown token, else its padding token); it must be one token of the LM's vocabulary."""
+    tokenizer = ctx.model.head.tokenizer
+    filler = ctx.settings.get("text_filler") or tokenizer.unk_token or tokenizer.pad_token
+    if not filler:
+        raise ValueError("the LM's tokenizer has neither an unknown nor a padding token to ablate the question with; "
+                         "set analysis.cross_modal_ablation.text_filler=<one token of the LM>")
+    lengths = [len(tokenizer(str(filler) * n, add_special_tokens=False)["input_ids"]) for n in (1, 2, 3)]
+    if lengths != [1, 2, 3]:
+        raise ValueError(f"analysis.cross_modal_ablation.text_filler={filler!r}: 1, 2 and 3 of it in a row are "
+                         f"{lengths} tokens of the LM's tokenizer; choose one token that does not merge with itself "
+                         "(a special token such as the padding token)")
+    return str(filler)
+
+
+def ablate_questions(ctx: AnalysisContext, batch: Batch, filler: str) -> Batch:
+    """``batch`` whose questions (the LM head's prompts) are ``filler`` once per LM token the question takes in
+    its prompt: the prompt template stays, the question's words are gone."""
+    counts = ctx.model.question_token_counts(batch["questions"])
+    return {**batch, "questions": [filler * n for n in counts]}
+
+
 def conditions(ctx: AnalysisContext) -> dict[str, Callable[[Batch], Batch]]:
     """Condition name -> the batch transform that ablates it (``none``: the batch unchanged)."""
     model = ctx.model
     tokenizer = model.text.tokenizer
-    if tokenizer.mask_token_id is None:
+    # The text encoder's word pieces: what the classifier reads, and the LM head's fuser when it reads text.
+    masks_pieces = not ctx.lm or model.fusion.fuser.uses_text
+    if masks_pieces and tokenizer.mask_token_id is None:
         raise ValueError(
             f"the text tokenizer of {model.text.name_or_path!r} has no [MASK] token to ablate the text with"
         )
     special = [i for i in tokenizer.all_special_ids if i != tokenizer.mask_token_id]
+    filler = text_filler(ctx) if ctx.lm else None
     means = mean_tokens(ctx)
 
     def text(batch: Batch) -> Batch:
-        return mask_text(batch, tokenizer.mask_token_id, special)
+        if masks_pieces:
+            batch = mask_text(batch, tokenizer.mask_token_id, special)
+        return batch if filler is None else ablate_questions(ctx, batch, filler)
 
     out: dict[str, Callable[[Batch], Batch]] = {CLEAN: lambda b: b}
     for name in ctx.encoder_names:
@@ -88,10 +123,18 @@ def cross_modal_ablation(ctx: AnalysisContext) -> dict[str, Any]:
 
     report = new_report(ctx, f"Cross-modal input ablation ({ctx.task.name}, {ctx.split})")
     report.results.update({"conditions": evaluated, "changes": changes, "summary": summary, "baselines": baselines})
+    if ctx.lm:
+        filler = text_filler(ctx)
+        masked = ctx.model.fusion.fuser.uses_text
+        report.results["text_ablation"] = {"filler": filler, "fuser_text_masked": masked}
+        how = (f"`text` replaces the question in the LM's prompt by `{filler}` once per LM token it takes (the "
+               "prompt template kept)" + (" and the fuser's word pieces by [MASK]" if masked else ""))
+    else:
+        how = "`text` replaces every word piece by [MASK]"
     report.text(
         f"Task `{metric}` and loss over {int(clean['n'])} examples with one modality's input ablated (Frank et "
         "al., 2021): `vision:<encoder>` replaces that encoder's tokens by its dataset-mean token (positions "
-        "kept), `text` replaces every word piece by [MASK]. Vision-for-language = the change when the image is "
+        f"kept), {how}. Vision-for-language = the change when the image is "
         "ablated, language-for-vision = the change when the text is. Image-blind baselines: "
         + ", ".join(f"{k} {v:.4f}" for k, v in baselines.items() if v is not None)
         + "."

@@ -8,6 +8,10 @@ then sees the text and an image-independent visual input. It is set against two 
 look at the image: the majority answer and the question prior (each question's most frequent training
 answer).
 
+With the LM head (``training=lm``) a dropped encoder's visual tokens are removed from the LM's input (the
+fuser's ``visible`` mask, as VE-dropout trains it) and the answers are the module's own: generated for
+open-ended tasks, ranked over the task's answers otherwise, so the all-encoder row is eval.py's metric.
+
 Marginal contributions per encoder ``e`` (``f`` the metric, ``A`` all encoders, ``S`` ranging over the
 subsets of the other encoders, the empty one meaning the "no encoder" row):
 
@@ -17,8 +21,9 @@ subsets of the other encoders, the empty one meaning the "no encoder" row):
 
 Per example (``masking`` in results.json, ``masking.csv``): for each encoder ``e``, the share of the
 split's examples whose answer changes when ``e`` alone is masked (``A - {e}`` against ``A``), and the shares
-whose score (the task's per-answer score, :meth:`~fusion.tasks.base.VLTask.answer_accuracy`) rises
-(masking helps: redundancy or harm) or falls; ``helped_ids`` lists up to 20 of the helped examples.
+whose score (the task's per-answer score, :func:`~fusion.analysis.common.answer_score`: a generated answer
+outside the answer list is scored by the task's metric) rises (masking helps: redundancy or harm) or falls;
+``helped_ids`` lists up to 20 of the helped examples.
 """
 
 from __future__ import annotations
@@ -31,6 +36,8 @@ from omegaconf import DictConfig
 
 from fusion.analysis.common import (
     AnalysisContext,
+    answer_index,
+    answer_score,
     evaluate,
     keep_only,
     mean_tokens,
@@ -88,12 +95,12 @@ def encoder_ablation(ctx: AnalysisContext) -> dict[str, Any]:
     names, task, metric = ctx.encoder_names, ctx.task, ctx.task.metric_name
     evaluated: dict[str, dict[str, float]] = {}
     score: dict[frozenset[str], float] = {}
-    answers: dict[str, dict[str, int]] = {}
+    answers: dict[str, dict[str, str]] = {}
     for subset in subsets(names):
         chosen = answers.setdefault(subset_name(subset), {})
 
-        def keep_answers(batch: dict[str, Any], logits: Any, out: Any, chosen: dict[str, int] = chosen) -> None:
-            chosen.update(zip(map(str, batch["question_ids"]), logits.argmax(-1).tolist(), strict=True))
+        def keep_answers(batch: dict[str, Any], scored: Any, chosen: dict[str, str] = chosen) -> None:
+            chosen.update(zip(map(str, batch["question_ids"]), scored.answers, strict=True))
 
         with keep_only(ctx.model, subset):
             values = evaluate(ctx, on_output=keep_answers)
@@ -108,7 +115,8 @@ def encoder_ablation(ctx: AnalysisContext) -> dict[str, Any]:
     }
     marginal = marginal_contributions(names, score)
     examples = {str(e.question_id): e for e in task.examples(ctx.split)}
-    masking = masking_changes(names, answers, lambda qid, a: task.answer_accuracy(examples[qid], a))
+    index = answer_index(task)
+    masking = masking_changes(names, answers, lambda qid, a: answer_score(task, examples[qid], a, index))
 
     report = new_report(ctx, f"Encoder ablation ({task.name}, {ctx.split})")
     report.results.update({"subsets": evaluated, "baselines": baselines, "marginal": marginal, "masking": masking})
@@ -144,12 +152,12 @@ def encoder_ablation(ctx: AnalysisContext) -> dict[str, Any]:
 
 
 def masking_changes(
-    names: Sequence[str], answers: dict[str, dict[str, int]], score: Any
+    names: Sequence[str], answers: dict[str, dict[str, Any]], score: Any
 ) -> dict[str, dict[str, Any]]:
     """Per encoder ``e``: how the answers of ``A - {e}`` differ from ``A``'s, example by example.
 
-    ``answers``: {subset name: {question id: answer index}}; ``score(question_id, answer)``: the example's
-    score of that answer, None if it is not scored. ``changed`` is over every example, ``helped`` and
+    ``answers``: {subset name: {question id: answer (its string, or index)}}; ``score(question_id, answer)``:
+    the example's score of that answer, None if it is not scored. ``changed`` is over every example, ``helped`` and
     ``hurt`` over the scored ones (None without any).
     """
     full = answers[subset_name(names)]

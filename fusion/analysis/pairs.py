@@ -42,7 +42,8 @@ def swap_word(question: str, swaps: Sequence[Sequence[str]]) -> str | None:
 
 
 def corrupt_text(ctx: AnalysisContext, batch: Batch, corrupted: list[str | None]) -> tuple[Batch, torch.Tensor]:
-    """The batch with the given questions (None: no pair) and the rows whose token layout is unchanged."""
+    """The batch with the given questions (None: no pair; token ids and raw text) and the rows whose token
+    layout is unchanged (the text encoder's word pieces; the LM head checks its own layout)."""
     ids, mask = batch["input_ids"], batch["attention_mask"]
     questions = [q if q is not None else "" for q in corrupted]
     tok = ctx.model.text.tokenizer(questions, padding="max_length", truncation=True, max_length=ids.shape[1],
@@ -50,7 +51,9 @@ def corrupt_text(ctx: AnalysisContext, batch: Batch, corrupted: list[str | None]
     new_ids, new_mask = tok["input_ids"].to(ids.device, ids.dtype), tok["attention_mask"].to(mask.device)
     same = (new_mask == mask).all(1) & torch.tensor([q is not None for q in corrupted], device=ids.device)
     same &= (new_ids != ids).any(1)
-    return {**batch, "input_ids": new_ids}, same
+    # The raw questions too (the LM head's prompts); a row without a pair keeps its own.
+    raw = [q if q is not None else old for q, old in zip(corrupted, batch["questions"], strict=True)]
+    return {**batch, "input_ids": new_ids, "questions": raw}, same
 
 
 class Corrupter:

@@ -15,6 +15,15 @@ shapes task the number of shapes and the colour in the top-left cell, read from 
 Also each head's modality importance (VALUE): the attention mass the [CLS] and text queries give image
 tokens vs text, from the same pass (the model's attention read-out,
 ``fusion.monitoring.attention_stats.AttentionOverEncoders``).
+
+With the LM head (``training=lm``) the depths are the LM's: the LM runs over each example's visual tokens and
+prompt without an answer (what generation starts from; ``LMLitModule.prompt_pass``), and its hidden states are
+read at ``input`` (the embedded sequence), ``layer i`` (decoder layer i's output) and ``final`` (the last
+layer's output after the LM's final norm, what its output layer reads): the state of the last prompt token
+(``last_prompt``, the position whose next-token prediction starts the answer) and the mean over the
+sequence's real positions (``mean``: BOS, visual tokens, prompt). Modality importance is then the prompt
+queries' attention mass on image tokens, on the prompt and on BOS in the LM's layers
+(``LMAttentionOverEncoders``).
 """
 
 from __future__ import annotations
@@ -25,16 +34,18 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig
+from torchmetrics import Metric
 
 from fusion.analysis.attention import rank_heads
 from fusion.analysis.common import AnalysisContext, Batch, new_report, open_analysis, random_subsets
 from fusion.data.images import load_image
 from fusion.model.transformer import FusionOutput
-from fusion.monitoring.attention_stats import AttentionOverEncoders
 from fusion.tasks.base import Example
 from fusion.tasks.shapes import COLORS, GRID, ShapesTask, cell_bounds
+from fusion.training.module import ScoredBatch
 
 REPRESENTATIONS = ("cls", "mean")
+LM_REPRESENTATIONS = ("last_prompt", "mean")
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
@@ -56,12 +67,25 @@ def shapes_properties(example: Example) -> dict[str, str]:
     return {"num_shapes": str(sum(c != "empty" for c in colours)), "top_left_color": colours[0]}
 
 
+def depths_of(num_layers: int) -> list[str]:
+    """The probed depths of ``num_layers`` blocks: the input, each block's output but the last, and ``final``."""
+    return ["input", *(f"layer {i}" for i in range(num_layers - 1)), "final"]
+
+
+def layout(ctx: AnalysisContext) -> tuple[list[str], tuple[str, ...]]:
+    """The depths and representations the model is probed at (the fusion transformer's, or the LM's)."""
+    if ctx.lm:
+        return depths_of(ctx.model.lm_attention_shape[0]), LM_REPRESENTATIONS
+    return depths_of(ctx.model.fusion.depth), REPRESENTATIONS
+
+
 class Collector:
     """Forward hooks on the fusion blocks: per depth the [CLS] state and the visible-token mean (B, D)."""
 
     def __init__(self, ctx: AnalysisContext) -> None:
+        self.model = ctx.model
         self.blocks = list(ctx.model.fusion.blocks)
-        self.depths = ["input", *(f"layer {i}" for i in range(len(self.blocks) - 1)), "final"]
+        self.depths = depths_of(len(self.blocks))
         self.states: list[torch.Tensor] = []
         self.handles = [self.blocks[0].register_forward_pre_hook(lambda m, args: self._keep(args[0]))]
         # The last block's output is normed before the head reads it; ``final`` comes from FusionOutput.hidden.
@@ -70,6 +94,12 @@ class Collector:
 
     def _keep(self, x: torch.Tensor) -> None:
         self.states.append(x.detach())
+
+    def step(self, batch: Batch, output_attentions: bool) -> ScoredBatch:
+        """Run the model on ``batch``, keep its representations; the output (attention read-out as asked)."""
+        _, out = self.model(batch, output_attentions=output_attentions)
+        self.take(out)
+        return ScoredBatch([], None, out)
 
     def take(self, out: FusionOutput) -> None:
         """Store the batch's hooked states plus the final one; ``out.key_mask`` (B, S) weights the mean."""
@@ -85,11 +115,34 @@ class Collector:
         return {k: torch.cat(v) for k, v in self.rows.items()}
 
 
-def collect(ctx: AnalysisContext, split: str, limit: int | None, stats: AttentionOverEncoders | None) -> tuple:
-    """Representations ``{depth/rep: (N, D)}`` and properties ``{name: [N values]}`` of up to ``limit`` examples."""
+class LMCollector:
+    """The LM's hidden states of the prompt pass: per depth the last prompt token's state and the mean over the
+    real positions (B, H_lm)."""
+
+    def __init__(self, ctx: AnalysisContext) -> None:
+        self.model = ctx.model
+        self.depths = depths_of(ctx.model.lm_attention_shape[0])
+        self.rows: dict[str, list[torch.Tensor]] = {f"{d}/{r}": [] for d in self.depths for r in LM_REPRESENTATIONS}
+
+    def step(self, batch: Batch, output_attentions: bool) -> ScoredBatch:
+        out, _ = self.model.prompt_pass(batch, output_attentions=output_attentions, output_hidden_states=True)
+        real = out.inputs.attention_mask.float()[..., None]  # (B, S, 1); left padding: the last position is real
+        assert out.hidden_states is not None and len(out.hidden_states) == len(self.depths)
+        for depth, x in zip(self.depths, out.hidden_states, strict=True):
+            self.rows[f"{depth}/last_prompt"].append(x[:, -1].float().cpu())
+            self.rows[f"{depth}/mean"].append(((x * real).sum(1) / real.sum(1)).float().cpu())
+        return ScoredBatch([], None, out)
+
+    def close(self) -> dict[str, torch.Tensor]:
+        return {k: torch.cat(v) for k, v in self.rows.items()}
+
+
+def collect(ctx: AnalysisContext, split: str, limit: int | None, stats: Metric | None) -> tuple:
+    """Representations ``{depth/rep: (N, D)}`` and properties ``{name: [N values]}`` of up to ``limit`` examples;
+    the attention read-out of the passes goes into ``stats`` (the model's own statistic) when given."""
     model, task = ctx.model, ctx.task
     by_id = {e.question_id: e for e in task.examples(split)}
-    collector = Collector(ctx)
+    collector = LMCollector(ctx) if ctx.lm else Collector(ctx)
     props: dict[str, list[str]] = {}
     seen = 0
     seed = int(ctx.cfg.seed) + (0 if split == ctx.split else 1)
@@ -100,10 +153,9 @@ def collect(ctx: AnalysisContext, split: str, limit: int | None, stats: Attentio
             for batch in ctx.batches(split, max_batches=max_batches):
                 if limit is not None and seen >= limit:
                     break
-                _, out = model(batch, output_attentions=stats is not None)
-                collector.take(out)
+                scored = collector.step(batch, output_attentions=stats is not None)
                 if stats is not None:
-                    stats.update(out.attentions, out.key_groups, out.text_query_mask)
+                    model.update_attention_statistics(stats, scored)
                 _properties(ctx, batch, by_id, keep.last if random else None, props)
                 seen += len(batch["question_ids"])
     finally:
@@ -184,67 +236,83 @@ def probe(ctx: AnalysisContext) -> dict[str, Any]:
     fit_split = str(ctx.settings.get("fit_split") or ctx.task.train_split)
     max_fit = ctx.settings.get("max_fit", 3000)
     steps = int(ctx.settings.get("steps", 100))
-    fusion = ctx.model.fusion
-    stats = AttentionOverEncoders(ctx.encoder_names, fusion.depth, fusion.num_heads, mixed=fusion.mixes_encoders)
-    stats = stats.to(ctx.model.device)
+    stats = ctx.model.attention_statistics()
     fit_x, fit_p = collect(ctx, fit_split, max_fit, None)
     test_x, test_p = collect(ctx, ctx.split, None, stats)
-    collector_depths = ["input", *(f"layer {i}" for i in range(fusion.depth - 1)), "final"]
+    collector_depths, representations = layout(ctx)
     results: dict[str, dict[str, dict[str, dict]]] = {}
     for prop in fit_p:
         results[prop] = {
             rep: {d: probe_accuracy(fit_x[f"{d}/{rep}"], fit_p[prop], test_x[f"{d}/{rep}"], test_p[prop], steps,
                                     device=ctx.device)
                   for d in collector_depths}
-            for rep in REPRESENTATIONS
+            for rep in representations
         }
-    heads = rank_heads(stats.compute(), stats.group_names, ctx.encoder_names)
+    heads = rank_heads(stats.compute(), stats.group_names, ctx.encoder_names, stats.query_kinds)
+    if ctx.lm:  # the prompt pass has no answer, so no answer query: its (zero) columns are left out
+        heads = [{k: v for k, v in h.items() if not k.startswith("answer_to_")} for h in heads]
 
     report = new_report(ctx, f"Layer probes ({ctx.task.name}, {ctx.split})")
     report.results.update({"fit_split": fit_split, "fit_examples": len(next(iter(fit_x.values()))),
                            "test_examples": len(next(iter(test_x.values()))), "depths": collector_depths,
                            "probes": results, "modality_importance": heads})
+    where = (
+        "per depth of the LM (its pass over visual tokens and prompt, no answer), on the last prompt token's state "
+        "(`last_prompt`, where the answer starts) and the mean over the real positions (`mean`). `final` is after "
+        "the LM's final norm, what its output layer reads. "
+        if ctx.lm else
+        "per depth of the fusion transformer, on the [CLS] state (`cls`) and the mean over visible tokens "
+        "(`mean`). `final` is what the task head reads. "
+    )
     report.text(
         f"Linear probes fitted on {report.results['fit_examples']} examples of `{fit_split}` and scored on "
-        f"{report.results['test_examples']} of `{ctx.split}` (held out), per depth of the fusion transformer, on "
-        "the [CLS] state (`cls`) and the mean over visible tokens (`mean`). `final` is what the task head reads. "
+        f"{report.results['test_examples']} of `{ctx.split}` (held out), {where}"
         + ("Every sample saw a random non-empty subset of the encoders (property `encoders`). "
            if ctx.settings.get("random_subsets", True) else "")
     )
     rows = [[prop, rep, d, r["accuracy"], r["majority"], r["classes"]]
             for prop, by_rep in results.items() for rep, by_depth in by_rep.items() for d, r in by_depth.items()]
     report.table("probes", ["property", "representation", "depth", "accuracy", "majority", "classes"], rows)
-    report.figure("probe_curves", _curves(results, collector_depths), "Held-out probe accuracy per depth")
-    columns = ["cls_to_image", "cls_to_text", "text_to_image", "text_to_text"]
+    report.figure("probe_curves", _curves(results, collector_depths, representations, ctx.lm),
+                  "Held-out probe accuracy per depth")
+    if ctx.lm:  # the prompt pass has no answer: its prompt queries only
+        columns = ["prompt_to_image", "prompt_to_prompt", "prompt_to_bos"]
+        labels = ["prompt -> image", "prompt -> prompt", "prompt -> BOS"]
+    else:
+        columns = ["cls_to_image", "cls_to_text", "text_to_image", "text_to_text"]
+        labels = ["[CLS] -> image", "[CLS] -> text", "text -> image", "text -> text"]
     ordered = sorted(heads, key=lambda h: (h["layer"], h["head"]))
     report.text("Modality importance per head (VALUE): attention mass on image tokens vs on the text.")
     report.table("modality_importance", ["layer", "head", *columns],
                  [[h["layer"], h["head"], *(h[c] for c in columns)] for h in ordered], show=False)
     values = torch.tensor([[h[c] for c in columns] for h in ordered])
-    report.heatmap("modality_importance", values, [f"L{h['layer']} H{h['head']}" for h in ordered],
-                   ["[CLS] -> image", "[CLS] -> text", "text -> image", "text -> text"],
+    report.heatmap("modality_importance", values, [f"L{h['layer']} H{h['head']}" for h in ordered], labels,
                    "Modality importance of each head",
                    title="Modality importance per head: attention mass by query and key modality",
                    xlabel="query -> key modality", ylabel="layer, head", colorbar="attention mass", vmin=0.0, vmax=1.0)
     return report.write()
 
 
-def _curves(results: dict, depths: list[str]) -> Any:
+TITLES = {"cls": "[CLS] state", "mean": "mean over visible tokens", "last_prompt": "last prompt token's state"}
+
+
+def _curves(results: dict, depths: list[str], representations: tuple[str, ...] = REPRESENTATIONS,
+            lm: bool = False) -> Any:
     """One panel per representation: accuracy per depth, one line per property, its majority dotted."""
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(11, 4.2), layout="constrained")
-    axes = fig.subplots(1, len(REPRESENTATIONS), sharey=True)
+    axes = fig.subplots(1, len(representations), sharey=True)
     colors = [f"C{i}" for i in range(10)]
-    for ax, rep in zip(axes, REPRESENTATIONS, strict=True):
+    for ax, rep in zip(axes, representations, strict=True):
         for i, (prop, by_rep) in enumerate(results.items()):
             acc = [by_rep[rep][d]["accuracy"] for d in depths]
             ax.plot(range(len(depths)), acc, marker="o", color=colors[i % 10], label=prop)
             ax.axhline(by_rep[rep][depths[0]]["majority"], color=colors[i % 10], linestyle=":", linewidth=1)
         ax.set_xticks(range(len(depths)), depths)
         ax.set_ylim(0, 1.02)
-        ax.set_xlabel("depth in the fusion transformer")
-        ax.set_title("[CLS] state" if rep == "cls" else "mean over visible tokens")
+        ax.set_xlabel("depth in the LM" if lm else "depth in the fusion transformer")
+        ax.set_title("mean over the real positions" if lm and rep == "mean" else TITLES[rep])
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("held-out probe accuracy")
     axes[-1].legend(fontsize=8, loc="lower right", title="property (dotted: majority)")
