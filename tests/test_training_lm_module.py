@@ -347,3 +347,17 @@ def test_the_subset_sweep_and_its_study_run_with_the_lm_head_by_one_override(tmp
     assert summary["leaning"]["encoders"] == ["clip_tiny", "dino_tiny"]
     for name in ("study.md", "agreement.csv", "leaning.csv", "effective_rank.csv", "retrain_vs_mask.png"):
         assert (sweep / name).is_file(), name
+
+
+def test_an_lm_head_run_resumes_from_its_checkpoint(trained_lm, tmp_path):
+    """train.py ckpt_path=<last.ckpt> continues an LM-head run: the frozen LM's weights, left out of the
+    checkpoint, are not counted as missing (fusion.training.resume.check_compatible)."""
+    from entrypoints import run
+
+    ckpt = trained_lm.run / "checkpoints" / "last.ckpt"
+    resumed = tmp_path / "resumed"
+    proc = run("train.py", [*LM_FAST, "trainer.precision=bf16-mixed", "trainer.max_epochs=2", f"ckpt_path={ckpt}",
+                            f"hydra.run.dir={resumed}", "test=false"], trained_lm.run.parent)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    state = torch.load(resumed / "checkpoints" / "last.ckpt", weights_only=True)
+    assert state["epoch"] == 1 and state["global_step"] == 4  # two batches per epoch: the second epoch ran

@@ -341,6 +341,9 @@ class LMLitModule(TaskModule):
         trainable = set(self.head.trainable_state_dict())
         return [HEAD_PREFIX + k for k in self.head.state_dict() if k not in trainable]
 
+    def unsaved_keys(self) -> set[str]:
+        return super().unsaved_keys() | set(self.frozen_head_keys())
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_save_checkpoint(checkpoint)
         state = checkpoint["state_dict"]

@@ -262,6 +262,11 @@ class FusionBase(pl.LightningModule, ABC):
             self._fingerprints = {n: e.fingerprint() for n, e in self.encoders.items()}
         return self._fingerprints
 
+    def unsaved_keys(self) -> set[str]:
+        """State-dict keys left out of checkpoints because the config rebuilds them: the frozen encoders'
+        weights (a subclass adds its own frozen parts). Resuming checks a checkpoint against the other keys."""
+        return {k for k in self.state_dict() if k.startswith(ENCODER_PREFIX)}
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         state = checkpoint["state_dict"]
         for key in [k for k in state if k.startswith(ENCODER_PREFIX)]:

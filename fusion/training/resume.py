@@ -173,10 +173,18 @@ def resume_path(ckpt_path: str | None, run_dir: Path) -> Path | None:
 
 
 def check_compatible(path: Path, model: torch.nn.Module, skip_prefix: str = "encoders.") -> None:
-    """Refuse a checkpoint whose parameters do not fit ``model``, naming every key that differs."""
+    """Refuse a checkpoint whose parameters do not fit ``model``, naming every key that differs. Keys the
+    model leaves out of its checkpoints (``model.unsaved_keys()``: frozen encoders, a frozen LM; else those
+    under ``skip_prefix``) are not compared."""
     saved = load_checkpoint(path)["state_dict"]
-    current = {k: v for k, v in model.state_dict().items() if not k.startswith(skip_prefix)}
-    saved = {k: v for k, v in saved.items() if not k.startswith(skip_prefix)}
+    unsaved = getattr(model, "unsaved_keys", None)
+    skip = unsaved() if unsaved is not None else set()
+
+    def compared(key: str) -> bool:
+        return not key.startswith(skip_prefix) and key not in skip
+
+    current = {k: v for k, v in model.state_dict().items() if compared(k)}
+    saved = {k: v for k, v in saved.items() if compared(k)}
     missing = sorted(set(current) - set(saved))
     unexpected = sorted(set(saved) - set(current))
     shapes = sorted(
