@@ -8,6 +8,7 @@ language: with it, only ``regime=full`` (or LoRA) can learn a task; a pretrained
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import shutil
@@ -117,6 +118,7 @@ def ensure_tiny_lm(folder: str | os.PathLike, arch: Arch = "llama", **kwargs: in
     tmp = folder.with_name(f".{folder.name}.{uuid.uuid4().hex}.tmp")
     try:
         build_tiny_lm(tmp, arch, **kwargs)
+        (tmp / SETTINGS_FILE).write_text(json.dumps({"arch": arch, **kwargs}, indent=1, sort_keys=True))
         try:
             os.rename(tmp, folder)
         except OSError:
@@ -127,25 +129,20 @@ def ensure_tiny_lm(folder: str | os.PathLike, arch: Arch = "llama", **kwargs: in
     return str(folder)
 
 
-# build_tiny_lm's size arguments -> the config.json keys that record them (Llama/Qwen2 names; GPT-2's differ).
-_CONFIG_KEYS = {
-    "hidden_size": ("hidden_size", "n_embd"), "num_layers": ("num_hidden_layers", "n_layer"),
-    "num_heads": ("num_attention_heads", "n_head"), "max_positions": ("max_position_embeddings", "n_positions"),
-}
+SETTINGS_FILE = "tiny_lm.json"  # the arguments a folder's LM was built with (ensure_tiny_lm compares them)
 
 
 def _check_built(folder: Path, arch: Arch, kwargs: dict[str, int]) -> None:
-    """Refuse a folder holding a tiny LM of another architecture or size than asked for (a changed config must
-    not silently reuse the old LM), naming what differs."""
-    import json
-
-    config = json.loads((folder / "config.json").read_text())
-    differ = [] if config.get("model_type") == arch else [f"arch {config.get('model_type')!r} != {arch!r}"]
-    for name, value in kwargs.items():
-        keys = _CONFIG_KEYS.get(name)
-        held = next((config[k] for k in keys if k in config), None) if keys else None
-        if keys and held != value:
-            differ.append(f"{name} {held} != {value}")
+    """Refuse a folder holding a tiny LM built with other arguments than asked for (a changed config must not
+    silently reuse the old LM), naming what differs."""
+    wanted = {"arch": arch, **kwargs}
+    settings = folder / SETTINGS_FILE
+    held = json.loads(settings.read_text()) if settings.is_file() else None
+    if held is None:
+        raise ValueError(f"{folder} holds an LM without {SETTINGS_FILE}: not one ensure_tiny_lm built; remove it or "
+                         "choose another folder (training.head.lm_name_or_path.folder=...)")
+    differ = [f"{k} {held.get(k)!r} != {v!r}" for k, v in wanted.items() if held.get(k) != v]
+    differ += [f"{k} {v!r} (now the default)" for k, v in held.items() if k not in wanted]
     if differ:
         raise ValueError(
             f"{folder} holds a tiny LM built with other settings ({'; '.join(differ)}): remove the folder or "
