@@ -361,3 +361,35 @@ def test_an_lm_head_run_resumes_from_its_checkpoint(trained_lm, tmp_path):
     assert proc.returncode == 0, proc.stderr[-4000:]
     state = torch.load(resumed / "checkpoints" / "last.ckpt", weights_only=True)
     assert state["epoch"] == 1 and state["global_step"] == 4  # two batches per epoch: the second epoch ran
+
+
+@pytest.mark.parametrize("fuser", ["TokenConcatFuser", "ChannelConcatFuser", "ResamplerFuser", "GatedFuser"])
+def test_every_fuser_feeds_the_lm(parts, fuser):
+    import fusion.fusers as fusers
+
+    module = _module(parts, fuser=getattr(fusers, fuser)).train()
+    batch = _batch(parts)
+    loss = module.training_step(batch, 0)
+    loss.backward()
+    assert module.fusion.fuser.token_encoder.numel() > 0
+    assert any(p.grad is not None for p in module.fusion.fuser.parameters())
+    module.eval()
+    with torch.no_grad():
+        out, fused = module(batch)
+    mixed = fuser != "TokenConcatFuser"
+    assert bool((fused.token_encoder < 0).any()) == mixed  # mixing fusers' tokens belong to no single encoder
+
+
+def test_two_images_per_example_keep_their_image_index_embedding(parts, monkeypatch):
+    """NLVR2's layout: each image fused on its own, its tokens tagged with the image-index embedding, both
+    images' tokens before the prompt."""
+    batch = _batch(parts)
+    monkeypatch.setattr(type(parts["task"]), "images_per_example", 2)
+    module = _module(parts).train()
+    batch["images"] = {n: torch.stack([x, x.flip(-1)], 1) for n, x in batch["images"].items()}
+    fused = module.fused_tokens(batch)
+    per_image = module.fusion.fuser.token_encoder.numel()
+    assert fused.tokens.shape[1] == 2 * per_image
+    loss = module.training_step(batch, 0)
+    loss.backward()
+    assert module.fusion.image_embed.grad is not None and module.fusion.image_embed.grad.abs().sum() > 0
