@@ -5,7 +5,7 @@ import json
 import pytest
 import yaml
 
-from fusion.study.jobs import collect, group_jobs
+from fusion.study.jobs import collect, group_jobs, retrained_reference
 
 
 def job(folder, subset, seed, acc, ve_dropout=0.0, task=None, fuser="fusion.fusers.TokenConcatFuser"):
@@ -50,3 +50,24 @@ def test_bad_jobs_are_named(tmp_path):
     (tmp_path / "0" / "metrics.json").write_text("[1]")
     with pytest.raises(ValueError, match="one object of metrics"):
         collect(tmp_path)
+
+
+def test_a_group_with_only_the_all_encoder_model_borrows_the_retrained_subsets_of_its_fullest_group(tmp_path):
+    # Every subset at VE-dropout 0.1, the all-encoder model alone at 0 and 0.3 (the study of docs/results).
+    for seed in (0, 1):
+        for subset, acc in ((["a"], 0.5), (["b"], 0.6), (["a", "b"], 0.7)):
+            job(tmp_path / f"{'+'.join(subset)}-{seed}", subset, seed, acc, ve_dropout=0.1)
+        for p in (0.0, 0.3):
+            job(tmp_path / f"ve{p}-{seed}", ["a", "b"], seed, 0.65 + p, ve_dropout=p)
+    job(tmp_path / "other-fuser", ["a"], 0, 0.9, ve_dropout=0.3, fuser="fusion.fusers.GatedFuser")
+    groups = group_jobs(collect(tmp_path))
+    default = "shapes_ve_dropout=0.1_fusion=TokenConcatFuser"
+    rows, reference = retrained_reference(groups, "shapes_ve_dropout=0.3_fusion=TokenConcatFuser")
+    assert reference == default
+    # Its own all-encoder jobs (acc 0.95), then the reference's singles; never the reference's a+b.
+    assert sorted((r["subset"], r["seed"], r["test/acc"]) for r in rows) == [
+        ("a", 0, 0.5), ("a", 1, 0.5), ("a+b", 0, 0.95), ("a+b", 1, 0.95), ("b", 0, 0.6), ("b", 1, 0.6)]
+    # The fullest group borrows nothing; a group of another fuser has no reference of its own kind.
+    assert retrained_reference(groups, default) == (groups[default], None)
+    gated = "shapes_ve_dropout=0.3_fusion=GatedFuser"
+    assert retrained_reference(groups, gated) == (groups[gated], None)

@@ -26,7 +26,7 @@ from fusion.io import write_json, write_text
 from fusion.study.aggregate import summarize, write_table
 from fusion.study.agreement import agreement
 from fusion.study.common import write_csv
-from fusion.study.jobs import KEYS, collect, group_jobs
+from fusion.study.jobs import KEYS, collect, group_jobs, retrained_reference
 from fusion.study.leaning import analyse_full_jobs, write_leaning
 from fusion.study.report import agreement_rows, log_wandb, paper_rows, scatter, study_markdown, utilisation_rows
 from fusion.study.utilisation import job_effective_ranks, utilisation
@@ -79,7 +79,12 @@ def write_study(sweep_dir: str | Path, metric: str = "test/acc", leaning: bool =
             folder, summary = sweep_dir / folders[g], summaries[g]
             analysed = analyse_full_jobs(sweep_dir, g_rows, summary["all"]["subset"], stage)
             summary["leaning"] = write_leaning(folder, analysed)
-            summary["agreement"] = agreement(g_rows, analysed, metric)
+            # A group that trained only the all-encoder model (another VE-dropout value) is compared with
+            # the retrained subsets of its task's fullest group.
+            retrained_rows, reference = retrained_reference(groups, g)
+            summary["agreement"] = agreement(retrained_rows, analysed, metric)
+            if reference is not None and "skipped" not in summary["agreement"]:
+                summary["agreement"]["retrained_from"] = reference
             if "skipped" not in summary["agreement"]:
                 scatter(summary["agreement"], folder / "retrain_vs_mask.png", g)
                 images[f"{g}/retrain_vs_mask"] = folder / "retrain_vs_mask.png"
@@ -93,7 +98,9 @@ def write_study(sweep_dir: str | Path, metric: str = "test/acc", leaning: bool =
                           [{"job": j, "subset": r["subset"], "seed": r["seed"], "examples": v["examples"],
                             **{f"{kind}:{e}": x for kind in ("features", "projected") for e, x in v[kind].items()}}
                            for j, v in ranks.items() for r in g_rows if r["job"] == j], ["job", "subset", "seed"])
-            summary["utilisation"] = utilisation(g_rows, analysed, metric, ranks)
+            summary["utilisation"] = utilisation(retrained_rows, analysed, metric, ranks)
+            if reference is not None:
+                summary["utilisation"]["retrained_from"] = reference
             summary["effective_rank"] = ranks
             columns, util_rows = utilisation_rows(summary["utilisation"])
             write_csv(folder / "utilisation.csv", [dict(zip(columns, r, strict=True)) for r in util_rows], columns)

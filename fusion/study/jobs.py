@@ -17,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from fusion.study.common import job_key, seed_key
 
-__all__ = ["KEYS", "analysis_config", "best_checkpoint", "collect", "group_jobs", "subset_key"]
+__all__ = ["KEYS", "analysis_config", "best_checkpoint", "collect", "group_jobs", "retrained_reference", "subset_key"]
 
 CONF = Path(__file__).resolve().parents[2] / "conf"
 # Columns that describe a job, not a metric.
@@ -111,6 +111,26 @@ def group_jobs(rows: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
     for r in rows:
         groups.setdefault(r["group"], []).append(r)
     return groups
+
+
+def retrained_reference(groups: dict[str, list[dict[str, Any]]], group: str) -> tuple[list[dict[str, Any]], str | None]:
+    """The retrained side of ``group``'s retrain-vs-mask comparison: its own jobs, plus, for each subset it
+    did not train, the jobs of the *reference* group that did, and that group's name (None: no job borrowed).
+
+    The reference is the group of the same task, fusion and head with the most subsets (ties: the first).
+    A sweep that trains every subset at the default VE-dropout and only the all-encoder model at other
+    values (``training.ve_dropout=0,0.3``) thus compares each value's masked model with the same retrained
+    subsets; what VE-dropout changes is then the masked side alone.
+    """
+    rows = groups[group]
+    own = {subset_key(r["subset"]) for r in rows}
+    same = [g for g, g_rows in groups.items() if g != group
+            and all(g_rows[0][k] == rows[0][k] for k in ("task", "fusion", "head"))]
+    if not same:
+        return rows, None
+    reference = max(same, key=lambda g: len({subset_key(r["subset"]) for r in groups[g]}))
+    borrowed = [r for r in groups[reference] if subset_key(r["subset"]) not in own]
+    return (rows + borrowed, reference) if borrowed else (rows, None)
 
 
 def best_checkpoint(job: str | Path) -> tuple[Path, str]:

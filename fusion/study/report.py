@@ -133,6 +133,9 @@ def study_markdown(metric: str, tables: dict[str, list[dict[str, Any]]], summari
                       *_markdown(*utilisation_rows(util))]
         if "agreement" in s and "skipped" not in s["agreement"]:
             diffs = s["agreement"]["difference"]
+            if s["agreement"].get("retrained_from"):
+                lines += ["", f"Retrained side: this group's own jobs, and for the subsets it did not train, "
+                          f"group `{s['agreement']['retrained_from']}`'s."]
             lines += ["", "Masked minus retrained per subset (mean ± std over seeds): "
                       + ", ".join(f"`{k}` {mean_std(v, signed=True)}" for k, v in diffs.items()) + ".",
                       "", f"![retrain vs mask]({folder}/retrain_vs_mask.png)"]
