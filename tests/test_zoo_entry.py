@@ -64,8 +64,11 @@ def test_recipe_trains_on_an_image_folder_through_train_py(tmp_path, name):
     folder = image_folder(tmp_path / "imgs", 12)
     short = [a for a in SHORT if not a.startswith("zoo.recipe.") or a.startswith(f"zoo.recipe.{name}.")]
     proc = run("train.py", [f"+experiment=zoo/{name}", f"zoo.recipe.{name}.data.folder={folder}", "zoo.report=false",
-                            *short], tmp_path)
+                            "zoo.callbacks.progress.every_n_steps=1", *short], tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    # Not a terminal (a batch log): progress comes as log lines, one per step here.
+    out = proc.stdout + proc.stderr
+    assert "training from step 0 of 2" in out and "train step 2/2 (100%)" in out, out[-3000:]
     with safe_open(str(tmp_path / "zoo" / f"{name}.safetensors"), "pt") as f:
         assert json.loads(f.metadata()["global_step"]) == 2
 
