@@ -89,7 +89,71 @@ def _group_names(
     return names + ([MIXED_NAME] if mixed else []) + list(tail)
 
 
-class AttentionOverEncoders(Metric):
+class _AttentionMass(Metric):
+    """What both attention statistics share: per query kind, float64 sums of the attention mass over
+    ``(L, H, G)`` and a count of the samples that had such a query; ``compute()`` their means.
+
+    States ``<kind>_sum`` and ``<kind>_count`` for each of ``query_kinds`` (summed across processes).
+    """
+
+    full_state_update = False
+    is_differentiable = False
+    higher_is_better = None
+
+    def __init__(self, group_names: list[str], query_kinds: tuple[str, ...], encoder_names: Sequence[str],
+                 num_layers: int, num_heads: int, mixed: bool, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        if num_layers < 1 or num_heads < 1:
+            raise ValueError(f"num_layers and num_heads must be >= 1, got {num_layers} and {num_heads}")
+        self._group_names = group_names
+        self._query_kinds = query_kinds
+        self.mixed = mixed
+        self.num_encoders = len(encoder_names)
+        self.num_layers = num_layers
+        self.num_heads = num_heads
+        shape = (num_layers, num_heads, len(group_names))
+        # float64 sums: validation sets can be large and the means should still sum to 1 tightly.
+        for kind in query_kinds:
+            self.add_state(f"{kind}_sum", default=torch.zeros(shape, dtype=torch.float64), dist_reduce_fx="sum")
+            self.add_state(f"{kind}_count", default=torch.zeros((), dtype=torch.long), dist_reduce_fx="sum")
+
+    @property
+    def group_names(self) -> list[str]:
+        """The order of the last output axis (see the subclass)."""
+        return list(self._group_names)
+
+    @property
+    def query_kinds(self) -> tuple[str, ...]:
+        """The order of the first output axis."""
+        return self._query_kinds
+
+    def _check_attentions(self, attentions: Sequence[Tensor], names: str) -> tuple[int, int, int, int]:
+        """``L`` self-attention tensors of one shape ``(B, H, Q, Q)``; returns that shape.
+        ``names``: how the docstring names the axes, for the error (``(B, H, Q, K)``)."""
+        if len(attentions) != self.num_layers:
+            raise ValueError(f"expected attentions for {self.num_layers} layers, got {len(attentions)}")
+        first = attentions[0]
+        if first.dim() != 4:
+            raise ValueError(f"expected attention probabilities {names}, got shape {tuple(first.shape)}")
+        b, h, q, k = first.shape
+        if h != self.num_heads:
+            raise ValueError(f"expected {self.num_heads} heads, got {h} (shape {tuple(first.shape)})")
+        if q != k:
+            raise ValueError(f"expected self-attention with Q == K, got Q={q}, K={k}")
+        for i, attn in enumerate(attentions):
+            if attn.shape != first.shape:
+                raise ValueError(f"layer {i} attention has shape {tuple(attn.shape)}, expected {tuple(first.shape)}")
+        return b, h, q, k
+
+    def compute(self) -> Tensor:
+        """``(Q, L, H, G)`` float32 mean masses in :attr:`query_kinds` order; zeros for a query kind that
+        saw no sample."""
+        means = [getattr(self, f"{kind}_sum") / getattr(self, f"{kind}_count").clamp(min=1)
+                 for kind in self._query_kinds]
+        return torch.stack(means).to(torch.float32)
+
+
+class AttentionOverEncoders(_AttentionMass):
     """Mean attention mass per (query kind, layer, head, group).
 
     ``update(attentions, key_groups, text_query_mask)``:
@@ -104,10 +168,6 @@ class AttentionOverEncoders(Metric):
     queries; both averaged over samples. Samples without text tokens don't count for the text half.
     """
 
-    full_state_update = False
-    is_differentiable = False
-    higher_is_better = None
-
     cls_sum: Tensor
     text_sum: Tensor
     cls_count: Tensor
@@ -116,30 +176,8 @@ class AttentionOverEncoders(Metric):
     def __init__(
         self, encoder_names: Sequence[str], num_layers: int, num_heads: int, mixed: bool = False, **kwargs: Any
     ) -> None:
-        super().__init__(**kwargs)
-        if num_layers < 1 or num_heads < 1:
-            raise ValueError(f"num_layers and num_heads must be >= 1, got {num_layers} and {num_heads}")
-        self._group_names = _group_names(encoder_names, mixed)
-        self.mixed = mixed
-        self.num_encoders = len(encoder_names)
-        self.num_layers = num_layers
-        self.num_heads = num_heads
-        shape = (num_layers, num_heads, len(self._group_names))
-        # float64 sums: validation sets can be large and the means should still sum to 1 tightly.
-        self.add_state("cls_sum", default=torch.zeros(shape, dtype=torch.float64), dist_reduce_fx="sum")
-        self.add_state("text_sum", default=torch.zeros(shape, dtype=torch.float64), dist_reduce_fx="sum")
-        self.add_state("cls_count", default=torch.zeros((), dtype=torch.long), dist_reduce_fx="sum")
-        self.add_state("text_count", default=torch.zeros((), dtype=torch.long), dist_reduce_fx="sum")
-
-    @property
-    def group_names(self) -> list[str]:
-        """``encoder_names + ["fused"] (if mixed) + ["text", "cls"]``, the order of the last output axis."""
-        return list(self._group_names)
-
-    @property
-    def query_kinds(self) -> tuple[str, ...]:
-        """:data:`QUERY_KINDS`, the order of the first output axis."""
-        return QUERY_KINDS
+        super().__init__(_group_names(encoder_names, mixed), QUERY_KINDS, encoder_names, num_layers, num_heads,
+                         mixed, **kwargs)
 
     def _one_hot(self, key_groups: Tensor, device: torch.device) -> Tensor:
         """``(K,)`` group ids -> ``(K, G)`` float32 one-hot in output group order."""
@@ -158,19 +196,7 @@ class AttentionOverEncoders(Metric):
         return torch.nn.functional.one_hot(column, n + m + 2).to(torch.float32)
 
     def _check(self, attentions: Sequence[Tensor], key_groups: Tensor, text_query_mask: Tensor) -> None:
-        if len(attentions) != self.num_layers:
-            raise ValueError(f"expected attentions for {self.num_layers} layers, got {len(attentions)}")
-        first = attentions[0]
-        if first.dim() != 4:
-            raise ValueError(f"expected attention probabilities (B, H, Q, K), got shape {tuple(first.shape)}")
-        b, h, q, k = first.shape
-        if h != self.num_heads:
-            raise ValueError(f"expected {self.num_heads} heads, got {h} (shape {tuple(first.shape)})")
-        if q != k:
-            raise ValueError(f"expected self-attention with Q == K, got Q={q}, K={k}")
-        for i, attn in enumerate(attentions):
-            if attn.shape != first.shape:
-                raise ValueError(f"layer {i} attention has shape {tuple(attn.shape)}, expected {tuple(first.shape)}")
+        b, _, q, k = self._check_attentions(attentions, "(B, H, Q, K)")
         if key_groups.shape != (k,):
             raise ValueError(f"expected key_groups of shape ({k},) for K={k}, got {tuple(key_groups.shape)}")
         if text_query_mask.shape != (b, q):
@@ -201,14 +227,8 @@ class AttentionOverEncoders(Metric):
         self.cls_count += attentions[0].shape[0]
         self.text_count += (n_text > 0).sum().to(self.text_count.device)
 
-    def compute(self) -> Tensor:
-        """``(2, L, H, G)`` float32 mean masses; zeros for a query kind that saw no sample."""
-        cls = self.cls_sum / self.cls_count.clamp(min=1)
-        text = self.text_sum / self.text_count.clamp(min=1)
-        return torch.stack([cls, text]).to(torch.float32)
 
-
-class LMAttentionOverEncoders(Metric):
+class LMAttentionOverEncoders(_AttentionMass):
     """Mean attention mass per (query kind, layer, head, group) inside the LM head's layers.
 
     ``update(attentions, groups)``:
@@ -227,10 +247,6 @@ class LMAttentionOverEncoders(Metric):
     belong to no group: a counted query that gives them more than ``1e-6`` raises ValueError.
     """
 
-    full_state_update = False
-    is_differentiable = False
-    higher_is_better = None
-
     prompt_sum: Tensor
     answer_sum: Tensor
     prompt_count: Tensor
@@ -239,51 +255,15 @@ class LMAttentionOverEncoders(Metric):
     def __init__(
         self, encoder_names: Sequence[str], num_layers: int, num_heads: int, mixed: bool = False, **kwargs: Any
     ) -> None:
-        super().__init__(**kwargs)
-        if num_layers < 1 or num_heads < 1:
-            raise ValueError(f"num_layers and num_heads must be >= 1, got {num_layers} and {num_heads}")
-        self._group_names = _group_names(
-            encoder_names, mixed, LM_RESERVED_NAMES, (PROMPT_NAME, ANSWER_NAME, BOS_NAME)
-        )
-        self.mixed = mixed
-        self.num_encoders = len(encoder_names)
-        self.num_layers = num_layers
-        self.num_heads = num_heads
+        names = _group_names(encoder_names, mixed, LM_RESERVED_NAMES, (PROMPT_NAME, ANSWER_NAME, BOS_NAME))
+        super().__init__(names, LM_QUERY_KINDS, encoder_names, num_layers, num_heads, mixed, **kwargs)
         n, m = self.num_encoders, int(mixed)
         # Column of each group id, indexed by ``id - PAD``: PAD, ANSWER, MIXED, CLS, TEXT, then the encoders.
         # PAD gets the column after the last group (dropped), MIXED without ``mixed`` -1 (rejected).
         self._columns = [n + m + 3, n + m + 1, n if mixed else -1, n + m + 2, n + m, *range(n)]
-        shape = (num_layers, num_heads, len(self._group_names))
-        # float64 sums: validation sets can be large and the means should still sum to 1 tightly.
-        self.add_state("prompt_sum", default=torch.zeros(shape, dtype=torch.float64), dist_reduce_fx="sum")
-        self.add_state("answer_sum", default=torch.zeros(shape, dtype=torch.float64), dist_reduce_fx="sum")
-        self.add_state("prompt_count", default=torch.zeros((), dtype=torch.long), dist_reduce_fx="sum")
-        self.add_state("answer_count", default=torch.zeros((), dtype=torch.long), dist_reduce_fx="sum")
-
-    @property
-    def group_names(self) -> list[str]:
-        """``encoder_names + ["fused"] (if mixed) + ["prompt", "answer", "bos"]``, the last output axis."""
-        return list(self._group_names)
-
-    @property
-    def query_kinds(self) -> tuple[str, ...]:
-        """:data:`LM_QUERY_KINDS`, the order of the first output axis."""
-        return LM_QUERY_KINDS
 
     def _check(self, attentions: Sequence[Tensor], groups: Tensor) -> None:
-        if len(attentions) != self.num_layers:
-            raise ValueError(f"expected attentions for {self.num_layers} layers, got {len(attentions)}")
-        first = attentions[0]
-        if first.dim() != 4:
-            raise ValueError(f"expected attention probabilities (B, H, S, S), got shape {tuple(first.shape)}")
-        b, h, q, k = first.shape
-        if h != self.num_heads:
-            raise ValueError(f"expected {self.num_heads} heads, got {h} (shape {tuple(first.shape)})")
-        if q != k:
-            raise ValueError(f"expected self-attention with Q == K, got Q={q}, K={k}")
-        for i, attn in enumerate(attentions):
-            if attn.shape != first.shape:
-                raise ValueError(f"layer {i} attention has shape {tuple(attn.shape)}, expected {tuple(first.shape)}")
+        b, _, _, k = self._check_attentions(attentions, "(B, H, S, S)")
         if groups.shape != (b, k):
             raise ValueError(f"expected groups of shape ({b}, {k}) for B={b}, S={k}, got {tuple(groups.shape)}")
 
@@ -338,12 +318,6 @@ class LMAttentionOverEncoders(Metric):
         self.answer_sum += mass[1]
         self.prompt_count += (n_prompt > 0).sum().to(self.prompt_count.device)
         self.answer_count += has_answer.sum().to(self.answer_count.device)
-
-    def compute(self) -> Tensor:
-        """``(2, L, H, G)`` float32 mean masses; zeros for a query kind that saw no sample."""
-        prompt = self.prompt_sum / self.prompt_count.clamp(min=1)
-        answer = self.answer_sum / self.answer_count.clamp(min=1)
-        return torch.stack([prompt, answer]).to(torch.float32)
 
 
 def _check_stats(
