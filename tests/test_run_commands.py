@@ -287,11 +287,13 @@ def test_extract_in_shards_then_train_from_the_cache(tmp_path):
     assert written["splits"] == ["train", "val", "test"] and set(written["caches"]) == {"clip_tiny", "dino_tiny"}
 
     # Training with the cache and no rebuilding merges the shards and never needs the encoders' pixels.
-    train = ["logger=csv", "trainer.max_epochs=1", "training.attention_stats=false", "cache.enabled=true"]
+    # callbacks.attention_stats=null: the statistics are computed but no callback writes them.
+    train = ["logger=csv", "trainer.max_epochs=1", "callbacks.attention_stats=null", "cache.enabled=true"]
     run = tmp_path / "run"
     proc = _run("train.py", [*common, *train, "cache.rebuild=false", f"hydra.run.dir={run}"], tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert {"val/acc", "test/acc"} <= set(json.loads((run / "metrics.json").read_text()))
+    assert not (run / "attention").exists()
     merged = [p for p in features.glob("clip_tiny-*") if p.is_dir() and ".shard-" not in p.name]
     assert len(merged) == 1 and (merged[0] / "COMPLETE").is_file()
 

@@ -162,6 +162,8 @@ def test_mixing_fuser_statistics_and_encoder_drop(parts):
     fuser.on_validation_epoch_start(None, _module(parts))
     assert "val" not in fuser.metrics  # token_concat: the attention statistics tell
     assert {type(c) for c in module.configure_callbacks()} == {AttentionStatsCallback, FuserWeightsCallback}
+    module.stats_callbacks = False  # train.py: its callbacks group decides
+    assert module.configure_callbacks() == []
 
 
 def test_checkpoint_carries_the_answer_vocabulary_and_refuses_another(parts):

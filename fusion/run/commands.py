@@ -82,7 +82,10 @@ def build(cfg: DictConfig) -> tuple[FusionDataModule, FusionBase]:
     return datamodule, model
 
 
-def _trainer(cfg: DictConfig, loggers: list[Logger]) -> pl.Trainer:
+def _trainer(cfg: DictConfig, loggers: list[Logger], model: FusionBase) -> pl.Trainer:
+    # The callbacks group decides which statistics are written (callbacks.attention_stats=null: none);
+    # without one (eval.py) the module adds its own.
+    model.stats_callbacks = cfg.get("callbacks") is None
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
     return instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
 
@@ -108,7 +111,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
 def _train(cfg: DictConfig) -> dict[str, float]:
     with open_run(cfg, "train") as run:
         datamodule, model = build(cfg)
-        trainer = _trainer(cfg, run.start_loggers())
+        trainer = _trainer(cfg, run.start_loggers(), model)
         metrics: dict[str, float] = {}
         if cfg.get("train", True):
             # ckpt_path, or the run folder's own newest checkpoint: a requeued job continues where it stopped.
@@ -147,7 +150,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     load_checkpoint(ckpt)  # before the run folder is written to: a file that is no checkpoint is named now
     with open_run(cfg, "eval") as run:
         datamodule, model = build(cfg)
-        trainer = _trainer(cfg, run.start_loggers())
+        trainer = _trainer(cfg, run.start_loggers(), model)
         split = str(cfg.split)
         model.task.check_split(split)
         model.predictions_path = run.output_dir / model.task.prediction_file

@@ -154,6 +154,9 @@ class FusionBase(pl.LightningModule, ABC):
         self._fingerprints: dict[str, dict] | None = None
         # Set by eval.py: where the task's official prediction file goes.
         self.predictions_path: Path | None = None
+        # configure_callbacks adds the statistics callbacks a trainer lacks; train.py turns that off, so
+        # that its callbacks group decides (callbacks.attention_stats=null: no attention files).
+        self.stats_callbacks = True
 
     def build_head(self, head: Callable[..., nn.Module]) -> nn.Module:
         """The head from its config partial: a classifier over the task's answers on the fused width."""
@@ -212,6 +215,8 @@ class FusionBase(pl.LightningModule, ABC):
     def configure_callbacks(self) -> list[pl.Callback]:
         """The statistics callbacks the trainer lacks (eval.py's trainer has no callbacks group), so that the
         attention and fuser statistics are published whichever entry point runs the module."""
+        if not self.stats_callbacks:
+            return []
         present = getattr(self._trainer, "callbacks", []) if self._trainer is not None else []
         wanted = (AttentionStatsCallback(), FuserWeightsCallback())
         return [cb for cb in wanted if not any(isinstance(c, type(cb)) for c in present)]
