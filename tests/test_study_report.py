@@ -33,3 +33,19 @@ def test_agreement_rows_name_undefined_and_skipped():
     assert columns[:5] == ["group", "seed", "n subsets", "kendall_tau", "spearman_rho"]
     assert rows == [["t", "0", 2, None, None, "a, b", "a", True], ["t", "pooled (means)", 2, None, None, "a, b", "a",
                                                                   True], ["u", "", 0, None, None, "", "", "why"]]
+
+
+def test_the_gains_line_pairs_by_seed_and_names_a_group_without_singles(tmp_path):
+    # VE-dropout 0.1: every subset; 0.3: the all-encoder model alone (the study of docs/results).
+    for seed, (a, b, ab) in enumerate([(0.5, 0.4, 0.6), (0.7, 0.5, 0.8)]):
+        for subset, acc in ((["a"], a), (["b"], b), (["a", "b"], ab)):
+            job(tmp_path / f"{'+'.join(subset)}-{seed}", subset, seed, acc, ve_dropout=0.1)
+        job(tmp_path / f"ve-{seed}", ["a", "b"], seed, ab + 0.05, ve_dropout=0.3)
+    write_study(tmp_path, leaning=False)
+    md = (tmp_path / "study.md").read_text()
+    # Best single a (0.6); a+b - a per seed: +0.1, +0.1 (std 0); seed noise: pooled std of every subset.
+    assert ("Best single `a`, best fused `a+b`: gain paired by seed +0.100 ± 0.000 (2 of 2 seeds); all `a+b`: "
+            "+0.100 ± 0.000 (2 of 2 seeds); seed noise (pooled std)") in md
+    # a+b at 0.3: 0.65, 0.85: mean 0.750, sample std 0.141.
+    assert "No single-encoder job in this group, so no gain over one: `a+b` 0.750 ± 0.141;" in md
+    assert "gain paired by seed  (None)" not in md

@@ -104,6 +104,27 @@ def scatter(agreement: dict[str, Any], path: Path, title: str) -> None:
     plt.close(fig)
 
 
+def _gains_line(summary: dict[str, Any], metric: str) -> str:
+    """Best single vs best fused vs all, gains paired by seed (mean ± std, how many seeds gained); a group
+    without single-encoder jobs (e.g. only the all-encoder model at another VE-dropout) says so instead."""
+    s, noise = summary, f"seed noise (pooled std) {cell(summary.get('seed_std_pooled'))}."
+    if not s.get("best_single"):
+        best = s.get("all") or s.get("best_fused")
+        what = f"`{best['subset']}` {mean_std({'mean': best.get(metric), 'std': best.get('std')})}" if best else "none"
+        return f"No single-encoder job in this group, so no gain over one: {what}; {noise}"
+
+    def gain(kind: str) -> str:
+        spread = {"mean": s.get(f"{kind}_gain"), "std": s.get(f"{kind}_gain_std")}
+        paired = mean_std(spread if spread["mean"] is not None else None, signed=True)
+        return f"{paired} ({s.get(f'{kind}_gain_positive')})"
+
+    line = f"Best single `{s['best_single']['subset']}`"
+    if s.get("best_fused"):
+        line += (f", best fused `{s['best_fused']['subset']}`: gain paired by seed {gain('fused')}; all "
+                 f"`{s['all']['subset']}`: {gain('all')}; {noise}")
+    return line
+
+
 def study_markdown(metric: str, tables: dict[str, list[dict[str, Any]]], summaries: dict[str, dict[str, Any]],
                    folders: dict[str, str]) -> str:
     """The whole study.md (``folders``: each group's folder relative to the sweep, ``.`` for the sweep)."""
@@ -119,12 +140,7 @@ def study_markdown(metric: str, tables: dict[str, list[dict[str, Any]]], summari
                   "share one).", "", *_markdown(*agreement_rows(agreements))]
     for g, s in summaries.items():
         folder = folders[g]
-        lines += ["", f"## {g}", "", f"Best single `{s['best_single']['subset']}`" if s.get("best_single") else ""]
-        if s.get("best_fused"):
-            lines[-1] += (f", best fused `{s['best_fused']['subset']}`: gain paired by seed "
-                          f"{cell(s.get('fused_gain'), signed=True)} ({s.get('fused_gain_positive')}); all "
-                          f"`{s['all']['subset']}`: {cell(s.get('all_gain'), signed=True)} "
-                          f"({s.get('all_gain_positive')}); seed noise (pooled std) {cell(s.get('seed_std_pooled'))}.")
+        lines += ["", f"## {g}", "", _gains_line(s, metric)]
         lines += ["", f"![subsets]({folder}/subsets.png)", "",
                   f"Subset table: [{folder}/subsets.md]({folder}/subsets.md)."]
         util = s.get("utilisation")
