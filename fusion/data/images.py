@@ -15,6 +15,9 @@ Every file becomes 8-bit RGB, whatever its pixel mode:
 - Modes without a defined 8-bit range (32-bit integer ``I`` other than a PNG's 16-bit grey, float ``F``)
   or without a colorimetric conversion here (``LAB``, ``HSV``...) are refused, naming the file and the mode.
 
+EXIF orientation is *not* applied: pixels are used as stored, as torchvision's and timm's image loaders read
+them (``Image.open(...).convert("RGB")``), which is how the published encoders and V+L results saw them.
+
 A file over Pillow's decompression-bomb limit (``PIL.Image.MAX_IMAGE_PIXELS``) is refused naming the file,
 its pixel count and how to allow it; the protection is never switched off here.
 """
