@@ -36,6 +36,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytorch_lightning as pl
@@ -115,7 +116,7 @@ def zoo_weights(args: argparse.Namespace) -> list[str]:
         proc = subprocess.run(
             [sys.executable, str(ROOT / "train.py"), "+experiment=zoo/all", f"zoo.out_dir={args.zoo_dir}",
              "zoo.report=false", "logger=csv", f"hydra.run.dir={args.zoo_dir / 'run'}", *steps],
-            cwd=ROOT, capture_output=True, text=True,
+            cwd=ROOT, capture_output=True, text=True, env=child_env(args),
         )
         if proc.returncode != 0:
             raise SystemExit(f"zoo pretraining failed:\n{proc.stderr[-3000:]}")
@@ -132,10 +133,29 @@ def accuracy(storage: str, seed: int, weights: list[str], args: argparse.Namespa
            f"hydra.run.dir={run_dir}", *weights, *args.overrides]
     if args.acc_epochs is not None:
         cmd.append(f"trainer.max_epochs={args.acc_epochs}")
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=child_env(args))
     if proc.returncode != 0:
         raise SystemExit(f"training with {storage} (seed {seed}) failed:\n{proc.stderr[-3000:]}")
     return float(json.loads((run_dir / "metrics.json").read_text())["test/acc"])
+
+
+def child_env(args: argparse.Namespace) -> dict[str, str]:
+    """The environment of a ``train.py`` child: ``--threads`` torch threads if given (torch reads OMP_NUM_THREADS)."""
+    env = dict(os.environ)
+    if args.threads:
+        env["OMP_NUM_THREADS"] = str(args.threads)
+    return env
+
+
+def storage_accuracies(storage: str, weights: list[str], args: argparse.Namespace, out: Path) -> list[float]:
+    """Test accuracy of each seed with ``storage``, one after the other (they share the storage's cache)."""
+    accs = []
+    for seed in range(args.seeds):
+        t0 = time.perf_counter()
+        accs.append(accuracy(storage, seed, weights, args, out))
+        # progress for a batch log: the table's row comes when every seed of the storage is done
+        print(f"  ({storage} seed {seed}: {accs[-1]:.4f} in {(time.perf_counter() - t0) / 60:.1f} min)", flush=True)
+    return accs
 
 
 def main() -> None:
@@ -153,6 +173,8 @@ def main() -> None:
                         help="storages trained for accuracy, e.g. float16 int8/16 (default: every tiny row)")
     parser.add_argument("--accuracy-only", action="store_true",
                         help="only the accuracy part (storages from --acc-storages, or every tiny storage)")
+    parser.add_argument("--acc-jobs", type=int, default=1,
+                        help="accuracy runs side by side (e.g. 2 with --threads 1 on 2 cores)")
     parser.add_argument("--zoo-dir", type=Path, default=ROOT / "zoo")
     parser.add_argument("--pretrain-steps", type=int, default=None,
                         help="steps per zoo tower if the towers must be pretrained (default: the recipes')")
@@ -185,11 +207,18 @@ def main() -> None:
                   + (" (REDUCED: fewer than 3 seeds)" if args.seeds < 3 else ""), flush=True)
             weights = zoo_weights(args)
             print(f"{'storage':<16} {'test acc mean':>13} {'std':>7}   per seed", flush=True)
-            for storage in chosen:
-                accs = [accuracy(storage, seed, weights, args, out) for seed in range(args.seeds)]
-                std = statistics.stdev(accs) if len(accs) > 1 else float("nan")
-                print(f"{storage:<16} {statistics.mean(accs):>13.4f} {std:>7.4f}   "
-                      f"{' '.join(f'{a:.4f}' for a in accs)}", flush=True)
+            # Storages run side by side in --acc-jobs processes (each storage's seeds in turn, so one process
+            # builds each cache); the rows print in order. Accuracy is not a rate, so sharing cores is fair.
+            t0 = time.perf_counter()
+            with ThreadPoolExecutor(max_workers=args.acc_jobs) as pool:
+                runs = [pool.submit(storage_accuracies, s, weights, args, out) for s in chosen]
+                for storage, run in zip(chosen, runs, strict=True):
+                    accs = run.result()
+                    std = statistics.stdev(accs) if len(accs) > 1 else float("nan")
+                    print(f"{storage:<16} {statistics.mean(accs):>13.4f} {std:>7.4f}   "
+                          f"{' '.join(f'{a:.4f}' for a in accs)}", flush=True)
+            print(f"accuracy part: {(time.perf_counter() - t0) / 60:.1f} min, {args.acc_jobs} run(s) at a time",
+                  flush=True)
     print(f"load average {os.getloadavg()[0]:.2f} at end")
 
 
