@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
 import pickle
 import re
+import subprocess
+import sys
 from dataclasses import replace
 
 import numpy as np
@@ -310,3 +313,18 @@ def test_cli_build_and_info(images, tmp_path, capsys):
     torch.testing.assert_close(cache.get(["set/001"]), online(tiny_encoder("vit_tiny"), images, ["set/001"]))
     cli(["info", path])
     assert json.loads(capsys.readouterr().out)["shape"] == [len(images), 17, 64]
+
+
+def test_cli_build_progress_in_a_batch_log(images, tmp_path):
+    """``python -m fusion.data.cache build ... > log 2>&1``, as a SLURM job runs it: progress comes as log
+    lines with the count and the rate, never as one line redrawn with carriage returns."""
+    folder = next(iter(images.values())).parent
+    proc = subprocess.run(
+        [sys.executable, "-m", "fusion.data.cache", "build", "--encoder", "vit_tiny", "--image-dir", str(folder),
+         "--root", str(tmp_path / "cache"), "--workers", "0"],
+        capture_output=True, text=True, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    log = proc.stdout + proc.stderr
+    assert "\r" not in log
+    assert re.search(rf"fusion.monitoring.counter: cache vit_tiny-\w+: 0/{len(images)} img \(0%\)", log), log
+    assert re.search(rf"cache vit_tiny-\w+: {len(images)}/{len(images)} img \(100%\) \| [\d.]+img/s", log), log

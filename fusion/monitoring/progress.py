@@ -9,6 +9,8 @@ seconds, whichever comes first, through Python logging (Hydra sends it to stdout
     train step 40/120 (33%) | epoch 2/8 batch 10/15 | train/loss 1.234 | 52.1 samples/s | elapsed 0:00:48 | ETA 0:01:36
 
 and one line per finished epoch with the progress-bar metrics (validation included).
+
+Long loops outside training show their progress through :mod:`fusion.monitoring.counter` instead.
 """
 
 from __future__ import annotations

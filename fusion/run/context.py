@@ -18,6 +18,7 @@ import contextlib
 import logging
 import os
 import secrets
+import sys
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +30,7 @@ from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.loggers import Logger, WandbLogger
+from transformers.utils import logging as hf_logging
 
 from fusion.data.distributed import is_rank_zero
 from fusion.io import write_json, write_text
@@ -132,6 +134,9 @@ def open_run(cfg: DictConfig, kind: str, record: bool = True) -> Iterator[RunCon
     """Seed, resolve the run folder, check and write its record (``record``), yield the :class:`RunContext`;
     close its loggers when the body ends (marking a wandb run failed when the body raised)."""
     pl.seed_everything(cfg.seed, workers=True)
+    if not sys.stderr.isatty():
+        # transformers' "Loading weights" bar (a local file, a second) would be a \r-redrawn line in a batch log
+        hf_logging.disable_progress_bar()
     output_dir = Path(cfg.paths.output_dir)
     if record:
         save_record(cfg, output_dir)  # refused (on every rank) when the folder records another training run

@@ -19,9 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from PIL import Image, ImageDraw
-from tqdm import tqdm
 
 from fusion.io import atomic_write, write_text
+from fusion.monitoring.counter import progress_counter
 from fusion.tasks.base import Example, FileTask
 from fusion.tasks.formats import read_json
 
@@ -292,7 +292,7 @@ class ShapesTask(FileTask):
             type_counts: Counter[str] = Counter()
             answer_counts: Counter[str] = Counter()
             questions = []
-            for i in tqdm(range(self.num_images[split]), desc=f"shapes {split}", unit="img"):
+            for i in progress_counter(range(self.num_images[split]), desc=f"shapes {split}", unit="img"):
                 image_id = f"{i:06d}"
                 objects = sample_scene(rng, self.image_size, self.max_objects)
                 image = render_scene(objects, self.image_size)

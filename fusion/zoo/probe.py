@@ -15,9 +15,9 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import DataLoader
 from torchmetrics.functional.classification import multiclass_accuracy, multilabel_exact_match
-from tqdm import tqdm
 
 from fusion.encoders.vision import VisionEncoder
+from fusion.monitoring.counter import progress_counter
 from fusion.zoo.scenes import ATTRIBUTE_GROUPS, MULTI_HOT, SceneDataset
 
 __all__ = ["cls_features", "linear_cka", "linear_probe", "probe_encoders", "scene_targets"]
@@ -32,7 +32,8 @@ def cls_features(encoder: VisionEncoder, dataset: SceneDataset, batch_size: int 
         batch_size=batch_size,
         collate_fn=lambda idx: torch.stack([transform(dataset[i]["image"]) for i in idx]),
     )
-    chunks = [encoder(pixels)[:, 0] for pixels in tqdm(loader, desc=f"features {encoder.name}", leave=False)]
+    batches = progress_counter(loader, desc=f"features {encoder.name}", leave=False)
+    chunks = [encoder(pixels)[:, 0] for pixels in batches]
     return torch.cat(chunks)
 
 

@@ -19,7 +19,6 @@ import numpy as np
 import torch
 from filelock import FileLock
 from torch.utils.data import DataLoader, Dataset
-from tqdm.auto import tqdm
 
 from fusion.data.cache.errors import (
     CacheCorruptError,
@@ -37,6 +36,7 @@ from fusion.data.cache.store import FeatureCache
 from fusion.data.cache.writer import PartialCache, check_writable, disk_errors, is_disk_error
 from fusion.data.images import load_image  # the training path's decoder: cached and online pixels match
 from fusion.encoders.grid import pool_tokens, pooled_grid_side
+from fusion.monitoring.counter import progress_counter
 
 log = logging.getLogger(__name__)
 
@@ -309,7 +309,7 @@ def _encode_into(
     )
     device = next(encoder.parameters(), torch.empty(0)).device
     row, last_sync = start, time.monotonic()
-    bar = tqdm(total=n_total, initial=start, unit="img", desc=f"cache {partial.final.name}",
+    bar = progress_counter(total=n_total, initial=start, unit="img", desc=f"cache {partial.final.name}",
                disable=not progress, dynamic_ncols=True)
     with bar, torch.inference_mode():
         for pixels in loader:

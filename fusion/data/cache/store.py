@@ -32,7 +32,6 @@ import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.data import get_worker_info
-from tqdm.auto import tqdm
 
 from fusion.data.cache.errors import (
     CacheCorruptError,
@@ -59,6 +58,7 @@ from fusion.data.cache.files import (
 )
 from fusion.data.cache.fingerprint import describe_diff
 from fusion.data.cache.storage import SCALES, Storage, dequantise, float8_supported, storage_of
+from fusion.monitoring.counter import progress_counter
 
 # Rows are verified in reads of about this many bytes (bounded memory whatever the row size).
 _VERIFY_CHUNK_BYTES = 64 * 2**20
@@ -212,7 +212,8 @@ class FeatureCache:
         self._check_index(keys, table)
         n, bad = len(self), []
         chunk = max(1, _VERIFY_CHUNK_BYTES // max(self._row_bytes, 1))
-        bar = tqdm(total=n, unit="row", desc=f"verify {self.path.name}", disable=not progress, dynamic_ncols=True)
+        bar = progress_counter(total=n, unit="row", desc=f"verify {self.path.name}", disable=not progress,
+                               dynamic_ncols=True)
         with bar:
             for lo in range(0, n, chunk):
                 rows = np.arange(lo, min(n, lo + chunk))
