@@ -4,6 +4,7 @@
     python bench/cache_storage.py --base                 # + base-size clip/dino/vit (random init): no accuracy
     python bench/cache_storage.py --seeds 1 --acc-epochs 2 --acc-storages float16 int8/16   # a shorter accuracy run
     python bench/cache_storage.py --accuracy-only --acc-storages float16 int8 int8/4 task.num_train=1000
+    python bench/cache_storage.py --base --threads 1 --acc-jobs 2   # the full table on 2 cores (about 2 h)
 
 Storages (rows): ``--dtypes`` (float16, int8 by default; float32, float8_e4m3fn possible) x pooling
 (full, then each K of ``--pool``, base size, or ``--tiny-pool``, tiny encoders: their grids are 4 x 4 and
@@ -22,7 +23,8 @@ in one process on the shapes experiment (``+experiment=shapes``, the caches unde
   +experiment=shapes`` trained through ``cache.enabled=true`` with that storage and the zoo towers
   (``--zoo-dir``; pretrained first by ``train.py +experiment=zoo/all`` if missing, ``--pretrain-steps``
   per tower), mean +- std over ``--seeds`` seeds, ``--acc-epochs`` epochs (the experiment's 8 unless
-  given: the output says when it is fewer).
+  given: the output says when it is fewer); ``--acc-jobs`` storages train side by side, each its seeds in
+  turn (``train.py`` children get ``--threads`` torch threads), after the timed rows.
 """
 
 from __future__ import annotations
