@@ -4,7 +4,8 @@ One package per step of the data path (files -> task -> encoders or cache -> fus
 metric -> logger), listed in dependency order: each may import only packages listed before it, never one
 after it (``tests/test_layers.py`` checks this and that there are no cycles):
 
-1. :mod:`fusion.io`, :mod:`fusion.options`: atomic file writes and config value checks (no fusion imports).
+1. :mod:`fusion.io`, :mod:`fusion.options`, :mod:`fusion.counter`: atomic file writes, config value checks, the
+   progress of long loops (no fusion imports but options).
 2. :mod:`fusion.metrics`: the official metrics (accuracy by type, VQA, GQA, binary groups, ranking).
 3. :mod:`fusion.tasks`: files in their official formats -> examples, targets, a task's metric.
 4. :mod:`fusion.encoders`: frozen vision encoders, the text encoder, preprocessing, token grids.
@@ -23,6 +24,6 @@ after it (``tests/test_layers.py`` checks this and that there are no cycles):
 
 # The layer order above, lowest first; tests/test_layers.py enforces it.
 LAYERS: tuple[str, ...] = (
-    "io", "options", "metrics", "tasks", "encoders", "data", "fusers", "model", "monitoring", "training",
+    "io", "options", "counter", "metrics", "tasks", "encoders", "data", "fusers", "model", "monitoring", "training",
     "retrieval", "run", "sweeps", "analysis", "study", "zoo",
 )

@@ -326,5 +326,5 @@ def test_cli_build_progress_in_a_batch_log(images, tmp_path):
     )
     log = proc.stdout + proc.stderr
     assert "\r" not in log
-    assert re.search(rf"fusion.monitoring.counter: cache vit_tiny-\w+: 0/{len(images)} img \(0%\)", log), log
+    assert re.search(rf"fusion.counter: cache vit_tiny-\w+: 0/{len(images)} img \(0%\)", log), log
     assert re.search(rf"cache vit_tiny-\w+: {len(images)}/{len(images)} img \(100%\) \| [\d.]+img/s", log), log

@@ -192,7 +192,7 @@ def test_train_then_eval_end_to_end(tmp_path):
     assert progress == [("2", "1"), ("4", "1"), ("6", "2"), ("8", "2"), ("10", "2")], out
     assert re.search(r"epoch 2/2 done at step 10 in \S+ \| .*val/acc [\d.]+", out), out
     # No bar redrawn with carriage returns in the log: generating the shapes data and loading the text model's
-    # weights log lines too (fusion.monitoring.counter; transformers' bar is off off a terminal).
+    # weights log lines too (fusion.counter; transformers' bar is off off a terminal).
     assert "\r" not in out + proc.stderr
     assert re.search(r"shapes train: \d+/\d+ img \(100%\)", out + proc.stderr)
     # The frozen encoders' eval mode is explained once by fusion, not warned about by Lightning.

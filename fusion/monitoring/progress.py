@@ -10,7 +10,7 @@ seconds, whichever comes first, through Python logging (Hydra sends it to stdout
 
 and one line per finished epoch with the progress-bar metrics (validation included).
 
-Long loops outside training show their progress through :mod:`fusion.monitoring.counter` instead.
+Long loops outside training show their progress through :mod:`fusion.counter` instead.
 """
 
 from __future__ import annotations

@@ -20,8 +20,8 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
+from fusion.counter import progress_counter
 from fusion.io import atomic_write, write_text
-from fusion.monitoring.counter import progress_counter
 from fusion.tasks.base import Example, FileTask
 from fusion.tasks.formats import read_json
 

@@ -16,8 +16,8 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 from torchmetrics.functional.classification import multiclass_accuracy, multilabel_exact_match
 
+from fusion.counter import progress_counter
 from fusion.encoders.vision import VisionEncoder
-from fusion.monitoring.counter import progress_counter
 from fusion.zoo.scenes import ATTRIBUTE_GROUPS, MULTI_HOT, SceneDataset
 
 __all__ = ["cls_features", "linear_cka", "linear_probe", "probe_encoders", "scene_targets"]

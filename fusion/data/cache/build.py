@@ -20,6 +20,7 @@ import torch
 from filelock import FileLock
 from torch.utils.data import DataLoader, Dataset
 
+from fusion.counter import progress_counter
 from fusion.data.cache.errors import (
     CacheCorruptError,
     CacheError,
@@ -36,7 +37,6 @@ from fusion.data.cache.store import FeatureCache
 from fusion.data.cache.writer import PartialCache, check_writable, disk_errors, is_disk_error
 from fusion.data.images import load_image  # the training path's decoder: cached and online pixels match
 from fusion.encoders.grid import pool_tokens, pooled_grid_side
-from fusion.monitoring.counter import progress_counter
 
 log = logging.getLogger(__name__)
 

@@ -33,6 +33,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import get_worker_info
 
+from fusion.counter import progress_counter
 from fusion.data.cache.errors import (
     CacheCorruptError,
     CacheError,
@@ -58,7 +59,6 @@ from fusion.data.cache.files import (
 )
 from fusion.data.cache.fingerprint import describe_diff
 from fusion.data.cache.storage import SCALES, Storage, dequantise, float8_supported, storage_of
-from fusion.monitoring.counter import progress_counter
 
 # Rows are verified in reads of about this many bytes (bounded memory whatever the row size).
 _VERIFY_CHUNK_BYTES = 64 * 2**20

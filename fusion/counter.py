@@ -8,8 +8,8 @@ while it runs and when it ends, instead of redrawing one line with ``\\r`` (whic
 
     cache clip-3f9a1c0b7e21: 1200/5000 img (24%) | 35.10img/s | elapsed 00:34 | ETA 01:48
 
-Training's own progress lines are :mod:`fusion.monitoring.progress`. This module imports nothing of fusion's
-but :mod:`fusion.options` (and not Lightning), so data and tasks use it without a layering cost.
+Training's own progress lines are :mod:`fusion.monitoring.progress`. This module is a foundation layer (after
+:mod:`fusion.options`, its one fusion import; no Lightning), so tasks and data use it.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ class _Discard:
 
 
 class LogTqdm(tqdm):
-    """tqdm for a batch log: a log line (``fusion.monitoring.counter``, INFO) when the loop starts, at most
+    """tqdm for a batch log: a log line (``fusion.counter``, INFO) when the loop starts, at most
     every ``log_every`` seconds while it runs (tqdm's ``mininterval``) and when it ends, never a ``\\r``.
     Without a total tqdm's own short form is logged (count, elapsed, rate)."""
 

@@ -11,9 +11,9 @@ import re
 import pytest
 from tqdm import tqdm
 
-from fusion.monitoring.counter import LogTqdm, progress_counter
+from fusion.counter import LogTqdm, progress_counter
 
-LOGGER = "fusion.monitoring.counter"
+LOGGER = "fusion.counter"
 
 
 def _lines(caplog: pytest.LogCaptureFixture) -> list[str]:
