@@ -310,7 +310,7 @@ def _encode_into(
     device = next(encoder.parameters(), torch.empty(0)).device
     row, last_sync = start, time.monotonic()
     bar = progress_counter(total=n_total, initial=start, unit="img", desc=f"cache {partial.final.name}",
-               disable=not progress, dynamic_ncols=True)
+                           disable=not progress, dynamic_ncols=True)
     with bar, torch.inference_mode():
         for pixels in loader:
             feats = encoder(pixels.to(device, non_blocking=True))  # (B, T, D)
